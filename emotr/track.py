@@ -1,0 +1,174 @@
+"""Everything that talks to MLflow tracking: experiments, (nested) runs, params, metrics, artifacts.
+
+Runs are addressed by id through one MlflowClient, so that a driver can keep several runs open at once
+(one per in-flight trial) without MLflow's fluent active-run stack.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from emotr.config import MlflowConfig
+from emotr.storage import is_uri
+
+_MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+
+
+def tracking_uri(cfg: MlflowConfig) -> str:
+    """The tracking URI with a local SQLite file made absolute (workers may run elsewhere)."""
+    uri = cfg.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri.removeprefix("sqlite:///")).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+    return uri
+
+
+def artifact_location(cfg: MlflowConfig) -> str:
+    """The artifact root for new experiments as a URI."""
+    if is_uri(cfg.artifact_location) or cfg.artifact_location.startswith("file://"):
+        return cfg.artifact_location
+    return Path(cfg.artifact_location).resolve().as_uri()
+
+
+class Tracker:
+    """One experiment in one tracking store; create it in the driver only (avoids migration races)."""
+
+    def __init__(self, cfg: MlflowConfig):
+        self.uri = tracking_uri(cfg)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        experiment = self.client.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
+            self.experiment_id = self.client.create_experiment(
+                cfg.experiment, artifact_location=artifact_location(cfg)
+            )
+        else:
+            self.experiment_id = experiment.experiment_id
+
+    def start_run(
+        self, name: str, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
+    ) -> str:
+        """Create a RUNNING run (nested under parent_run_id when given) and return its id."""
+        all_tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
+        if parent_run_id:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+        """Close a run as FINISHED, FAILED or KILLED; an error text is kept as the `error` tag."""
+        if error:
+            self.client.set_tag(run_id, "error", error[:5000])
+        self.client.set_terminated(run_id, status=status)
+
+    @contextmanager
+    def run(
+        self, name: str, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
+    ) -> Iterator[str]:
+        """A run that ends FINISHED, FAILED (with the error) or KILLED (Ctrl-C), never left RUNNING."""
+        run_id = self.start_run(name, parent_run_id, tags)
+        try:
+            yield run_id
+        except KeyboardInterrupt:
+            self.end_run(run_id, "KILLED", "interrupted")
+            raise
+        except BaseException as error:
+            self.end_run(run_id, "FAILED", f"{type(error).__name__}: {error}")
+            raise
+        else:
+            self.end_run(run_id)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Log params in one request; values are stringified and cut to MLflow's limit."""
+        batch = [Param(key, _param_value(value)) for key, value in params.items()]
+        for start in range(0, len(batch), 100):  # MLflow accepts at most 100 params a request
+            self.client.log_batch(run_id, params=batch[start : start + 100], synchronous=True)
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Log several metrics at one step in one request."""
+        stamp = int(time.time() * 1000)
+        batch = [Metric(key, float(value), stamp, step) for key, value in metrics.items()]
+        self._log_metric_batch(run_id, batch)
+
+    def log_history(self, run_id: str, history: Mapping[str, list[float]], first_step: int = 1) -> None:
+        """Log per-epoch curves with step = epoch number, batched (one HTTP call costs ~60 ms)."""
+        stamp = int(time.time() * 1000)
+        batch = [
+            Metric(key, float(value), stamp, first_step + index)
+            for key, values in history.items()
+            for index, value in enumerate(values)
+        ]
+        self._log_metric_batch(run_id, batch)
+
+    def _log_metric_batch(self, run_id: str, batch: list[Metric]) -> None:
+        for start in range(0, len(batch), 1000):  # MLflow accepts at most 1000 metrics a request
+            self.client.log_batch(run_id, metrics=batch[start : start + 1000], synchronous=True)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        """Set string tags on a run."""
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, str(value))
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        """Store text (YAML, CSV, JSON) as an artifact file."""
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_table(self, run_id: str, table: Any, artifact_file: str) -> None:
+        """Store a pandas DataFrame as a CSV artifact."""
+        self.client.log_text(run_id, table.to_csv(index=False), artifact_file)
+
+    def log_json(self, run_id: str, data: Any, artifact_file: str) -> None:
+        """Store JSON-serialisable data as an artifact."""
+        self.client.log_text(run_id, json.dumps(data, indent=2, default=str), artifact_file)
+
+    def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
+        """Store a matplotlib figure as PNG and close it."""
+        import matplotlib.pyplot as plt
+
+        self.client.log_figure(run_id, figure, artifact_file)
+        plt.close(figure)
+
+    def log_dir(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a local folder's files under artifact_path."""
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_bytes(self, run_id: str, data: bytes, artifact_file: str) -> None:
+        """Store raw bytes as an artifact file."""
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / Path(artifact_file).name
+            path.write_bytes(data)
+            parent = str(Path(artifact_file).parent)
+            self.client.log_artifact(run_id, str(path), None if parent == "." else parent)
+
+    def find_runs(self, filter_string: str, max_results: int = 1000) -> list[Any]:
+        """Runs of this experiment matching an MLflow search filter."""
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=filter_string, max_results=max_results
+        )
+
+
+def _param_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, list | dict | tuple) else str(value)
+    return text[:_MAX_PARAM_LENGTH]
+
+
+def ui_command(cfg: MlflowConfig) -> str:
+    """The shell command that opens the MLflow UI on this tracking store."""
+    uri = cfg.tracking_uri
+    if uri.startswith("http"):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+__all__ = ["RunStatus", "Tracker", "mlflow", "tracking_uri", "ui_command"]
