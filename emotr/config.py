@@ -56,7 +56,9 @@ class BackboneConfig(_Section):
     def _big_enough(cls, value: tuple[int, int]) -> tuple[int, int]:
         # VGG16 halves the map five times; below 32 pixels a side the map collapses to nothing.
         if min(value) < 32:
-            raise ValueError(f"must be at least 32x32 pixels (VGG16 downsamples 32x), got {list(value)}")
+            raise ValueError(
+                f"must be at least 32x32 pixels (VGG16 downsamples 32x), got {list(value)}"
+            )
         return value
 
 
@@ -136,9 +138,7 @@ class TuneConfig(_Section):
         for name, spec in value.items():
             kind = spec.get("type")
             if kind not in {"float", "int", "categorical"}:
-                raise ValueError(
-                    f"{name}.type must be float, int or categorical, got {kind!r}"
-                )
+                raise ValueError(f"{name}.type must be float, int or categorical, got {kind!r}")
             if kind == "categorical" and not spec.get("choices"):
                 raise ValueError(f"{name} is categorical and needs a non-empty 'choices' list")
             if kind in {"float", "int"} and not ("low" in spec and "high" in spec):
@@ -194,12 +194,21 @@ class Config(_Section):
 
 # The hyperparameters a head understands (see emotr.head.HeadParams).
 _HEAD_PARAMS = [
-    "n_layers", "units", "activation", "dropout", "l2", "learning_rate", "batch_size",
-    "standardize", "class_weight",
+    "n_layers",
+    "units",
+    "activation",
+    "dropout",
+    "l2",
+    "learning_rate",
+    "batch_size",
+    "standardize",
+    "class_weight",
 ]
 
 
-def load_config(files: list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(
+    files: list[str | Path] | None = None, overrides: list[str] | None = None
+) -> Config:
     """Build the validated Config from defaults, YAML files (in order) and ``a.b=value`` overrides."""
     merged: dict[str, Any] = {}
     for path in files or []:
@@ -221,14 +230,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
     if not isinstance(content, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(content).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections, got {type(content).__name__}"
+        )
     return content
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. tune.n_trials=10")
+        raise ConfigError(
+            f"override {item!r} must look like section.key=value, e.g. tune.n_trials=10"
+        )
     # YAML parsing gives 10 -> int, 1e-4 -> float, [a, b] -> list, null -> None, like the files do.
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
@@ -264,10 +277,10 @@ def _describe(error: ValidationError, merged: dict[str, Any]) -> str:
         if item["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key; check its spelling against conf/default.yaml")
             continue
-        got = item.get("input")
-        if isinstance(got, dict) and item["type"] != "dict_type":
-            got = "..."
-        lines.append(f"{key}: {item['msg']}, got {got!r}")
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] != "value_error":  # our own validators already say what they got
+            message += f", got {item.get('input')!r}"
+        lines.append(f"{key}: {message}")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

@@ -101,7 +101,9 @@ class Tracker:
         batch = [Metric(key, float(value), stamp, step) for key, value in metrics.items()]
         self._log_metric_batch(run_id, batch)
 
-    def log_history(self, run_id: str, history: Mapping[str, list[float]], first_step: int = 1) -> None:
+    def log_history(
+        self, run_id: str, history: Mapping[str, list[float]], first_step: int = 1
+    ) -> None:
         """Log per-epoch curves with step = epoch number, batched (one HTTP call costs ~60 ms)."""
         stamp = int(time.time() * 1000)
         batch = [

@@ -56,13 +56,24 @@ def mlflow_server(tmp_path_factory):
     log = open(root / "server.log", "wb")  # noqa: SIM115 - closed at teardown
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "mlflow", "server",
-            "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "artifacts"),
-            "--workers", "2",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "2",
         ],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_HOME": str(root)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_HOME": str(root)},
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -1,0 +1,274 @@
+"""The `emotr` command: parse, load and validate the config, connect to Ray, call pipeline verbs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from emotr.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+
+app = typer.Typer(
+    help="Image emotion recognition by transfer learning: VGG16 features on Ray, heads tuned "
+    "with Optuna, tracked in MLflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+cache_app = typer.Typer(help="Inspect, verify and export the feature cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+console = Console()
+errors = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path, typer.Option("--config", "-c", help="YAML config: defaults <- this file <- overrides.")
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Overrides as section.key=value, e.g. tune.n_trials=10.", show_default=False
+    ),
+]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _load(config: Path, overrides: list[str] | None) -> Config:
+    logging.basicConfig(
+        level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=errors)]
+    )
+    try:
+        return load_config([config], overrides or [])
+    except ConfigError as error:
+        raise _fail(str(error), code=2) from None
+
+
+def _connect_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=False)
+    else:
+        # Under `ray job submit`, ray.init() joins the job's cluster through RAY_ADDRESS by itself.
+        kwargs = {"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}
+        ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+
+
+def _tracker(cfg: Config):
+    from emotr.track import Tracker
+
+    return Tracker(cfg.mlflow)
+
+
+def _run_guarded(action):
+    """Run an action, turning the errors a user can fix into one clear line and exit code 1."""
+    from emotr.data import DataError
+
+    expected: tuple[type[BaseException], ...] = (DataError, FileNotFoundError, ValueError)
+    try:
+        from emotr.backbone import WeightsUnavailable
+        from emotr.cache import CacheMiss
+        from emotr.extract import TooManyFailures
+        from emotr.registry import RegistryError
+
+        expected += (WeightsUnavailable, CacheMiss, TooManyFailures, RegistryError)
+    except ImportError:  # pragma: no cover - only while a module is missing
+        pass
+    try:
+        return action()
+    except expected as error:
+        raise _fail(str(error)) from None
+
+
+def _load_with_listing(config: Path, overrides: list[str] | None):
+    """Validate config and data before Ray starts, so bad input fails in a second."""
+    from emotr import pipeline
+
+    cfg = _load(config, overrides)
+    listing = _run_guarded(lambda: pipeline.prepare_listing(cfg))
+    _connect_ray(cfg)
+    return cfg, listing
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Argument(help="Folder to write OUT/negative, OUT/positive into.")],
+    n: Annotated[int, typer.Option(help="Number of images.")] = 400,
+    size: Annotated[str, typer.Option(help="HEIGHTxWIDTH in pixels.")] = "400x500",
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same files.")] = 0,
+) -> None:
+    """Write the synthetic smile/frown face data set and print its Bayes ceiling."""
+    from emotr.demo import generate_demo_dataset
+
+    try:
+        height, width = (int(part) for part in size.lower().split("x"))
+    except ValueError:
+        raise _fail(f"--size must look like 400x500 (height x width), got {size!r}", 2) from None
+    start = time.perf_counter()
+    try:
+        summary = generate_demo_dataset(out, n=n, size=(height, width), seed=seed)
+    except (ValueError, FileExistsError) as error:
+        raise _fail(str(error), 2) from None
+    console.print(
+        f"wrote {summary.n_images} images ({summary.n_negative} negative, {summary.n_positive} "
+        f"positive) to {out} in {time.perf_counter() - start:.1f} s; manifest {summary.manifest}"
+    )
+    console.print(
+        f"Bayes ceiling of its ambiguity model: accuracy {summary.bayes_accuracy:.3f}, "
+        f"AUC {summary.bayes_auc:.3f}"
+    )
+
+
+@app.command()
+def extract(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
+    """Extract VGG16 features of every image not yet in the cache (Ray job)."""
+    from emotr import pipeline
+
+    cfg, listing = _load_with_listing(config, overrides)
+    summary = _run_guarded(lambda: pipeline.extract(cfg, _tracker(cfg), listing))
+    console.print(
+        f"cache {cfg.cache.root}/{summary.fingerprint}: {summary.n_extracted} extracted, "
+        f"{summary.n_cached} already cached, {summary.n_failed} failed "
+        f"({summary.images_per_second:.1f} images/s, {summary.wall_seconds:.1f} s)"
+    )
+
+
+@app.command()
+def tune(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
+    """Run the Optuna search of heads on the cached features (trials as Ray tasks)."""
+    from emotr import pipeline
+
+    cfg, listing = _load_with_listing(config, overrides)
+    result = _run_guarded(lambda: pipeline.tune(cfg, _tracker(cfg), listing))
+    console.print(
+        f"best val AUC {result.best_value:.4f} (trial {result.best_trial_number}); "
+        f"tutorial recipe {result.baseline_value:.4f}"
+    )
+
+
+@app.command()
+def run(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
+    """Extract, tune and register the best model: the whole job."""
+    from emotr import pipeline
+    from emotr.track import ui_command
+
+    cfg, listing = _load_with_listing(config, overrides)
+    result = _run_guarded(lambda: pipeline.run(cfg, _tracker(cfg), listing))
+    console.print(
+        f"\n[bold]best validation AUC {result.best_val_auc:.4f}[/] (trial "
+        f"{result.best_trial_number}; the tutorial's recipe: {result.baseline_val_auc:.4f})"
+    )
+    console.print(
+        f"registered model [bold]{result.model_name}[/] version {result.model_version} "
+        f"(alias {cfg.registry.candidate_alias}); promote it with: emotr promote -c {config}"
+    )
+    console.print(f"open the MLflow UI: make ui   (or: {ui_command(cfg.mlflow)})")
+
+
+@app.command()
+def promote(
+    config: ConfigOption = DEFAULT_CONFIG,
+    overrides: Overrides = None,
+    version: Annotated[
+        str | None, typer.Option(help="Version number or alias to promote (default: candidate).")
+    ] = None,
+) -> None:
+    """Point the champion alias at a registered model version."""
+    from emotr.registry import promote_model
+
+    cfg = _load(config, overrides)
+    promoted = _run_guarded(lambda: promote_model(cfg, _tracker(cfg), version))
+    console.print(
+        f"{cfg.registry.model_name}@{cfg.registry.champion_alias} -> version {promoted.version}"
+    )
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files to classify.")],
+    config: ConfigOption = DEFAULT_CONFIG,
+    model: Annotated[
+        str | None, typer.Option(help="Version number or alias (default: the champion).")
+    ] = None,
+) -> None:
+    """Classify image files with a registered model (backbone + head)."""
+    from emotr.predict import predict_files
+
+    cfg = _load(config, [])
+    rows = _run_guarded(
+        lambda: predict_files(cfg, _tracker(cfg), images, model or cfg.registry.champion_alias)
+    )
+    table = Table("image", "class", "P(positive)")
+    for row in rows:
+        table.add_row(str(row.path), row.class_name, "-" if row.error else f"{row.score:.3f}")
+    console.print(table)
+
+
+@cache_app.command("ls")
+def cache_ls(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
+    """List fingerprints in the cache with their rows and bytes."""
+    from emotr.cache import list_caches
+
+    cfg = _load(config, overrides)
+    table = Table("fingerprint", "rows", "parts", "MiB", "backbone", "weights", "input")
+    for info in list_caches(cfg.cache.root):
+        table.add_row(
+            info.fingerprint,
+            str(info.n_rows),
+            str(info.n_parts),
+            f"{info.n_bytes / 2**20:.1f}",
+            info.inputs.get("backbone", "?"),
+            info.inputs.get("weights", "?")[:40],
+            info.inputs.get("input_size", "?"),
+        )
+    console.print(table)
+
+
+@cache_app.command("verify")
+def cache_verify(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
+    """Check schema, one row per hash, finite values and file integrity; exit 1 on problems."""
+    from emotr.cache import verify_cache
+
+    cfg = _load(config, overrides)
+    problems = verify_cache(cfg.cache.root)
+    for problem in problems:
+        errors.print(f"- {problem}", highlight=False)
+    if problems:
+        raise _fail(f"{len(problems)} problem(s) in cache {cfg.cache.root}")
+    console.print(f"cache {cfg.cache.root}: ok")
+
+
+@cache_app.command("export")
+def cache_export(
+    out: Annotated[Path, typer.Argument(help="Folder for features.npy and sha256.txt.")],
+    config: ConfigOption = DEFAULT_CONFIG,
+    overrides: Overrides = None,
+) -> None:
+    """Export the current fingerprint's features as .npy for users who want plain numpy."""
+    from emotr.cache import compute_fingerprint, export_npy
+
+    cfg = _load(config, overrides)
+    fingerprint, _ = compute_fingerprint(cfg.backbone, cfg.decode)
+    _run_guarded(lambda: export_npy(cfg.cache.root, fingerprint, out))
+    console.print(f"exported {fingerprint} to {out}")
+
+
+def main() -> None:  # pragma: no cover - console script shim
+    """Entry point for `python -m emotr.cli`."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Find the images (class folders or a manifest), hash their bytes and split them train/val.
+
+Each image's split is decided by a keyed hash of its content, so it is the same on every machine,
+does not depend on listing order and does not move when other images are added or removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+
+from emotr.config import DataConfig
+from emotr.storage import is_uri, join, resolve
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+MANIFEST_EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_COLUMNS = ["path", "label", "class_name", "sha256"]
+_CHUNK_BYTES = 1 << 20
+_MAX_NAMED = 10  # paths spelled out in one message; the rest are counted
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message says what, where (path or key) and how to fix it."""
+
+
+# eq=False: generated __eq__/__hash__ would compare DataFrames, which pandas refuses.
+@dataclass(frozen=True, eq=False)
+class Listing:
+    """The usable images with content hashes and split, the label conflicts, and a digest."""
+
+    images: pd.DataFrame
+    conflicts: pd.DataFrame
+    digest: str
+
+    def train(self) -> pd.DataFrame:
+        """The rows of the train split."""
+        return self.images[self.images["split"] == "train"].reset_index(drop=True)
+
+    def val(self) -> pd.DataFrame:
+        """The rows of the val split."""
+        return self.images[self.images["split"] == "val"].reset_index(drop=True)
+
+
+class _Source(NamedTuple):
+    location: str  # what users see: an absolute local path or a URI
+    label: int
+    filesystem: pafs.FileSystem | None  # None: resolve `location` in the hashing thread
+    fs_path: str
+
+
+def list_images(cfg: DataConfig) -> Listing:
+    """All images of the data set with sha256 of their bytes and a deterministic train/val split."""
+    if cfg.manifest:
+        sources = _read_manifest(cfg.manifest, cfg.classes)
+        where = dict.fromkeys(range(len(cfg.classes)), f"manifest {cfg.manifest}")
+    else:
+        sources, where = _walk_root(cfg.root, cfg.classes)
+    rows = [(src.location, src.label, cfg.classes[src.label]) for src in sources]
+    frame = pd.DataFrame(rows, columns=_COLUMNS[:3]).astype({"label": np.int64})
+    frame["sha256"] = _hash_all(sources)
+    frame = frame.sort_values(["path", "label"], kind="stable").reset_index(drop=True)
+    images, conflicts = _drop_conflicts(frame)
+    _check_splittable(images, cfg.classes, where)
+    images["split"] = assign_split(
+        images["sha256"].tolist(), images["label"].tolist(), cfg.val_fraction, cfg.seed
+    )
+    return Listing(images=images, conflicts=conflicts, digest=_digest(images))
+
+
+def assign_split(
+    sha256s: Sequence[str], labels: Sequence[int], val_fraction: float, seed: int
+) -> np.ndarray:
+    """The split ("train" or "val") of each image, decided by a keyed hash of its content.
+
+    An image is val iff ``int(sha256(f"{seed}:{sha256}")[:16], 16) / 2**64 < val_fraction``, so
+    each class gets about ``val_fraction`` of its images in val, identical bytes share a split, and
+    adding images never moves existing ones. The only non-local decision is the tiny-set rule: a
+    class with no val image gets the image with the smallest keyed hash moved to val, and one with
+    no train image gets the largest moved to train. Only while that rule fires can added images
+    of the same class move the one image it picked.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if len(sha256s) != len(labels):
+        raise ValueError(f"got {len(sha256s)} hashes but {len(labels)} labels; pass one per image")
+    hashes = np.asarray(sha256s, dtype=object)
+    label_array = np.asarray(labels)
+    scores = np.array([_split_score(digest, seed) for digest in hashes], dtype=np.float64)
+    is_val = scores < val_fraction
+    for label in np.unique(label_array):
+        in_class = label_array == label
+        if len(set(hashes[in_class])) < 2:
+            raise DataError(
+                f"label {label} has fewer than 2 distinct images: a train and a val split need "
+                "one each; add images to that class"
+            )
+        if not is_val[in_class].any():
+            picked = hashes[in_class][np.argmin(scores[in_class])]
+            is_val[in_class & (hashes == picked)] = True
+        elif is_val[in_class].all():
+            picked = hashes[in_class][np.argmax(scores[in_class])]
+            is_val[in_class & (hashes == picked)] = False
+    return np.where(is_val, "val", "train")
+
+
+def _split_score(sha256: str, seed: int) -> float:
+    keyed = hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()
+    return int(keyed[:16], 16) / 2**64
+
+
+def _walk_root(root: str, classes: Sequence[str]) -> tuple[list[_Source], dict[int, str]]:
+    filesystem, base = resolve(root)
+    _require_folder(filesystem, base, f"data root {root}", classes)
+    sources: list[_Source] = []
+    where: dict[int, str] = {}
+    for label, name in enumerate(classes):
+        folder = f"{base.rstrip('/')}/{name}"
+        where[label] = join(root, name) if is_uri(root) else folder
+        for path in _list_class_folder(filesystem, folder, where[label], classes):
+            location = join(root, name, path[len(folder) + 1 :]) if is_uri(root) else path
+            sources.append(_Source(location, label, filesystem, path))
+    return sources, where
+
+
+def _require_folder(
+    filesystem: pafs.FileSystem, path: str, shown: str, classes: Sequence[str]
+) -> None:
+    kind = filesystem.get_file_info(path).type
+    if kind != pafs.FileType.Directory:
+        problem = "does not exist" if kind == pafs.FileType.NotFound else "is not a folder"
+        raise DataError(
+            f"{shown} {problem}: data.root must hold one folder per class in data.classes "
+            f"{list(classes)}; check data.root and data.classes, or set data.manifest"
+        )
+
+
+def _list_class_folder(
+    filesystem: pafs.FileSystem, folder: str, shown: str, classes: Sequence[str]
+) -> list[str]:
+    _require_folder(filesystem, folder, f"class folder {shown}", classes)
+    entries = filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
+    found = [
+        entry.path
+        for entry in entries
+        if entry.type == pafs.FileType.File and _is_image(entry.path[len(folder) + 1 :])
+    ]
+    if not found:
+        raise DataError(
+            f"no images in {shown}: expected files with extensions "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))} under it (hidden files are skipped); "
+            "check data.root and data.classes"
+        )
+    return found
+
+
+def _is_image(relative: str) -> bool:
+    # Only names below the class folder count: the root itself may sit under .emotr/.
+    hidden = any(part.startswith(".") for part in relative.split("/"))
+    return not hidden and PurePosixPath(relative).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _read_manifest(manifest: str, classes: Sequence[str]) -> list[_Source]:
+    filesystem, fs_path = resolve(manifest)
+    table = _read_table(manifest, filesystem, fs_path)
+    missing = {"path", "label"} - set(table.columns)
+    if missing:
+        raise DataError(
+            f"manifest {manifest} lacks column(s) {sorted(missing)}: it needs 'path' and 'label' "
+            f"(class name or index), found {list(table.columns)}"
+        )
+    sources = []
+    for row, (entry, value) in enumerate(zip(table["path"], table["label"], strict=True), 1):
+        if not isinstance(entry, str) or not entry.strip():
+            raise DataError(f"manifest {manifest} row {row}: empty path; give every image a path")
+        label = _label_index(value, classes, f"manifest {manifest} row {row} ({entry})")
+        sources.append(_manifest_source(entry.strip(), label, manifest, filesystem, fs_path))
+    return sources
+
+
+def _read_table(manifest: str, filesystem: pafs.FileSystem, fs_path: str) -> pd.DataFrame:
+    kind = MANIFEST_EXTENSIONS.get(PurePosixPath(fs_path).suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"manifest {manifest} must end with one of {sorted(MANIFEST_EXTENSIONS)}; "
+            "check data.manifest"
+        )
+    if filesystem.get_file_info(fs_path).type != pafs.FileType.File:
+        raise DataError(f"manifest {manifest} does not exist; check data.manifest")
+    with filesystem.open_input_stream(fs_path) as stream:
+        content = io.BytesIO(stream.read())
+    if kind == "csv":
+        # All text: "1" and "positive" in one column stay comparable, empty cells stay "".
+        return pd.read_csv(content, dtype=str, keep_default_na=False)
+    return pd.read_parquet(content)
+
+
+def _manifest_source(
+    entry: str, label: int, manifest: str, filesystem: pafs.FileSystem, fs_path: str
+) -> _Source:
+    if is_uri(entry):
+        return _Source(entry, label, None, entry)
+    absolute = entry.startswith("file://") or os.path.isabs(os.path.expanduser(entry))
+    if not absolute and is_uri(manifest):
+        location = join(manifest.rsplit("/", 1)[0], entry)
+        return _Source(location, label, filesystem, join(fs_path.rsplit("/", 1)[0], entry))
+    local = resolve(entry if absolute else os.path.join(os.path.dirname(fs_path), entry))[1]
+    return _Source(local, label, pafs.LocalFileSystem(), local)
+
+
+def _label_index(value: Any, classes: Sequence[str], where: str) -> int:
+    number: Any = value
+    if isinstance(value, str):
+        text = value.strip()
+        if text in classes:
+            return list(classes).index(text)
+        number = int(text) if text.lstrip("-").isdigit() else None
+    elif isinstance(value, float | np.floating) and float(value).is_integer():
+        number = int(value)
+    is_int = isinstance(number, int | np.integer) and not isinstance(number, bool | np.bool_)
+    if is_int and 0 <= number < len(classes):
+        return int(number)
+    raise DataError(
+        f"{where}: unknown label {value!r}; use a class name from data.classes "
+        f"{list(classes)} or an index 0..{len(classes) - 1}"
+    )
+
+
+def _hash_all(sources: Sequence[_Source]) -> list[str]:
+    # hashlib releases the GIL on large buffers and reads wait on I/O, so threads overlap both.
+    with ThreadPoolExecutor() as pool:
+        digests = list(pool.map(_hash_source, sources))
+    missing = [src.location for src, digest in zip(sources, digests, strict=True) if not digest]
+    if missing:
+        raise DataError(
+            f"{len(missing)} image(s) not found or not a file: {_named(missing)}; "
+            "fix the paths (data.manifest) or restore the files"
+        )
+    return [digest for digest in digests if digest]
+
+
+def _hash_source(source: _Source) -> str | None:
+    # Manifest URIs are resolved here, in parallel: from_uri may ask the network (S3 region).
+    filesystem, path = source.filesystem, source.fs_path
+    if filesystem is None:
+        filesystem, path = resolve(source.location)
+    digest = hashlib.sha256()
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            while chunk := stream.read(_CHUNK_BYTES):
+                digest.update(chunk)
+    except OSError:
+        if filesystem.get_file_info(path).type != pafs.FileType.File:
+            return None
+        raise
+    return digest.hexdigest()
+
+
+def _drop_conflicts(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    n_labels = frame.groupby("sha256")["label"].transform("nunique")
+    clash = (n_labels > 1).to_numpy()
+    conflicts = frame[clash].reset_index(drop=True)
+    if len(conflicts):
+        named = [f"{row.path} ({row.class_name})" for row in conflicts.itertuples()]
+        warnings.warn(
+            f"{conflicts['sha256'].nunique()} image(s) have identical bytes under more than one "
+            f"label and were left out: {_named(named)}; delete the wrong copies or fix the labels",
+            stacklevel=3,
+        )
+    return frame[~clash].reset_index(drop=True), conflicts
+
+
+def _check_splittable(images: pd.DataFrame, classes: Sequence[str], where: dict[int, str]) -> None:
+    for label, name in enumerate(classes):
+        n_distinct = images.loc[images["label"] == label, "sha256"].nunique()
+        if n_distinct < 2:
+            raise DataError(
+                f"class {name!r} has {n_distinct} distinct image(s) in {where[label]} (after "
+                "leaving out bytes that also appear under another label): a train and a val "
+                "split need at least one each; add images"
+            )
+
+
+def _digest(images: pd.DataFrame) -> str:
+    rows = sorted(zip(images["sha256"], images["label"].astype(int), images["split"], strict=True))
+    text = "\n".join(f"{sha256},{label},{split}" for sha256, label, split in rows)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _named(items: Sequence[str]) -> str:
+    more = len(items) - _MAX_NAMED
+    return ", ".join(items[:_MAX_NAMED]) + (f" and {more} more" if more > 0 else "")

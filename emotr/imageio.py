@@ -1,0 +1,152 @@
+"""Decode one image file's bytes into the RGB pixels the backbone sees: the bad-input rules live here.
+
+Every rule that changes the pixels of a decodable image (frame, orientation, mode conversion,
+background, resize) is part of DECODE_RULES_VERSION: bump it when one changes, so that cached
+features made under the old rules are not reused.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from emotr.config import DecodeConfig
+
+DECODE_RULES_VERSION = "1"
+
+# Bilinear, whole image, no crop (the tutorial squashes the image to the input size). Pillow widens
+# the bilinear filter with the scale factor, so downscaling is antialiased. reducing_gap=None keeps
+# Pillow from first shrinking JPEGs in the decoder (draft) or by box reduction: one exact filter,
+# whatever the source size or format.
+RESAMPLE = Image.Resampling.BILINEAR
+RESIZE_RULE = "pillow-bilinear,reducing_gap=None,no-crop,squash"
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+# What Pillow and its plugins raise on bad input. struct.error, EOFError and IndexError come out of
+# plugins that read past the end of a short header.
+_DECODE_FAILURES = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    IndexError,
+    KeyError,
+    struct.error,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+
+
+class DecodeError(ValueError):
+    """An image file that cannot be turned into pixels; `reason` says why in a few words."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def decode_image(
+    data: bytes,
+    size: tuple[int, int],
+    *,
+    max_pixels: int,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> np.ndarray:
+    """Decode an image file's bytes to (height, width, 3) uint8 RGB, `size` = (height, width).
+
+    The first frame of an animation is used, EXIF orientation is applied, transparency is
+    composited onto `background`. Raises DecodeError with a short reason for anything else.
+    """
+    if not data:
+        raise DecodeError("empty file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb is an error here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                _check_pixels(image.size, max_pixels)
+                image.seek(0)
+                image.load()  # a truncated JPEG passes open() and verify(), and fails here
+                upright = ImageOps.exif_transpose(image)
+            rgb = to_rgb(upright, background)
+            rgb = rgb.resize((size[1], size[0]), RESAMPLE, reducing_gap=None)
+    except DecodeError:
+        raise
+    except _DECODE_FAILURES as error:
+        raise DecodeError(_describe(error, max_pixels)) from error
+    return np.array(rgb, dtype=np.uint8)
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparent pixels are composited onto `background`."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        image = _sixteen_to_eight_bits(image)
+    elif image.mode == "F":
+        # Float images are taken as 0..255, as Pillow's own F -> L conversion does.
+        values = np.nan_to_num(np.asarray(image, dtype=np.float32))
+        image = Image.fromarray(np.clip(values, 0, 255).round().astype(np.uint8))
+    if not _has_alpha(image):
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    canvas = Image.new("RGB", rgba.size, tuple(background))
+    canvas.paste(rgba, mask=rgba.getchannel("A"))
+    return canvas
+
+
+def _sixteen_to_eight_bits(image: Image.Image) -> Image.Image:
+    # Converting I;16 straight to RGB clips at 255, so nearly every pixel comes out white. Integer
+    # images are taken as 16-bit (0..65535: PNG and TIFF open their 16-bit grey as I;16 or I).
+    values = np.asarray(image).astype(np.float64)
+    return Image.fromarray(np.clip(values / 257.0, 0, 255).round().astype(np.uint8))
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    # P, L and RGB images carry transparency in info (a tRNS chunk), not in a channel.
+    return image.mode in _ALPHA_MODES or "transparency" in image.info
+
+
+def _check_pixels(image_size: tuple[int, int], max_pixels: int) -> None:
+    n_pixels = image_size[0] * image_size[1]
+    if n_pixels > max_pixels:
+        raise DecodeError(f"too many pixels: {n_pixels} > {max_pixels} (decode.max_pixels)")
+
+
+def _describe(error: BaseException, max_pixels: int) -> str:
+    message = _shorten(str(error)) or type(error).__name__
+    if isinstance(error, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        # Pillow's own process-wide cap (Image.MAX_IMAGE_PIXELS) fired before ours could.
+        found = re.search(r"\((\d+) pixels\)", message)
+        if found and int(found[1]) > max_pixels:
+            return f"too many pixels: {found[1]} > {max_pixels} (decode.max_pixels)"
+        return f"too many pixels: {message} (PIL.Image.MAX_IMAGE_PIXELS)"
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image: no image format recognises these bytes"
+    if "truncated" in message.lower():
+        return f"truncated image: {message}"
+    return f"corrupt image: {type(error).__name__}: {message}"
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def decode_rules(cfg: DecodeConfig) -> dict[str, str]:
+    """Everything about decoding that changes the pixels of a decodable image, for the cache key.
+
+    decode.max_pixels is left out: it decides which files fail, not what a decoded image looks like.
+    """
+    return {
+        "decode_rules_version": DECODE_RULES_VERSION,
+        "resize": RESIZE_RULE,
+        "background": ",".join(str(channel) for channel in cfg.background),
+        "frame": "first",
+        "orientation": "exif",
+        "sixteen_bit": "divide-by-257",
+    }

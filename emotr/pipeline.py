@@ -1,0 +1,152 @@
+"""The lifecycle verbs that the CLI and jobs call: prepare data, extract, tune, run them all.
+
+Each verb takes the validated Config; the caller (cli.py) has already connected to Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from emotr.config import Config, to_yaml
+from emotr.data import Listing, list_images
+from emotr.storage import is_uri
+from emotr.track import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What `emotr run` reports at its end."""
+
+    pipeline_run_id: str
+    best_val_auc: float
+    baseline_val_auc: float
+    best_trial_number: int
+    model_name: str
+    model_version: str
+    n_images: int
+    n_failed: int
+
+
+def prepare_listing(cfg: Config) -> Listing:
+    """List the data set, generating the demo set first when configured and absent."""
+    if cfg.data.generate_demo and cfg.data.manifest is None:
+        ensure_demo_data(cfg)
+    return list_images(cfg.data)
+
+
+def ensure_demo_data(cfg: Config) -> None:
+    """Write the synthetic demo data set into data.root unless it is already there."""
+    from emotr.demo import generate_demo_dataset
+
+    root = Path(cfg.data.root)
+    if is_uri(cfg.data.root) or (root / "manifest.csv").exists():
+        return
+    summary = generate_demo_dataset(
+        root,
+        n=cfg.data.demo_n,
+        size=cfg.data.demo_size,
+        seed=cfg.data.seed,
+        classes=cfg.data.classes,
+    )
+    log.info(
+        "demo data set: %d images in %s; Bayes ceiling accuracy %.3f, AUC %.3f",
+        summary.n_images,
+        root,
+        summary.bayes_accuracy,
+        summary.bayes_auc,
+    )
+
+
+def log_listing(tracker: Tracker, run_id: str, cfg: Config, listing: Listing) -> None:
+    """Record the resolved config and the listing with its split on a run."""
+    tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
+    tracker.log_table(run_id, listing.images, "data/listing.csv")
+    if len(listing.conflicts):
+        tracker.log_table(run_id, listing.conflicts, "data/conflicts.csv")
+    tracker.set_tags(run_id, {"split_digest": listing.digest})
+
+
+def load_feature_set(cfg: Config, listing: Listing, fingerprint: str):
+    """Cached features and labels of the listing's train and val images (failed images left out)."""
+    from emotr.cache import FeatureCache
+    from emotr.tune import FeatureSet
+
+    cache = FeatureCache.open(cfg.cache.root, fingerprint)
+    cached = cache.cached_hashes()
+    images = listing.images[listing.images["sha256"].isin(cached)]
+    n_missing = len(listing.images) - len(images)
+    if n_missing:
+        log.warning(
+            "%d images have no cached features (failed to decode) and are left out", n_missing
+        )
+    parts = {}
+    for split in ("train", "val"):
+        rows = images[images["split"] == split]
+        if rows["label"].nunique() < 2:
+            raise ValueError(
+                f"the {split} split has images of fewer than two classes; add images "
+                f"(data.root) or change data.val_fraction"
+            )
+        parts[split] = (
+            cache.load(rows["sha256"].tolist()),
+            rows["label"].to_numpy(dtype=np.int32),
+        )
+    return FeatureSet(
+        x_train=parts["train"][0],
+        y_train=parts["train"][1],
+        x_val=parts["val"][0],
+        y_val=parts["val"][1],
+        fingerprint=fingerprint,
+        split_digest=listing.digest,
+    )
+
+
+def extract(cfg: Config, tracker: Tracker, listing: Listing):
+    """Extract the listing's missing features into the cache (an MLflow `extract` run)."""
+    from emotr.extract import run_extract
+
+    return run_extract(cfg, listing, tracker)
+
+
+def tune(cfg: Config, tracker: Tracker, listing: Listing):
+    """Search heads on the listing's cached features (run `extract` first)."""
+    from emotr.cache import compute_fingerprint
+    from emotr.tune import run_search
+
+    fingerprint, _ = compute_fingerprint(cfg.backbone, cfg.decode)
+    features = load_feature_set(cfg, listing, fingerprint)
+    return run_search(cfg, features, tracker)
+
+
+def run(cfg: Config, tracker: Tracker, listing: Listing) -> RunResult:
+    """Extract, tune and register the best head, all nested under one `pipeline` run."""
+    from emotr.extract import run_extract
+    from emotr.registry import register_model
+    from emotr.tune import run_search
+
+    with tracker.run("pipeline") as run_id:
+        log_listing(tracker, run_id, cfg, listing)
+        summary = run_extract(cfg, listing, tracker, run_id)
+        features = load_feature_set(cfg, listing, summary.fingerprint)
+        search = run_search(cfg, features, tracker, run_id)
+        version = register_model(cfg, tracker, search.best_run_id)
+        tracker.log_metrics(
+            run_id, {"best_val_auc": search.best_value, "baseline_val_auc": search.baseline_value}
+        )
+        tracker.set_tags(run_id, {"model_version": version.version})
+    return RunResult(
+        pipeline_run_id=run_id,
+        best_val_auc=search.best_value,
+        baseline_val_auc=search.baseline_value,
+        best_trial_number=search.best_trial_number,
+        model_name=cfg.registry.model_name,
+        model_version=version.version,
+        n_images=summary.n_images,
+        n_failed=summary.n_failed,
+    )

@@ -1,0 +1,11 @@
+"""Ray job entry point for `emotr extract`.
+
+ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/extract.py -c conf/cluster.yaml
+"""
+
+import sys
+
+from emotr.cli import app
+
+if __name__ == "__main__":
+    app(["extract", *sys.argv[1:]])
