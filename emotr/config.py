@@ -187,7 +187,8 @@ class Config(_Section):
         unknown = set(self.tune.search_space) - set(_HEAD_PARAMS)
         if unknown:
             raise ValueError(
-                f"tune.search_space has unknown parameters {sorted(unknown)}; allowed: {_HEAD_PARAMS}"
+                f"tune.search_space has unknown parameters {sorted(unknown)}; "
+                f"allowed: {_HEAD_PARAMS}"
             )
         return self
 
@@ -209,7 +210,7 @@ _HEAD_PARAMS = [
 def load_config(
     files: list[str | Path] | None = None, overrides: list[str] | None = None
 ) -> Config:
-    """Build the validated Config from defaults, YAML files (in order) and ``a.b=value`` overrides."""
+    """Build the validated Config: defaults <- YAML files (in order) <- ``a.b=value`` overrides."""
     merged: dict[str, Any] = {}
     for path in files or []:
         _deep_merge(merged, _read_yaml(Path(path)))

@@ -25,7 +25,6 @@ from emotr.storage import is_uri, join, resolve
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 MANIFEST_EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-_COLUMNS = ["path", "label", "class_name", "sha256"]
 _CHUNK_BYTES = 1 << 20
 _MAX_NAMED = 10  # paths spelled out in one message; the rest are counted
 
@@ -67,7 +66,7 @@ def list_images(cfg: DataConfig) -> Listing:
     else:
         sources, where = _walk_root(cfg.root, cfg.classes)
     rows = [(src.location, src.label, cfg.classes[src.label]) for src in sources]
-    frame = pd.DataFrame(rows, columns=_COLUMNS[:3]).astype({"label": np.int64})
+    frame = pd.DataFrame(rows, columns=["path", "label", "class_name"]).astype({"label": np.int64})
     frame["sha256"] = _hash_all(sources)
     frame = frame.sort_values(["path", "label"], kind="stable").reset_index(drop=True)
     images, conflicts = _drop_conflicts(frame)
@@ -133,10 +132,8 @@ def _walk_root(root: str, classes: Sequence[str]) -> tuple[list[_Source], dict[i
     return sources, where
 
 
-def _require_folder(
-    filesystem: pafs.FileSystem, path: str, shown: str, classes: Sequence[str]
-) -> None:
-    kind = filesystem.get_file_info(path).type
+def _require_folder(fs: pafs.FileSystem, path: str, shown: str, classes: Sequence[str]) -> None:
+    kind = fs.get_file_info(path).type
     if kind != pafs.FileType.Directory:
         problem = "does not exist" if kind == pafs.FileType.NotFound else "is not a folder"
         raise DataError(
@@ -285,9 +282,8 @@ def _check_splittable(images: pd.DataFrame, classes: Sequence[str], where: dict[
         n_distinct = images.loc[images["label"] == label, "sha256"].nunique()
         if n_distinct < 2:
             raise DataError(
-                f"class {name!r} has {n_distinct} distinct image(s) in {where[label]} (after "
-                "leaving out bytes that also appear under another label): a train and a val "
-                "split need at least one each; add images"
+                f"class {name!r} has {n_distinct} distinct image(s) in {where[label]} (bytes also "
+                "under another label left out); train and val need one each: add images"
             )
 
 

@@ -63,7 +63,7 @@ def generate_demo_dataset(
     positive_share: float = 0.53,
     classes: tuple[str, str] = ("negative", "positive"),
 ) -> DemoSummary:
-    """Write n synthetic face JPEGs of size (height, width) into out/<class>/ and out/manifest.csv."""
+    """Write n synthetic face JPEGs (height, width) into out/<class>/ plus out/manifest.csv."""
     out = Path(out)
     _check_arguments(out, n, size, ambiguous_share, positive_share, classes)
     labels = draw_labels(n, positive_share, seed)
@@ -177,38 +177,52 @@ def _uniform_blur(x: np.ndarray, low: float, high: float, sigma: float) -> np.nd
 def render_face(
     rng: np.random.Generator, size: tuple[int, int], curvature: float
 ) -> tuple[Image.Image, int]:
-    """One photo-like RGB image of size (height, width) with a face; returns it and a JPEG quality."""
+    """One photo-like RGB image (height, width) of a face; returns it and its JPEG quality."""
     height, width = size
     canvas = _draw_background(rng, width, height)
-    face_height = rng.uniform(0.45, 0.72) * min(width, height)
-    patch = _draw_face(rng, face_height, float(np.clip(curvature, -RENDER_CLIP, RENDER_CLIP)))
+    patch, (dx, dy) = _draw_face(
+        rng,
+        rng.uniform(0.45, 0.72) * min(size),
+        float(np.clip(curvature, -RENDER_CLIP, RENDER_CLIP)),
+    )
     # Small tilts only: an upside-down smile is a frown, which would flip the label.
-    patch = patch.rotate(rng.uniform(-20, 20), resample=Image.Resampling.BICUBIC, expand=True)
-    center_x = rng.uniform(0.3, 0.7) * width
-    center_y = rng.uniform(0.35, 0.6) * height
-    corner = (round(center_x - patch.width / 2), round(center_y - patch.height / 2))
+    angle = rng.uniform(-20, 20)
+    # Bilinear halves the cost of bicubic, and blur, noise and JPEG come after it anyway.
+    patch = patch.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
+    turn = math.radians(angle)
+    dx, dy = dx * math.cos(turn) + dy * math.sin(turn), -dx * math.sin(turn) + dy * math.cos(turn)
+    face_x, face_y = rng.uniform(0.3, 0.7) * width, rng.uniform(0.35, 0.6) * height
+    corner = (round(face_x - dx - patch.width / 2), round(face_y - dy - patch.height / 2))
     canvas.paste(patch, corner, patch)
     return _finish_photo(rng, canvas), int(rng.integers(60, 96))
 
 
-def _random_colour(rng: np.random.Generator, low: int = 0, high: int = 256) -> tuple[int, ...]:
-    return tuple(int(v) for v in rng.integers(low, high, size=3))
+def _random_colour(rng: np.random.Generator, saturation: float = 1.0) -> tuple[int, ...]:
+    colour = rng.uniform(0, 255, size=3)
+    colour = colour.mean() + saturation * (colour - colour.mean())
+    return tuple(int(v) for v in colour)
+
+
+def _ramp(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A linear ramp from -0.5 to 0.5 over the image in a random direction (float32, H x W)."""
+    angle = rng.uniform(0, 2 * np.pi)
+    xs = np.linspace(-0.5, 0.5, width, dtype=np.float32) * np.float32(np.cos(angle))
+    ys = np.linspace(-0.5, 0.5, height, dtype=np.float32) * np.float32(np.sin(angle))
+    ramp = ys[:, None] + xs[None, :]
+    return ramp / max(float(np.abs(ramp).max()) * 2, 1e-6)
 
 
 def _draw_background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    angle = rng.uniform(0, 2 * np.pi)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    ramp = xs * np.cos(angle) / width + ys * np.sin(angle) / height
-    ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
-    start, stop = np.array(_random_colour(rng)), np.array(_random_colour(rng))
-    pixels = start + ramp[..., None] * (stop - start)
+    start = np.array(_random_colour(rng, 0.5), dtype=np.float32)
+    stop = np.array(_random_colour(rng, 0.5), dtype=np.float32)
+    pixels = (start + stop) / 2 + _ramp(rng, width, height)[..., None] * (stop - start)
     canvas = Image.fromarray(pixels.astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(canvas)
     scale = min(width, height)
     for _ in range(int(rng.integers(4, 16))):
         x0, y0 = rng.uniform(-0.1, 1.0) * width, rng.uniform(-0.1, 1.0) * height
         w, h = rng.uniform(0.05, 0.5, size=2) * scale
-        colour = _random_colour(rng)
+        colour = _random_colour(rng, rng.uniform(0.2, 0.9))
         kind = rng.integers(0, 4)
         if kind == 0:
             draw.rectangle((x0, y0, x0 + w, y0 + h), fill=colour)
@@ -217,49 +231,44 @@ def _draw_background(rng: np.random.Generator, width: int, height: int) -> Image
         elif kind == 2:
             draw.line((x0, y0, x0 + w, y0 + h), fill=colour, width=max(1, round(w / 15)))
         else:
-            points = [(x0 + rng.uniform(0, w), y0 + rng.uniform(0, h)) for _ in range(3)]
-            draw.polygon(points, fill=colour)
+            draw.polygon(
+                [(x0 + rng.uniform(0, w), y0 + rng.uniform(0, h)) for _ in range(3)], colour
+            )
     # An out-of-focus background, as behind a portrait.
     return canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.012) * scale))
 
 
-def _draw_face(rng: np.random.Generator, face_height: float, curvature: float) -> Image.Image:
-    """A face on a transparent patch; the patch centre is the face centre."""
-    h = face_height
+def _draw_face(
+    rng: np.random.Generator, h: float, curvature: float
+) -> tuple[Image.Image, tuple[float, float]]:
+    """A face h pixels tall on a transparent patch, and the face centre's offset from its centre."""
     w = h * rng.uniform(0.72, 0.86)
-    side = round(2.4 * h)
-    patch = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    # The patch hugs the drawing (shoulders at the sides and bottom): rotation cost is per pixel.
+    patch = Image.new("RGBA", (round(2.3 * w), round(1.95 * h)), (0, 0, 0, 0))
     draw = ImageDraw.Draw(patch)
-    cx = cy = side / 2
+    cx, cy = 1.15 * w, 0.62 * h
     skin = _skin_colour(rng)
     shade = tuple(int(v * 0.8) for v in skin)
     hair = tuple(int(v) for v in _HAIR[rng.integers(len(_HAIR))] + rng.integers(-10, 11, size=3))
     has_hair = rng.random() < 0.85
-    draw.ellipse(
-        (cx - 1.1 * w, cy + 0.62 * h, cx + 1.1 * w, cy + 1.5 * h), fill=_random_colour(rng)
-    )
-    draw.rectangle((cx - 0.2 * w, cy + 0.3 * h, cx + 0.2 * w, cy + 0.75 * h), fill=shade)
+    draw.rectangle((cx - 0.2 * w, cy + 0.3 * h, cx + 0.2 * w, cy + 0.8 * h), fill=shade)
+    clothes = _random_colour(rng, rng.uniform(0.2, 1.0))
+    draw.ellipse((cx - 1.1 * w, cy + 0.66 * h, cx + 1.1 * w, cy + 1.6 * h), fill=clothes)
     if has_hair:
         draw.ellipse((cx - 0.56 * w, cy - 0.56 * h, cx + 0.56 * w, cy + 0.2 * h), fill=hair)
     for sign in (-1, 1):
         ear_x = cx + sign * 0.5 * w
         draw.ellipse((ear_x - 0.07 * w, cy - 0.1 * h, ear_x + 0.07 * w, cy + 0.1 * h), fill=shade)
     outline = max(1, round(0.008 * h))
-    draw.ellipse(
-        (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), fill=skin, outline=shade, width=outline
-    )
+    draw.ellipse((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), skin, shade, outline)
     if has_hair and rng.random() < 0.7:
         draw.chord((cx - w / 2, cy - h / 2, cx + w / 2, cy + 0.1 * h), 185, 355, fill=hair)
-    _draw_eyes(rng, draw, cx, cy, w, h, hair)
+    _draw_eyes(rng, draw, (cx, cy, w, h), hair)
     nose_y = cy + rng.uniform(0.08, 0.14) * h
-    draw.line(
-        (cx, cy - 0.02 * h, cx - 0.04 * w, nose_y, cx + 0.03 * w, nose_y),
-        fill=shade,
-        width=outline * 2,
-        joint="curve",
-    )
-    _draw_mouth(rng, draw, cx, cy + rng.uniform(0.25, 0.29) * h, w, h, curvature)
-    return patch
+    nose = (cx, cy - 0.02 * h, cx - 0.04 * w, nose_y, cx + 0.03 * w, nose_y)
+    draw.line(nose, fill=shade, width=outline * 2, joint="curve")
+    _draw_mouth(rng, draw, (cx, cy + rng.uniform(0.25, 0.29) * h, w, h), skin, curvature)
+    return patch, (cx - patch.width / 2, cy - patch.height / 2)
 
 
 def _skin_colour(rng: np.random.Generator) -> tuple[int, ...]:
@@ -270,55 +279,58 @@ def _skin_colour(rng: np.random.Generator) -> tuple[int, ...]:
     return tuple(int(v) for v in np.clip(tone + rng.normal(0, 6, size=3), 0, 255))
 
 
-def _draw_eyes(rng, draw, cx: float, cy: float, w: float, h: float, hair: tuple) -> None:
+Box = tuple[float, float, float, float]
+
+
+def _draw_eyes(rng: np.random.Generator, draw: ImageDraw.ImageDraw, face: Box, hair: tuple) -> None:
+    cx, cy, w, h = face
     eye_y = cy - rng.uniform(0.05, 0.11) * h
     spacing = rng.uniform(0.18, 0.23) * w
-    iris = _random_colour(rng, 20, 160)
+    iris = tuple(int(v) for v in rng.integers(20, 160, size=3))
     # Brow tilt is drawn independently of the class, so it is a distractor, not a cue.
     tilt = rng.uniform(-0.03, 0.03) * h
     brow_width = max(1, round(0.022 * h))
     for sign in (-1, 1):
         ex = cx + sign * spacing
-        draw.ellipse(
-            (ex - 0.09 * w, eye_y - 0.035 * h, ex + 0.09 * w, eye_y + 0.035 * h),
-            fill=(245, 245, 240),
-        )
-        radius = 0.03 * h
-        draw.ellipse((ex - radius, eye_y - radius, ex + radius, eye_y + radius), fill=iris)
-        radius = 0.013 * h
-        draw.ellipse((ex - radius, eye_y - radius, ex + radius, eye_y + radius), fill=(10, 10, 10))
+        white = (ex - 0.09 * w, eye_y - 0.035 * h, ex + 0.09 * w, eye_y + 0.035 * h)
+        draw.ellipse(white, fill=(245, 245, 240))
+        for radius, colour in ((0.03 * h, iris), (0.013 * h, (10, 10, 10))):
+            draw.ellipse((ex - radius, eye_y - radius, ex + radius, eye_y + radius), fill=colour)
         brow_y = eye_y - 0.09 * h
         inner, outer = ex - sign * 0.09 * w, ex + sign * 0.11 * w
         draw.line((inner, brow_y + tilt, outer, brow_y - tilt), fill=hair, width=brow_width)
 
 
-def _draw_mouth(rng, draw, cx: float, my: float, w: float, h: float, curvature: float) -> None:
+def _draw_mouth(
+    rng: np.random.Generator, draw: ImageDraw.ImageDraw, at: Box, skin: tuple, curvature: float
+) -> None:
+    cx, my, w, h = at
     half = rng.uniform(0.22, 0.3) * w
     xs = np.linspace(-1.0, 1.0, 25)
     # Centred on its own sag so the mouth's height in the face carries no extra cue.
     ys = my + curvature * half * ((1 - xs**2) - 0.5)
     points = [(cx + half * x, y) for x, y in zip(xs, ys, strict=True)]
-    lips = (int(rng.integers(120, 190)), int(rng.integers(30, 70)), int(rng.integers(40, 80)))
+    # Lips darker than the skin and reddish, so the line contrasts on every skin tone.
+    lips = tuple(int(v) for v in np.array(skin) * rng.uniform(0.35, 0.55) + (45, 0, 5))
     thickness = max(2, round(rng.uniform(0.035, 0.05) * h))
     draw.line(points, fill=lips, width=thickness, joint="curve")
     for x, y in (points[0], points[-1]):
-        r = thickness / 2
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=lips)
+        draw.ellipse(
+            (x - thickness / 2, y - thickness / 2, x + thickness / 2, y + thickness / 2), lips
+        )
 
 
 def _finish_photo(rng: np.random.Generator, canvas: Image.Image) -> Image.Image:
     """Lighting gradient, colour cast, lens blur and sensor noise."""
-    scale = min(canvas.size)
-    canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.004) * scale))
-    pixels = np.asarray(canvas, dtype=np.float32)
-    height, width = pixels.shape[:2]
-    angle = rng.uniform(0, 2 * np.pi)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    ramp = (xs / width - 0.5) * np.cos(angle) + (ys / height - 0.5) * np.sin(angle)
-    light = rng.uniform(0.8, 1.15) * (1 + rng.uniform(0.1, 0.7) * ramp)
+    width, height = canvas.size
+    canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.004) * min(width, height)))
+    light = np.float32(rng.uniform(0.8, 1.15)) * (
+        1 + rng.uniform(0.1, 0.7) * _ramp(rng, width, height)
+    )
     gain = rng.uniform(0.92, 1.08, size=3).astype(np.float32)
-    pixels = pixels * light[..., None] * gain
-    pixels += rng.normal(0.0, rng.uniform(1.0, 8.0), size=pixels.shape).astype(np.float32)
+    pixels = np.asarray(canvas, dtype=np.float32) * light[..., None].astype(np.float32) * gain
+    noise = rng.standard_normal(size=pixels.shape, dtype=np.float32)
+    pixels += np.float32(rng.uniform(1.0, 8.0)) * noise
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 

@@ -87,7 +87,7 @@ def decode_image(
 def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """Any Pillow mode to 8-bit RGB; transparent pixels are composited onto `background`."""
     if image.mode in _SIXTEEN_BIT_MODES:
-        image = _sixteen_to_eight_bits(image)
+        image = image
     elif image.mode == "F":
         # Float images are taken as 0..255, as Pillow's own F -> L conversion does.
         values = np.nan_to_num(np.asarray(image, dtype=np.float32))

@@ -1,7 +1,7 @@
 """The MLflow Model Registry: register a trial's head, move aliases, load a model for prediction.
 
-A registered version is the head (512 features -> P(positive)); the backbone and decode settings that
-made its features travel with it as version tags, so `emotr predict` rebuilds the same extractor.
+A registered version is the head (512 features -> P(positive)). The backbone and decode settings
+that made its features travel with it as version tags: `emotr predict` rebuilds the same extractor.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ def is_uri(location: str) -> bool:
 
 
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem that holds `location` and the path to use with it (local paths made absolute)."""
+    """The filesystem holding `location` and the path to use with it (local paths made absolute)."""
     if is_uri(location) or location.startswith("file://"):
         return pafs.FileSystem.from_uri(location)
     return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())

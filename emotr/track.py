@@ -1,7 +1,7 @@
 """Everything that talks to MLflow tracking: experiments, (nested) runs, params, metrics, artifacts.
 
-Runs are addressed by id through one MlflowClient, so that a driver can keep several runs open at once
-(one per in-flight trial) without MLflow's fluent active-run stack.
+Runs are addressed by id through one MlflowClient, so that a driver can keep several runs open at
+once (one per in-flight trial) without MLflow's fluent active-run stack.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def artifact_location(cfg: MlflowConfig) -> str:
 
 
 class Tracker:
-    """One experiment in one tracking store; create it in the driver only (avoids migration races)."""
+    """One experiment in one tracking store; create it in the driver only (no migration races)."""
 
     def __init__(self, cfg: MlflowConfig):
         self.uri = tracking_uri(cfg)
@@ -76,7 +76,7 @@ class Tracker:
     def run(
         self, name: str, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
     ) -> Iterator[str]:
-        """A run that ends FINISHED, FAILED (with the error) or KILLED (Ctrl-C), never left RUNNING."""
+        """A run that ends FINISHED, FAILED (with the error) or KILLED (Ctrl-C), never RUNNING."""
         run_id = self.start_run(name, parent_run_id, tags)
         try:
             yield run_id

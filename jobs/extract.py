@@ -1,6 +1,7 @@
-"""Ray job entry point for `emotr extract`.
+"""Ray job entry point for `emotr extract`, e.g.
 
-ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/extract.py -c conf/cluster.yaml
+ray job submit --address http://HEAD:8265 --working-dir . -- \\
+    python jobs/extract.py -c conf/cluster.yaml
 """
 
 import sys

@@ -1,6 +1,7 @@
-"""Ray job entry point for `emotr run`.
+"""Ray job entry point for `emotr run`, e.g.
 
-ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/run.py -c conf/cluster.yaml
+ray job submit --address http://HEAD:8265 --working-dir . -- \\
+    python jobs/run.py -c conf/cluster.yaml
 """
 
 import sys

@@ -67,7 +67,7 @@ def test_bad_values_fail_naming_the_key_and_value(override, expected):
 
 
 def test_malformed_override_and_missing_file_are_explained(tmp_path: Path):
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         load_config([], ["tune.n_trials"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config([tmp_path / "nope.yaml"])

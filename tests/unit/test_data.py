@@ -28,15 +28,19 @@ _FORMATS = {
 
 
 @pytest.fixture
-def colours() -> Iterator[tuple[int, int, int]]:
-    """Distinct RGB colours, so that every written image has its own bytes."""
-    return ((n % 256, n // 256 % 256, 7) for n in itertools.count(1))
+def colours() -> Iterator[int]:
+    """Distinct image ids, so that every written image has its own bytes."""
+    return itertools.count(1)
 
 
-def write_image(path: Path, colour: tuple[int, int, int]) -> Path:
-    """An 8x8 image of one colour in the format its extension names."""
+def write_image(path: Path, image_id: int) -> Path:
+    """An 8x8 image in the format its extension names, its pixels spelling `image_id` in binary."""
+    # Bits as black/white pixels: lossy JPEG maps close flat colours to identical bytes.
+    pixels = [(255, 255, 255) if image_id >> bit & 1 else (0, 0, 40) for bit in range(64)]
+    image = Image.new("RGB", (8, 8))
+    image.putdata(pixels)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), colour).save(path, format=_FORMATS[path.suffix.lower()])
+    image.save(path, format=_FORMATS[path.suffix.lower()])
     return path
 
 
@@ -242,7 +246,7 @@ def test_duplicates_under_one_label_stay_together(tmp_path, colours):
 
     listing = list_images(DataConfig(root=str(tmp_path)))
 
-    rows = listing.images[listing.images["path"].str.contains("dup")]
+    rows = listing.images[listing.images["path"].str.contains("/dup")]
     assert len(rows) == 3 and rows["split"].nunique() == 1
     assert listing.conflicts.empty
 
