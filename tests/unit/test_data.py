@@ -28,14 +28,14 @@ _FORMATS = {
 
 
 @pytest.fixture
-def colours() -> Iterator[int]:
+def ids() -> Iterator[int]:
     """Distinct image ids, so that every written image has its own bytes."""
     return itertools.count(1)
 
 
 def write_image(path: Path, image_id: int) -> Path:
     """An 8x8 image in the format its extension names, its pixels spelling `image_id` in binary."""
-    # Bits as black/white pixels: lossy JPEG maps close flat colours to identical bytes.
+    # Bits as black/white pixels: lossy JPEG maps close flat ids to identical bytes.
     pixels = [(255, 255, 255) if image_id >> bit & 1 else (0, 0, 40) for bit in range(64)]
     image = Image.new("RGB", (8, 8))
     image.putdata(pixels)
@@ -44,10 +44,10 @@ def write_image(path: Path, image_id: int) -> Path:
     return path
 
 
-def write_folders(root: Path, colours, n_per_class: int = 3) -> list[Path]:
+def write_folders(root: Path, ids, n_per_class: int = 3) -> list[Path]:
     """root/negative and root/positive with n_per_class PNGs each."""
     return [
-        write_image(root / name / f"{name}_{i:03d}.png", next(colours))
+        write_image(root / name / f"{name}_{i:03d}.png", next(ids))
         for name in ("negative", "positive")
         for i in range(n_per_class)
     ]
@@ -68,19 +68,19 @@ def split_by_path(cfg: DataConfig) -> dict[str, str]:
 
 
 def test_walks_nested_folders_with_any_extension_case_and_skips_hidden_and_other_files(
-    tmp_path, colours
+    tmp_path, ids
 ):
     root = tmp_path / "data"
     wanted = {
-        write_image(root / "negative" / "a.png", next(colours)): 0,
-        write_image(root / "negative" / "sub" / "deeper" / "b.JPG", next(colours)): 0,
-        write_image(root / "positive" / "c.Png", next(colours)): 1,
-        write_image(root / "positive" / "x" / "d.jpeg", next(colours)): 1,
+        write_image(root / "negative" / "a.png", next(ids)): 0,
+        write_image(root / "negative" / "sub" / "deeper" / "b.JPG", next(ids)): 0,
+        write_image(root / "positive" / "c.Png", next(ids)): 1,
+        write_image(root / "positive" / "x" / "d.jpeg", next(ids)): 1,
     }
-    write_image(root / "negative" / ".hidden.png", next(colours))
-    write_image(root / "negative" / ".cache" / "e.png", next(colours))
+    write_image(root / "negative" / ".hidden.png", next(ids))
+    write_image(root / "negative" / ".cache" / "e.png", next(ids))
     (root / "positive" / "notes.txt").write_text("not an image")
-    write_image(root / "other" / "f.png", next(colours))
+    write_image(root / "other" / "f.png", next(ids))
 
     images = list_images(DataConfig(root=str(root))).images
 
@@ -94,11 +94,11 @@ def test_walks_nested_folders_with_any_extension_case_and_skips_hidden_and_other
     assert set(images["split"]) <= {"train", "val"}
 
 
-def test_finds_every_listed_extension(tmp_path, colours):
+def test_finds_every_listed_extension(tmp_path, ids):
     root = tmp_path / "data"
     for ext in sorted(IMAGE_EXTENSIONS):
-        write_image(root / "negative" / f"img{ext}", next(colours))
-        write_image(root / "positive" / f"IMG{ext.upper()}", next(colours))
+        write_image(root / "negative" / f"img{ext}", next(ids))
+        write_image(root / "positive" / f"IMG{ext.upper()}", next(ids))
 
     images = list_images(DataConfig(root=str(root))).images
 
@@ -107,8 +107,8 @@ def test_finds_every_listed_extension(tmp_path, colours):
     )
 
 
-def test_relative_root_gives_absolute_paths(tmp_path, colours, monkeypatch):
-    write_folders(tmp_path / "data", colours, n_per_class=2)
+def test_relative_root_gives_absolute_paths(tmp_path, ids, monkeypatch):
+    write_folders(tmp_path / "data", ids, n_per_class=2)
     monkeypatch.chdir(tmp_path)
 
     images = list_images(DataConfig(root="data")).images
@@ -116,9 +116,18 @@ def test_relative_root_gives_absolute_paths(tmp_path, colours, monkeypatch):
     assert all(path.startswith(str(tmp_path / "data")) for path in images["path"])
 
 
-def test_csv_manifest_with_names_indices_relative_paths_and_extra_columns(tmp_path, colours):
+def test_file_uri_root_lists_the_same_local_files(tmp_path, ids):
+    write_folders(tmp_path, ids, n_per_class=2)
+
+    by_uri = list_images(DataConfig(root=f"file://{tmp_path}"))
+    by_path = list_images(DataConfig(root=str(tmp_path)))
+
+    pd.testing.assert_frame_equal(by_uri.images, by_path.images)
+
+
+def test_csv_manifest_with_names_indices_relative_paths_and_extra_columns(tmp_path, ids):
     images_dir = tmp_path / "images"
-    a, b, c, d = (write_image(images_dir / f"{n}.png", next(colours)) for n in "abcd")
+    a, b, c, d = (write_image(images_dir / f"{n}.png", next(ids)) for n in "abcd")
     manifest = tmp_path / "lists" / "train.csv"
     manifest.parent.mkdir()
     manifest.write_text(
@@ -141,8 +150,8 @@ def test_csv_manifest_with_names_indices_relative_paths_and_extra_columns(tmp_pa
 
 
 @pytest.mark.parametrize("labels", [[0, 0, 1, 1], ["negative", "negative", "positive", "positive"]])
-def test_parquet_manifest(tmp_path, colours, labels):
-    paths = [write_image(tmp_path / "img" / f"{n}.jpg", next(colours)) for n in "abcd"]
+def test_parquet_manifest(tmp_path, ids, labels):
+    paths = [write_image(tmp_path / "img" / f"{n}.jpg", next(ids)) for n in "abcd"]
     manifest = tmp_path / "manifest.parquet"
     pd.DataFrame(
         {"path": [f"img/{path.name}" for path in paths], "label": labels, "weight": 1.0}
@@ -155,8 +164,8 @@ def test_parquet_manifest(tmp_path, colours, labels):
     assert images["sha256"].tolist() == [sha256_of(path) for path in paths]
 
 
-def test_manifest_unknown_label_names_row_value_and_classes(tmp_path, colours):
-    write_image(tmp_path / "a.png", next(colours))
+def test_manifest_unknown_label_names_row_value_and_classes(tmp_path, ids):
+    write_image(tmp_path / "a.png", next(ids))
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,label\na.png,negative\na.png,happy\n")
 
@@ -164,8 +173,8 @@ def test_manifest_unknown_label_names_row_value_and_classes(tmp_path, colours):
         list_images(DataConfig(manifest=str(manifest)))
 
 
-def test_manifest_out_of_range_index_is_an_unknown_label(tmp_path, colours):
-    write_image(tmp_path / "a.png", next(colours))
+def test_manifest_out_of_range_index_is_an_unknown_label(tmp_path, ids):
+    write_image(tmp_path / "a.png", next(ids))
     manifest = tmp_path / "m.parquet"
     pd.DataFrame({"path": ["a.png"], "label": [2]}).to_parquet(manifest)
 
@@ -181,9 +190,9 @@ def test_manifest_missing_column(tmp_path):
         list_images(DataConfig(manifest=str(manifest)))
 
 
-def test_manifest_missing_file_is_named(tmp_path, colours):
+def test_manifest_missing_file_is_named(tmp_path, ids):
     for name in ("a", "b", "c"):
-        write_image(tmp_path / f"{name}.png", next(colours))
+        write_image(tmp_path / f"{name}.png", next(ids))
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,label\na.png,0\nb.png,0\nc.png,1\ngone.png,1\n")
 
@@ -196,15 +205,15 @@ def test_missing_root(tmp_path):
         list_images(DataConfig(root=str(tmp_path / "nope")))
 
 
-def test_missing_class_folder_is_named(tmp_path, colours):
-    write_image(tmp_path / "negative" / "a.png", next(colours))
+def test_missing_class_folder_is_named(tmp_path, ids):
+    write_image(tmp_path / "negative" / "a.png", next(ids))
 
     with pytest.raises(DataError, match=f"class folder {tmp_path / 'positive'} does not exist"):
         list_images(DataConfig(root=str(tmp_path)))
 
 
-def test_class_folder_without_images_is_named(tmp_path, colours):
-    write_image(tmp_path / "negative" / "a.png", next(colours))
+def test_class_folder_without_images_is_named(tmp_path, ids):
+    write_image(tmp_path / "negative" / "a.png", next(ids))
     (tmp_path / "positive").mkdir()
     (tmp_path / "positive" / "notes.txt").write_text("todo")
 
@@ -212,18 +221,18 @@ def test_class_folder_without_images_is_named(tmp_path, colours):
         list_images(DataConfig(root=str(tmp_path)))
 
 
-def test_class_with_one_image_cannot_be_split(tmp_path, colours):
-    write_image(tmp_path / "negative" / "a.png", next(colours))
-    write_image(tmp_path / "negative" / "b.png", next(colours))
-    write_image(tmp_path / "positive" / "c.png", next(colours))
+def test_class_with_one_image_cannot_be_split(tmp_path, ids):
+    write_image(tmp_path / "negative" / "a.png", next(ids))
+    write_image(tmp_path / "negative" / "b.png", next(ids))
+    write_image(tmp_path / "positive" / "c.png", next(ids))
 
     with pytest.raises(DataError, match=r"class 'positive' has 1 distinct image"):
         list_images(DataConfig(root=str(tmp_path)))
 
 
-def test_same_bytes_under_two_labels_are_reported_and_dropped(tmp_path, colours):
-    write_folders(tmp_path, colours, n_per_class=3)
-    shared = next(colours)
+def test_same_bytes_under_two_labels_are_reported_and_dropped(tmp_path, ids):
+    write_folders(tmp_path, ids, n_per_class=3)
+    shared = next(ids)
     left = write_image(tmp_path / "negative" / "shared.png", shared)
     right = write_image(tmp_path / "positive" / "copy" / "shared.png", shared)
 
@@ -238,9 +247,9 @@ def test_same_bytes_under_two_labels_are_reported_and_dropped(tmp_path, colours)
     assert len(listing.images) == 6
 
 
-def test_duplicates_under_one_label_stay_together(tmp_path, colours):
-    write_folders(tmp_path, colours, n_per_class=4)
-    duplicate = next(colours)
+def test_duplicates_under_one_label_stay_together(tmp_path, ids):
+    write_folders(tmp_path, ids, n_per_class=4)
+    duplicate = next(ids)
     for name in ("dup1.png", "dup2.png", "sub/dup3.png"):
         write_image(tmp_path / "positive" / name, duplicate)
 
@@ -251,8 +260,8 @@ def test_duplicates_under_one_label_stay_together(tmp_path, colours):
     assert listing.conflicts.empty
 
 
-def test_same_folder_twice_gives_the_same_listing(tmp_path, colours):
-    write_folders(tmp_path, colours, n_per_class=4)
+def test_same_folder_twice_gives_the_same_listing(tmp_path, ids):
+    write_folders(tmp_path, ids, n_per_class=4)
     cfg = DataConfig(root=str(tmp_path))
 
     first, second = list_images(cfg), list_images(cfg)
@@ -263,12 +272,12 @@ def test_same_folder_twice_gives_the_same_listing(tmp_path, colours):
     assert (first.val()["split"] == "val").all() and (first.train()["split"] == "train").all()
 
 
-def test_digest_changes_when_an_image_is_added(tmp_path, colours):
-    write_folders(tmp_path, colours, n_per_class=3)
+def test_digest_changes_when_an_image_is_added(tmp_path, ids):
+    write_folders(tmp_path, ids, n_per_class=3)
     cfg = DataConfig(root=str(tmp_path))
     before = list_images(cfg).digest
 
-    write_image(tmp_path / "positive" / "new.png", next(colours))
+    write_image(tmp_path / "positive" / "new.png", next(ids))
 
     assert list_images(cfg).digest != before
 
@@ -284,13 +293,13 @@ def test_split_is_deterministic_per_seed():
     assert set(first) == {"train", "val"}
 
 
-def test_split_of_existing_images_is_stable_when_images_are_added(tmp_path, colours):
-    write_folders(tmp_path, colours, n_per_class=10)
+def test_split_of_existing_images_is_stable_when_images_are_added(tmp_path, ids):
+    write_folders(tmp_path, ids, n_per_class=10)
     cfg = DataConfig(root=str(tmp_path), val_fraction=0.3)
     before = split_by_path(cfg)
 
     for i in range(10):
-        write_image(tmp_path / ("negative", "positive")[i % 2] / f"new_{i}.png", next(colours))
+        write_image(tmp_path / ("negative", "positive")[i % 2] / f"new_{i}.png", next(ids))
     after = split_by_path(cfg)
 
     assert len(after) == len(before) + 10
