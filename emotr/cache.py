@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +24,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from emotr.config import BackboneConfig, CacheConfig, DecodeConfig
+from emotr.config import BackboneConfig, DecodeConfig
 from emotr.storage import is_uri, join, resolve
 
 CACHE_FORMAT = "1"
@@ -70,12 +71,6 @@ def compute_fingerprint(
     return fingerprint_of(inputs), inputs
 
 
-def open_cache(cache: CacheConfig, backbone: BackboneConfig, decode: DecodeConfig) -> FeatureCache:
-    """The FeatureCache that holds features for these backbone and decode settings."""
-    fingerprint, inputs = compute_fingerprint(backbone, decode)
-    return FeatureCache(cache.root, fingerprint, inputs)
-
-
 def part_name(sha256s: Iterable[str]) -> str:
     """A part's file name: the hash of its sorted row keys, so a retried commit reuses it."""
     digest = hashlib.sha256("\n".join(sorted(sha256s)).encode()).hexdigest()
@@ -103,6 +98,11 @@ class FeatureCache:
         self.location = join(root, fingerprint)
         self._fs, self._dir = resolve(self.location)
         self._known: set[str] | None = None
+
+    @classmethod
+    def open(cls, root: str, fingerprint: str) -> FeatureCache:
+        """An existing cache, its inputs read back from fingerprint.json."""
+        return cls(root, fingerprint, _read_inputs(root, fingerprint))
 
     def part_paths(self) -> list[str]:
         """Paths (on this cache's filesystem) of the committed parts."""
@@ -349,12 +349,14 @@ def _readable(filesystem: pafs.FileSystem, path: str) -> bool:
     return True
 
 
-def export_npy(root: str, fingerprint: str, out_dir: str) -> int:
+def export_npy(root: str, fingerprint: str, out_dir: str | Path) -> int:
     """Write features.npy (n, dim) and sha256.txt (one hash a line, same order); returns n."""
-    cache = FeatureCache(root, fingerprint, _read_inputs(root, fingerprint))
+    cache = FeatureCache.open(root, fingerprint)
     keys = sorted(cache.cached_hashes())
-    features = cache.load(keys) if keys else np.zeros((0, 0), np.float32)
-    filesystem, folder = resolve(out_dir)
+    if not keys:
+        raise FileNotFoundError(f"cache {cache.location} holds no features; run `emotr extract`")
+    features = cache.load(keys)
+    filesystem, folder = resolve(str(out_dir))
     filesystem.create_dir(folder, recursive=True)
     with filesystem.open_output_stream(f"{folder}/features.npy") as stream:
         np.save(stream, features)
