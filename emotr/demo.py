@@ -25,6 +25,7 @@ import csv
 import io
 import math
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ def generate_demo_dataset(
 ) -> DemoSummary:
     """Write n synthetic face JPEGs (height, width) into out/<class>/ plus out/manifest.csv."""
     out = Path(out)
-    _check_arguments(out, n, size, ambiguous_share, positive_share, classes)
+    _check_arguments(out, n, size, seed, ambiguous_share, positive_share, classes)
     labels = draw_labels(n, positive_share, seed)
     for name in classes:
         (out / name).mkdir(parents=True, exist_ok=True)
@@ -93,6 +94,7 @@ def _check_arguments(
     out: Path,
     n: int,
     size: tuple[int, int],
+    seed: int,
     ambiguous_share: float,
     positive_share: float,
     classes: tuple[str, str],
@@ -102,10 +104,12 @@ def _check_arguments(
             f"the demo data set is already there: {out / 'manifest.csv'} exists; "
             f"delete the folder {out} to regenerate it"
         )
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+    if isinstance(n, bool) or not isinstance(n, Integral) or n < 2:
         raise ValueError(f"n must be an integer >= 2 (one image per class at least), got {n!r}")
-    if len(size) != 2 or any(not isinstance(side, int) or side < 32 for side in size):
+    if len(size) != 2 or any(not isinstance(side, Integral) or side < 32 for side in size):
         raise ValueError(f"size must be (height, width) with each side >= 32 pixels, got {size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not 0.0 <= ambiguous_share <= 1.0:
         raise ValueError(f"ambiguous_share must be in [0, 1], got {ambiguous_share!r}")
     if not 0.0 < positive_share < 1.0:

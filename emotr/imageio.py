@@ -1,4 +1,4 @@
-"""Decode one image file's bytes into the RGB pixels the backbone sees: the bad-input rules live here.
+"""Decode one image file's bytes into the RGB pixels the backbone sees; the bad-input rules.
 
 Every rule that changes the pixels of a decodable image (frame, orientation, mode conversion,
 background, resize) is part of DECODE_RULES_VERSION: bump it when one changes, so that cached

@@ -1,0 +1,365 @@
+"""The Ray Data pipeline: images not cached yet -> read, re-hash, decode (tasks) -> VGG16 features
+(actors, one model each) -> the driver commits them to the Parquet cache.
+
+The driver is the cache's only writer: Ray may run a task twice (retries, restarted actors), but
+rows are keyed by content hash and the driver skips hashes it has committed, so the cache never
+holds a row twice. A killed driver loses at most the rows it had not committed; the next run
+extracts only what is missing. This module never calls ray.init: the CLI or the test does.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from emotr.cache import FeatureCache, compute_fingerprint
+from emotr.config import Config, ExtractConfig, to_yaml
+from emotr.data import Listing
+from emotr.imageio import DecodeError, decode_image
+from emotr.storage import read_bytes
+
+log = logging.getLogger(__name__)
+
+FAILURE_COLUMNS = ["path", "sha256", "reason"]
+# More decode blocks than this only adds scheduling overhead; each block is decoded in batches.
+_MAX_DECODE_BLOCKS = 2000
+
+ModelLoader = Callable[[], Callable[[np.ndarray], np.ndarray]]
+
+
+@dataclass
+class ExtractSummary:
+    fingerprint: str
+    n_images: int
+    n_unique: int
+    n_cached: int
+    n_extracted: int
+    n_failed: int
+    failures: pd.DataFrame  # path, sha256, reason
+    wall_seconds: float
+    images_per_second: float
+    rows_per_worker: dict[str, int] = field(default_factory=dict)
+    n_actors: int = 0  # extractor actors started (0 when everything was cached)
+
+
+class TooManyFailures(RuntimeError):
+    """More undecodable images than extract.max_failure_fraction allows (good ones are cached)."""
+
+    def __init__(self, summary: ExtractSummary, max_fraction: float):
+        self.summary = summary
+        examples = "; ".join(
+            f"{row.path}: {row.reason}" for row in summary.failures.head(3).itertuples()
+        )
+        super().__init__(
+            f"{summary.n_failed} of {summary.n_unique} images could not be decoded "
+            f"({summary.n_failed / max(summary.n_unique, 1):.1%}), more than "
+            f"extract.max_failure_fraction={max_fraction}; the {summary.n_extracted} good ones "
+            f"are cached. Fix or remove the bad files, or raise extract.max_failure_fraction. "
+            f"First failures: {examples}"
+        )
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    size: tuple[int, int],
+    max_pixels: int,
+    background: tuple[int, int, int],
+) -> dict[str, np.ndarray]:
+    """Read, re-hash and decode a batch of files; bad files become ok=False rows with a reason."""
+    n = len(batch["path"])
+    pixels = np.zeros((n, size[0], size[1], 3), np.uint8)
+    ok = np.zeros(n, bool)
+    reasons = np.full(n, "", dtype=object)
+    heights, widths = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    for i, (path, expected) in enumerate(zip(batch["path"], batch["sha256"], strict=True)):
+        try:
+            data = read_bytes(path)
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != expected:
+                raise DecodeError(f"file changed since it was listed (sha256 now {actual[:12]})")
+            pixels[i] = decode_image(data, size, max_pixels=max_pixels, background=background)
+            heights[i], widths[i] = _upright_size(data)
+            ok[i] = True
+        except DecodeError as error:
+            reasons[i] = error.reason
+        except OSError as error:
+            reasons[i] = f"cannot read file: {error}"
+    return {
+        "path": batch["path"],
+        "sha256": batch["sha256"],
+        "pixels": pixels,
+        "ok": ok,
+        "reason": reasons,
+        "height": heights,
+        "width": widths,
+    }
+
+
+def _upright_size(data: bytes) -> tuple[int, int]:
+    # decode_image returns resized pixels; the original size is read from the header alone.
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        if image.getexif().get(0x0112) in {5, 6, 7, 8}:  # EXIF orientations that swap the axes
+            width, height = height, width
+    return height, width
+
+
+def _configure_tensorflow(n_threads: int) -> None:
+    import tensorflow as tf
+
+    try:
+        # Without memory growth TF takes all GPU memory, whatever Ray reserved on paper.
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+        if n_threads:
+            tf.config.threading.set_intra_op_parallelism_threads(n_threads)
+    except RuntimeError:
+        log.warning("TensorFlow was initialised before the extractor could configure it")
+
+
+class Extractor:
+    """Ray Data callable class: loads the model once, turns decoded pixels into features."""
+
+    def __init__(self, load_model: ModelLoader, dim: int, n_threads: int = 0):
+        import ray
+
+        _configure_tensorflow(n_threads or _node_cpus())
+        self.model = load_model()
+        self.dim = dim
+        self.worker = f"{ray.get_runtime_context().get_node_id()[:12]}:{os.getpid()}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["ok"].astype(bool)
+        features = np.zeros((len(ok), self.dim), np.float32)
+        if ok.any():
+            features[ok] = self.model(np.asarray(batch["pixels"][ok], np.uint8))
+        return {
+            "path": batch["path"],
+            "sha256": batch["sha256"],
+            "features": features,
+            "ok": ok,
+            "reason": batch["reason"],
+            "height": batch["height"],
+            "width": batch["width"],
+            "worker": np.full(len(ok), self.worker, dtype=object),
+        }
+
+
+def _node_cpus() -> int:
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return max(1, int(node["Resources"].get("CPU", 1)))
+    return 1
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    n_actors: int
+    resources: dict  # num_cpus / num_gpus / scheduling_strategy for map_batches
+    n_threads: int  # TensorFlow intra-op threads; 0 = the CPUs of the actor's node
+
+
+def plan_actors(cfg: ExtractConfig) -> ActorPlan:
+    """How many extractor actors, with what resources, for the connected cluster."""
+    import ray
+
+    total = ray.cluster_resources()
+    n_gpus, n_cpus = int(total.get("GPU", 0)), total.get("CPU", 0)
+    if n_gpus:
+        if cfg.n_actors > n_gpus:
+            raise ValueError(
+                f"extract.n_actors={cfg.n_actors} but the cluster has {n_gpus} GPUs; "
+                f"use at most {n_gpus} (or 0 for one actor per GPU)"
+            )
+        resources = {"num_gpus": 1, "num_cpus": cfg.cpus_per_actor}
+        return ActorPlan(cfg.n_actors or n_gpus, resources, n_threads=0)
+    if cfg.n_actors:
+        plan = ActorPlan(
+            cfg.n_actors, {"num_cpus": cfg.cpus_per_actor}, math.ceil(cfg.cpus_per_actor)
+        )
+    else:
+        # One actor per node, its TF thread pool as wide as the node: VGG16 on oneDNN scales across
+        # cores inside one process, and every extra actor costs a model copy in memory.
+        nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+        resources = {"num_cpus": cfg.cpus_per_actor, "scheduling_strategy": "SPREAD"}
+        plan = ActorPlan(max(1, len(nodes)), resources, n_threads=0)
+    if plan.n_actors * cfg.cpus_per_actor > n_cpus - 1:
+        raise ValueError(
+            f"{plan.n_actors} extractor actors x extract.cpus_per_actor={cfg.cpus_per_actor} "
+            f"leave no CPU for decoding in a cluster of {n_cpus:g} CPUs; lower extract.n_actors "
+            f"or extract.cpus_per_actor"
+        )
+    return plan
+
+
+def build_dataset(cfg: Config, todo: pd.DataFrame, load_model: ModelLoader, plan: ActorPlan):
+    """The lazy Ray Dataset from (path, sha256) rows to features."""
+    import ray
+
+    from emotr.backbone import feature_dim
+
+    n_blocks = min(_MAX_DECODE_BLOCKS, math.ceil(len(todo) / cfg.extract.decode_batch_size))
+    decode_compute = ray.data.TaskPoolStrategy(size=cfg.extract.decode_concurrency or None)
+    decode_args = {
+        "size": tuple(cfg.backbone.input_size),
+        "max_pixels": cfg.decode.max_pixels,
+        "background": tuple(cfg.decode.background),
+    }
+    return (
+        ray.data.from_pandas(todo[["path", "sha256"]], override_num_blocks=max(1, n_blocks))
+        .map_batches(
+            decode_batch,
+            fn_kwargs=decode_args,
+            batch_size=cfg.extract.decode_batch_size,
+            batch_format="numpy",
+            compute=decode_compute,
+            udf_modifying_row_count=False,
+        )
+        .map_batches(
+            Extractor,
+            fn_constructor_args=(load_model, feature_dim(cfg.backbone), plan.n_threads),
+            batch_size=cfg.extract.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=plan.n_actors),
+            udf_modifying_row_count=False,
+            **plan.resources,
+        )
+    )
+
+
+class _Committer:
+    """Collects the actors' output on the driver and commits every `every` good rows."""
+
+    def __init__(self, cache: FeatureCache, every: int):
+        self.cache, self.every = cache, every
+        self.pending: list[dict[str, np.ndarray]] = []
+        self.n_pending = self.n_committed = 0
+        self.failures: list[tuple[str, str, str]] = []
+        self.workers: Counter[str] = Counter()
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        ok = batch["ok"].astype(bool)
+        self.workers.update(str(worker) for worker in batch["worker"])
+        self.failures += zip(batch["path"][~ok], batch["sha256"][~ok], batch["reason"][~ok])
+        good = {key: batch[key][ok] for key in ("sha256", "features", "height", "width")}
+        self.pending.append(good)
+        self.n_pending += int(ok.sum())
+        while self.n_pending >= self.every:
+            self.flush(self.every)
+
+    def flush(self, n_rows: int | None = None) -> None:
+        if not self.n_pending:
+            return
+        rows = {key: np.concatenate([p[key] for p in self.pending]) for key in self.pending[0]}
+        n_rows = n_rows or len(rows["sha256"])
+        self.n_committed += self.cache.commit(
+            [str(key) for key in rows["sha256"][:n_rows]],
+            rows["features"][:n_rows],
+            rows["height"][:n_rows].tolist(),
+            rows["width"][:n_rows].tolist(),
+        )
+        self.pending = [{key: value[n_rows:] for key, value in rows.items()}]
+        self.n_pending -= n_rows
+
+
+def extract_features(
+    cfg: Config,
+    listing: Listing,
+    *,
+    progress: bool = True,
+    load_model: ModelLoader | None = None,
+) -> ExtractSummary:
+    """Extract and cache features of the listing's images that the cache does not hold yet.
+
+    `load_model` (default: the configured FeatureExtractor) lets tests and benchmarks swap the
+    model; it must produce the features the fingerprint describes.
+    """
+    start = time.perf_counter()
+    fingerprint, inputs = compute_fingerprint(cfg.backbone, cfg.decode)
+    cache = FeatureCache(cfg.cache.root, fingerprint, inputs)
+    unique = listing.images.drop_duplicates("sha256")[["path", "sha256"]]
+    todo = unique[~unique["sha256"].isin(cache.cached_hashes())].reset_index(drop=True)
+    committer = _Committer(cache, cfg.extract.commit_every)
+    plan = None
+    if len(todo):
+        if load_model is None:
+            from emotr.backbone import FeatureExtractor
+
+            load_model = functools.partial(FeatureExtractor, cfg.backbone)
+        plan = plan_actors(cfg.extract)
+        log.info("extracting %d images with %d actors into %s", len(todo), plan.n_actors, fingerprint)
+        dataset = build_dataset(cfg, todo, load_model, plan)
+        dataset.context.enable_progress_bars = progress
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            committer.add(batch)
+        committer.flush()
+    wall = time.perf_counter() - start
+    summary = ExtractSummary(
+        fingerprint=fingerprint,
+        n_images=len(listing.images),
+        n_unique=len(unique),
+        n_cached=len(unique) - len(todo),
+        n_extracted=committer.n_committed,
+        n_failed=len(committer.failures),
+        failures=pd.DataFrame(committer.failures, columns=FAILURE_COLUMNS),
+        wall_seconds=wall,
+        images_per_second=committer.n_committed / wall if wall > 0 else 0.0,
+        rows_per_worker=dict(committer.workers),
+        n_actors=plan.n_actors if plan else 0,
+    )
+    if summary.n_failed > cfg.extract.max_failure_fraction * summary.n_unique:
+        raise TooManyFailures(summary, cfg.extract.max_failure_fraction)
+    return summary
+
+
+def run_extract(
+    cfg: Config, listing: Listing, tracker, parent_run_id: str | None = None
+) -> ExtractSummary:
+    """extract_features as an MLflow run named `extract`: params, metrics, failures.csv, config."""
+    fingerprint, inputs = compute_fingerprint(cfg.backbone, cfg.decode)
+    with tracker.run("extract", parent_run_id, tags={"fingerprint": fingerprint}) as run_id:
+        params = {
+            **inputs,
+            "fingerprint": fingerprint,
+            "extract.n_actors": cfg.extract.n_actors,
+            "extract.batch_size": cfg.extract.batch_size,
+        }
+        tracker.log_params(run_id, params)
+        tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
+        try:
+            summary = extract_features(cfg, listing)
+        except TooManyFailures as error:
+            _log_summary(tracker, run_id, error.summary)
+            raise
+        _log_summary(tracker, run_id, summary)
+    return summary
+
+
+def _log_summary(tracker, run_id: str, summary: ExtractSummary) -> None:
+    metrics = {
+        "n_images": summary.n_images,
+        "n_unique": summary.n_unique,
+        "n_extracted": summary.n_extracted,
+        "n_cached": summary.n_cached,
+        "n_failed": summary.n_failed,
+        "n_actors": summary.n_actors,
+        "images_per_second": summary.images_per_second,
+        "wall_seconds": summary.wall_seconds,
+    }
+    tracker.log_metrics(run_id, metrics)
+    tracker.log_table(run_id, summary.failures, "failures.csv")
