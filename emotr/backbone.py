@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -158,10 +159,15 @@ def _imagenet_conv_base(shape: tuple[int, int, int]) -> keras.Model:
 
 def _file_conv_base(shape: tuple[int, int, int], path: Path) -> keras.Model:
     try:
-        return _vgg16(shape, weights=str(path))
+        with warnings.catch_warnings():
+            # Keras warns per unmatched layer, then raises anyway: the error below says it once.
+            warnings.filterwarnings("ignore", message="Skipping nested container")
+            return _vgg16(shape, weights=str(path))
     except (ValueError, OSError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise WeightsUnavailable(
-            f"backbone.weights={path}: could not load it into the VGG16 conv base ({error}); "
+            f"backbone.weights={path}: could not load it into the VGG16 conv base "
+            f"({first_line or type(error).__name__}); "
             "the file must hold the weights of keras.applications.VGG16(include_top=False), "
             "as a Keras 3 .weights.h5 or a legacy Keras .h5"
         ) from error

@@ -25,7 +25,7 @@ app = typer.Typer(
 cache_app = typer.Typer(help="Inspect, verify and export the feature cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="YAML config: defaults <- this file <- overrides.")

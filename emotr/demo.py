@@ -37,6 +37,9 @@ CURVATURE_MAX = 0.6
 RENDER_SIGMA = 0.15
 RENDER_CLIP = 0.9
 
+# numpy has no erf and scipy is not a declared dependency; math.erf over a grid is fast enough.
+_erf = np.frompyfunc(math.erf, 1, 1)
+
 _SKIN_TONES = np.array(
     [[255, 224, 196], [241, 194, 160], [224, 172, 125], [198, 134, 90], [141, 85, 54], [92, 56, 38]]
 )
@@ -78,7 +81,8 @@ def generate_demo_dataset(
         image, quality = render_face(rng, size, rendered)
         relative = f"{classes[label]}/face_{index:05d}.jpg"
         (out / relative).write_bytes(_encode_jpeg(image, quality))
-        rows.append((relative, classes[label], f"{curvature:.6f}"))
+        # Significant digits, not decimals: a tiny curvature must not print as a signless 0.
+        rows.append((relative, classes[label], f"{curvature:.6g}"))
     manifest = out / "manifest.csv"
     # Written last so that its presence means a complete data set.
     with manifest.open("w", newline="") as handle:
@@ -158,13 +162,10 @@ def bayes_ceiling(
     score = np.divide(joint_pos, total, out=np.full_like(total, 0.5), where=total > 0)
     order = np.argsort(score, kind="stable")
     pos, neg = mass_pos[order], mass_neg[order]
-    # AUC = P(score of a positive > score of a negative); ties on the grid count one half.
+    # AUC = P(score of a positive > score of a negative); a grid cell ties with itself: half.
     below = np.cumsum(neg) - neg
     auc = float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()))
     return accuracy, auc
-
-
-_erf = np.frompyfunc(math.erf, 1, 1)
 
 
 def _uniform_blur(x: np.ndarray, low: float, high: float, sigma: float) -> np.ndarray:

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -29,6 +30,9 @@ from emotr.config import Config, ExtractConfig, to_yaml
 from emotr.data import Listing
 from emotr.imageio import DecodeError, decode_image
 from emotr.storage import read_bytes
+
+if TYPE_CHECKING:
+    from emotr.track import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +174,7 @@ def _node_cpus() -> int:
 @dataclass(frozen=True)
 class ActorPlan:
     n_actors: int
-    resources: dict  # num_cpus / num_gpus / scheduling_strategy for map_batches
+    resources: dict  # num_cpus and num_gpus for map_batches
     n_threads: int  # TensorFlow intra-op threads; 0 = the CPUs of the actor's node
 
 
@@ -193,11 +197,11 @@ def plan_actors(cfg: ExtractConfig) -> ActorPlan:
             cfg.n_actors, {"num_cpus": cfg.cpus_per_actor}, math.ceil(cfg.cpus_per_actor)
         )
     else:
-        # One actor per node, its TF thread pool as wide as the node: VGG16 on oneDNN scales across
-        # cores inside one process, and every extra actor costs a model copy in memory.
+        # One actor per node (Ray Data spreads actors over nodes), its TF thread pool as wide as
+        # the node: VGG16 on oneDNN scales across cores inside one process, and every extra actor
+        # costs a model copy in memory. Decode tasks share those cores; they are the cheap part.
         nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
-        resources = {"num_cpus": cfg.cpus_per_actor, "scheduling_strategy": "SPREAD"}
-        plan = ActorPlan(max(1, len(nodes)), resources, n_threads=0)
+        plan = ActorPlan(max(1, len(nodes)), {"num_cpus": cfg.cpus_per_actor}, n_threads=0)
     if plan.n_actors * cfg.cpus_per_actor > n_cpus - 1:
         raise ValueError(
             f"{plan.n_actors} extractor actors x extract.cpus_per_actor={cfg.cpus_per_actor} "
@@ -221,7 +225,7 @@ def build_dataset(cfg: Config, todo: pd.DataFrame, load_model: ModelLoader, plan
         "background": tuple(cfg.decode.background),
     }
     return (
-        ray.data.from_pandas(todo[["path", "sha256"]], override_num_blocks=max(1, n_blocks))
+        ray.data.from_pandas(_split_rows(todo[["path", "sha256"]], n_blocks))
         .map_batches(
             decode_batch,
             fn_kwargs=decode_args,
@@ -242,6 +246,12 @@ def build_dataset(cfg: Config, todo: pd.DataFrame, load_model: ModelLoader, plan
     )
 
 
+def _split_rows(frame: pd.DataFrame, n_blocks: int) -> list[pd.DataFrame]:
+    # One block per frame; from_pandas(override_num_blocks=) fails on pandas 3 in Ray 2.60.
+    step = math.ceil(len(frame) / max(1, n_blocks))
+    return [frame.iloc[start : start + step] for start in range(0, len(frame), step)]
+
+
 class _Committer:
     """Collects the actors' output on the driver and commits every `every` good rows."""
 
@@ -255,7 +265,9 @@ class _Committer:
     def add(self, batch: dict[str, np.ndarray]) -> None:
         ok = batch["ok"].astype(bool)
         self.workers.update(str(worker) for worker in batch["worker"])
-        self.failures += zip(batch["path"][~ok], batch["sha256"][~ok], batch["reason"][~ok])
+        self.failures += zip(
+            batch["path"][~ok], batch["sha256"][~ok], batch["reason"][~ok], strict=True
+        )
         good = {key: batch[key][ok] for key in ("sha256", "features", "height", "width")}
         self.pending.append(good)
         self.n_pending += int(ok.sum())
@@ -302,7 +314,9 @@ def extract_features(
 
             load_model = functools.partial(FeatureExtractor, cfg.backbone)
         plan = plan_actors(cfg.extract)
-        log.info("extracting %d images with %d actors into %s", len(todo), plan.n_actors, fingerprint)
+        log.info(
+            "extracting %d images with %d actors into %s", len(todo), plan.n_actors, fingerprint
+        )
         dataset = build_dataset(cfg, todo, load_model, plan)
         dataset.context.enable_progress_bars = progress
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -328,7 +342,7 @@ def extract_features(
 
 
 def run_extract(
-    cfg: Config, listing: Listing, tracker, parent_run_id: str | None = None
+    cfg: Config, listing: Listing, tracker: Tracker, parent_run_id: str | None = None
 ) -> ExtractSummary:
     """extract_features as an MLflow run named `extract`: params, metrics, failures.csv, config."""
     fingerprint, inputs = compute_fingerprint(cfg.backbone, cfg.decode)
@@ -350,7 +364,7 @@ def run_extract(
     return summary
 
 
-def _log_summary(tracker, run_id: str, summary: ExtractSummary) -> None:
+def _log_summary(tracker: Tracker, run_id: str, summary: ExtractSummary) -> None:
     metrics = {
         "n_images": summary.n_images,
         "n_unique": summary.n_unique,

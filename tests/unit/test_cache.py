@@ -157,21 +157,21 @@ def test_export_npy_writes_features_and_hashes_in_the_same_order(tmp_path):
     assert sorted(hashes) == sorted(names)
 
 
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"input_size": (64, 64)},
-        {"weights": "none-but-another-file.weights.h5"},
-        {"precision": "bfloat16"},
-    ],
-)
-def test_fingerprint_changes_with_anything_that_changes_features(change):
+@pytest.mark.parametrize("changed", ["input_size", "weights", "precision"])
+def test_fingerprint_changes_with_anything_that_changes_features(changed, tmp_path):
+    weights_file = tmp_path / "vgg16.weights.h5"
+    weights_file.write_bytes(b"not really weights, but a file with its own sha256")
+    change = {
+        "input_size": (64, 64),
+        "weights": str(weights_file),
+        "precision": "bfloat16",
+    }[changed]
     base = BackboneConfig(weights="none", input_size=(32, 32))
     fingerprint, inputs = compute_fingerprint(base, DecodeConfig())
     assert compute_fingerprint(base, DecodeConfig()) == (fingerprint, inputs)
     assert len(fingerprint) == 16 and inputs["cache_format"] == "1"
-    changed = base.model_copy(update=change)
-    assert compute_fingerprint(changed, DecodeConfig())[0] != fingerprint
+    changed_cfg = base.model_copy(update={changed: change})
+    assert compute_fingerprint(changed_cfg, DecodeConfig())[0] != fingerprint
 
 
 def test_fingerprint_changes_with_decode_background_only_for_pixels():
