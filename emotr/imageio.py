@@ -75,7 +75,7 @@ def decode_image(
                 image.seek(0)
                 image.load()  # a truncated JPEG passes open() and verify(), and fails here
                 upright = ImageOps.exif_transpose(image)
-            rgb = to_rgb(upright, background)
+            rgb = _to_rgb(upright, background)
             rgb = rgb.resize((size[1], size[0]), RESAMPLE, reducing_gap=None)
     except DecodeError:
         raise
@@ -84,10 +84,10 @@ def decode_image(
     return np.array(rgb, dtype=np.uint8)
 
 
-def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """Any Pillow mode to 8-bit RGB; transparent pixels are composited onto `background`."""
     if image.mode in _SIXTEEN_BIT_MODES:
-        image = image
+        image = _sixteen_to_eight_bits(image)
     elif image.mode == "F":
         # Float images are taken as 0..255, as Pillow's own F -> L conversion does.
         values = np.nan_to_num(np.asarray(image, dtype=np.float32))

@@ -100,6 +100,15 @@ def test_sixteen_bit_mid_grey_stays_mid_grey():
     assert tuple(decode(data)[8, 12]) == (128, 128, 128)
 
 
+def test_32_bit_integer_and_float_images():
+    as_int = Image.fromarray(np.full((16, 24), 65535, dtype=np.int32))
+    assert as_int.mode == "I"
+    assert tuple(decode(encode(as_int, "TIFF"))[8, 12]) == (255, 255, 255)
+    as_float = Image.fromarray(np.full((16, 24), 100.0, dtype=np.float32))
+    assert as_float.mode == "F"
+    assert tuple(decode(encode(as_float, "TIFF"))[8, 12]) == (100, 100, 100)
+
+
 def test_cmyk_jpeg_becomes_rgb():
     data = encode(Image.new("CMYK", (24, 16), (0, 255, 255, 0)), "JPEG", quality=95)
     np.testing.assert_allclose(decode(data)[8, 12], (255, 0, 0), atol=8)
