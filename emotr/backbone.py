@@ -13,7 +13,6 @@ import functools
 import hashlib
 import importlib.util
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,8 +59,9 @@ def weights_identity(cfg: BackboneConfig) -> str:
     if source == "none":
         return f"none:seed{NONE_SEED}"
     if source == "imagenet":
-        cached = _cached_imagenet_file()
-        return f"imagenet:{_sha256(cached) if cached else _IMAGENET_FILE}"
+        # Keras checks the download against a fixed hash, so the file name identifies the values;
+        # hashing the local copy instead would change the fingerprint once it is downloaded.
+        return f"imagenet:{_IMAGENET_FILE}"
     if source == "hed-bsds500":
         return f"hed-bsds500:{_sha256(_hed_weights_path())}"
     return f"file:{_sha256(_weights_file(source))}"
@@ -242,23 +242,6 @@ def _with_dtype_policy(conv_base: keras.Model, policy: str) -> keras.Model:
     clone = keras.models.clone_model(conv_base, clone_function=with_policy)
     clone.set_weights(conv_base.get_weights())
     return clone
-
-
-def _cached_imagenet_file() -> Path | None:
-    """Keras' cached copy of the ImageNet notop weights, if it was ever downloaded."""
-    for home in _keras_homes():
-        path = home / "models" / _IMAGENET_FILE
-        if path.is_file():
-            return path
-    return None
-
-
-def _keras_homes() -> list[Path]:
-    # The folders keras.utils.get_file caches in (KERAS_HOME, else ~/.keras, else /tmp/.keras when
-    # home is not writable), looked up the way Keras does so that hashing needs no Keras import.
-    home = os.environ.get("KERAS_HOME")
-    homes = [Path(home)] if home else []
-    return [*homes, Path("~/.keras").expanduser(), Path("/tmp/.keras")]
 
 
 def _sha256(path: Path) -> str:

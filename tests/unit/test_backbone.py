@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 
 import h5py
@@ -125,9 +126,8 @@ def test_weights_file_of_another_model_is_refused(tmp_path):
 
 
 def _imagenet_cached() -> bool:
-    from emotr.backbone import _cached_imagenet_file
-
-    return _cached_imagenet_file() is not None
+    home = Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser()
+    return (home / "models" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5").is_file()
 
 
 @pytest.mark.skipif(_imagenet_cached(), reason="ImageNet VGG16 weights are cached here")
