@@ -130,18 +130,28 @@ class FeatureCache:
             self.cached_hashes()
         assert self._known is not None
         features = np.asarray(features, dtype=np.float32)
-        assert features.ndim == 2 and len(features) == len(sha256s) == len(heights) == len(widths)
-        keep, seen = [], set(self._known)
+        if features.ndim != 2 or not len(features) == len(sha256s) == len(heights) == len(widths):
+            raise ValueError(
+                f"commit needs one (n, dim) feature row, height and width per sha256; got "
+                f"{len(sha256s)} hashes, features {features.shape}, {len(heights)} heights, "
+                f"{len(widths)} widths"
+            )
+        if not np.isfinite(features).all():
+            raise ValueError("features hold NaN or infinite values; refusing to cache them")
+        keep, new = [], set()
         for index, key in enumerate(sha256s):
-            if key not in seen:
-                seen.add(key)
+            if key not in self._known and key not in new:
+                new.add(key)
                 keep.append(index)
         if not keep:
             return 0
-        table = self._table(
-            [sha256s[i] for i in keep], features[keep], [heights[i] for i in keep],
+        rows = (
+            [sha256s[i] for i in keep],
+            features[keep],
+            [heights[i] for i in keep],
             [widths[i] for i in keep],
-        )  # fmt: skip
+        )
+        table = self._table(*rows)
         self._write_inputs_file()
         self._write_atomically(table, part_name(table.column("sha256").to_pylist()))
         self._known.update(table.column("sha256").to_pylist())

@@ -1,5 +1,9 @@
-"""The Ray Data pipeline: images not cached yet -> read, re-hash, decode (tasks) -> VGG16 features
+"""The Ray Data pipeline: images not cached yet -> read, re-hash, decode -> VGG16 features
 (actors, one model each) -> the driver commits them to the Parquet cache.
+
+With GPUs, decoding runs in CPU tasks across the cluster and only uint8 pixels travel to the GPU
+actors. Without GPUs the two stages ask for the same resources and Ray Data fuses them into the
+actor: pixels never leave the process (measured no slower than separate decode tasks on 2 cores).
 
 The driver is the cache's only writer: Ray may run a task twice (retries, restarted actors), but
 rows are keyed by content hash and the driver skips hashes it has committed, so the cache never
@@ -39,6 +43,8 @@ log = logging.getLogger(__name__)
 FAILURE_COLUMNS = ["path", "sha256", "reason"]
 # More decode blocks than this only adds scheduling overhead; each block is decoded in batches.
 _MAX_DECODE_BLOCKS = 2000
+# Long enough for an autoscaler to add a GPU node; a pool that cannot be placed fails after it.
+_ACTOR_START_TIMEOUT_S = 900
 
 ModelLoader = Callable[[], Callable[[np.ndarray], np.ndarray]]
 
@@ -202,11 +208,14 @@ def plan_actors(cfg: ExtractConfig) -> ActorPlan:
         # costs a model copy in memory. Decode tasks share those cores; they are the cheap part.
         nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
         plan = ActorPlan(max(1, len(nodes)), {"num_cpus": cfg.cpus_per_actor}, n_threads=0)
-    if plan.n_actors * cfg.cpus_per_actor > n_cpus - 1:
+    # Decoding fuses into the actors when both ask for one CPU (and the same concurrency);
+    # otherwise decode tasks need a CPU of their own, or the job would wait forever.
+    fused = cfg.cpus_per_actor == 1 and cfg.decode_concurrency in (0, plan.n_actors)
+    if plan.n_actors * cfg.cpus_per_actor > n_cpus - (0 if fused else 1):
         raise ValueError(
             f"{plan.n_actors} extractor actors x extract.cpus_per_actor={cfg.cpus_per_actor} "
-            f"leave no CPU for decoding in a cluster of {n_cpus:g} CPUs; lower extract.n_actors "
-            f"or extract.cpus_per_actor"
+            f"do not fit, with decoding, in a cluster of {n_cpus:g} CPUs; lower "
+            f"extract.n_actors or extract.cpus_per_actor"
         )
     return plan
 
@@ -319,18 +328,25 @@ def extract_features(
         )
         dataset = build_dataset(cfg, todo, load_model, plan)
         dataset.context.enable_progress_bars = progress
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            committer.add(batch)
-        committer.flush()
+        # Start every actor before dispatching: work is shared by all of them, and a pool the
+        # cluster cannot place fails with a timeout instead of hanging.
+        dataset.context.wait_for_min_actors_s = _ACTOR_START_TIMEOUT_S
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                committer.add(batch)
+        finally:  # keep what was extracted, even when the job fails half-way
+            committer.flush()
     wall = time.perf_counter() - start
+    # A retried task may hand the same failure over twice; an image fails once.
+    failures = pd.DataFrame(committer.failures, columns=FAILURE_COLUMNS).drop_duplicates("sha256")
     summary = ExtractSummary(
         fingerprint=fingerprint,
         n_images=len(listing.images),
         n_unique=len(unique),
         n_cached=len(unique) - len(todo),
         n_extracted=committer.n_committed,
-        n_failed=len(committer.failures),
-        failures=pd.DataFrame(committer.failures, columns=FAILURE_COLUMNS),
+        n_failed=len(failures),
+        failures=failures.reset_index(drop=True),
         wall_seconds=wall,
         images_per_second=committer.n_committed / wall if wall > 0 else 0.0,
         rows_per_worker=dict(committer.workers),

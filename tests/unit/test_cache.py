@@ -17,6 +17,7 @@ from emotr.cache import (
     fingerprint_of,
     gc_cache,
     list_caches,
+    part_name,
     verify_cache,
 )
 from emotr.config import BackboneConfig, DecodeConfig
@@ -107,17 +108,27 @@ def test_verify_reports_a_stray_tmp_file_and_a_truncated_part(tmp_path):
 
 def test_verify_reports_rows_repeated_across_parts_and_non_finite_values(tmp_path):
     cache = new_cache(tmp_path)
-    names = keys("a", "b")
-    commit(cache, names)
-    # A second writer that did not know about the first commit (the driver is the only writer).
-    other = new_cache(tmp_path)
-    other._known = set()
-    bad = features_for(keys("b", "c"))
+    commit(cache, keys("a", "b"))
+    # A second writer that did not know about the first commit (the driver is the only writer)
+    # and bypassed the NaN check: what verify is for.
+    names = keys("b", "c")
+    bad = features_for(names)
     bad[1, 3] = np.nan
-    other.commit(keys("b", "c"), bad, [1, 1], [1, 1])
+    other = new_cache(tmp_path)
+    other._write_atomically(other._table(names, bad, [1, 1], [1, 1]), part_name(names))
     problems = verify_cache(cache.root, cache.fingerprint)
-    assert any(keys("b")[0] in p and "both" in p for p in problems)
+    assert any(names[0] in p and "both" in p for p in problems)
     assert any("NaN or infinite" in p for p in problems)
+
+
+def test_commit_refuses_non_finite_features(tmp_path):
+    cache = new_cache(tmp_path)
+    names = keys("a")
+    bad = features_for(names)
+    bad[0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        cache.commit(names, bad, [1], [1])
+    assert cache.part_paths() == []
 
 
 def test_parts_carry_the_fingerprint_inputs_and_the_schema(tmp_path):

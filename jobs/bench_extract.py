@@ -1,0 +1,185 @@
+"""Benchmark feature extraction: bare model vs the tutorial's tf.data loop vs the emotr pipeline.
+
+    python jobs/bench_extract.py --n 400 --sizes 224x224,400x500 --precisions float32,bfloat16
+
+Per input size and precision, images/s of (a) FeatureExtractor on pre-decoded uint8 arrays,
+(b) keras.utils.image_dataset_from_directory streaming into model.predict (the tutorial),
+(c) the Ray pipeline from JPEG files to committed Parquet (cold cache, actor start included);
+plus a warm re-run and adding 10% new images, relative to the cold run. All numbers of one table
+come from one process on one machine; compare ratios, not absolute values across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from emotr.backbone import FeatureExtractor, build_extractor
+from emotr.config import load_config
+from emotr.data import list_images
+from emotr.demo import generate_demo_dataset
+from emotr.extract import extract_features
+from emotr.imageio import decode_image
+
+REPO = Path(__file__).resolve().parent.parent
+COLUMNS = [
+    "size",
+    "precision",
+    "bare img/s",
+    "tutorial img/s",
+    "pipeline img/s",
+    "pipeline/bare",
+    "warm/cold",
+    "+10%/cold",
+]
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    height, width = (int(part) for part in text.lower().split("x"))
+    return height, width
+
+
+def bench_bare(cfg, paths: list[str], batch_size: int) -> float:
+    pixels = np.stack(
+        [
+            decode_image(
+                Path(p).read_bytes(), cfg.backbone.input_size, max_pixels=cfg.decode.max_pixels
+            )
+            for p in paths
+        ]
+    )
+    model = FeatureExtractor(cfg.backbone)
+    model(pixels[:batch_size])  # warm-up: graph tracing is not throughput
+    start = time.perf_counter()
+    for first in range(0, len(pixels), batch_size):
+        model(pixels[first : first + batch_size])
+    return len(pixels) / (time.perf_counter() - start)
+
+
+def bench_tutorial(cfg, root: Path, batch_size: int) -> float:
+    import keras
+    import tensorflow as tf
+
+    model = build_extractor(cfg.backbone)
+    model.predict(np.zeros((batch_size, *cfg.backbone.input_size, 3), np.uint8), verbose=0)
+    start = time.perf_counter()
+    images = keras.utils.image_dataset_from_directory(
+        root,
+        image_size=cfg.backbone.input_size,
+        batch_size=batch_size,
+        shuffle=False,
+        verbose=False,
+    ).map(lambda x, _: tf.cast(x, tf.uint8))
+    n = len(model.predict(images, verbose=0))
+    return n / (time.perf_counter() - start)
+
+
+def bench_pipeline(cfg, base, more) -> tuple[float, float, float, float]:
+    """Cold images/s, and cold, warm and +10% wall seconds of the emotr pipeline."""
+    cold = extract_features(cfg, base, progress=False)
+    warm = extract_features(cfg, base, progress=False)
+    added = extract_features(cfg, more, progress=False)
+    assert warm.n_extracted == 0 and added.n_extracted == len(more.images) - len(base.images)
+    return (
+        cold.n_extracted / cold.wall_seconds,
+        cold.wall_seconds,
+        warm.wall_seconds,
+        added.wall_seconds,
+    )
+
+
+def make_data(folder: Path, n: int, image_size: tuple[int, int]) -> tuple[Path, Path]:
+    base, more = folder / "base", folder / "more"
+    generate_demo_dataset(base, n=n, size=image_size, seed=0)
+    extra = generate_demo_dataset(folder / "extra", n=max(1, n // 10), size=image_size, seed=1)
+    shutil.copytree(base, more)
+    for index, path in enumerate(sorted(extra.manifest.parent.rglob("*.jpg"))):
+        shutil.copy(path, more / path.parent.name / f"extra_{index:05d}.jpg")
+    for root in (base, more):
+        (root / "manifest.csv").unlink()  # the folder listing is what is benchmarked
+    return base, more
+
+
+def run(args: argparse.Namespace, work: Path) -> list[list[str]]:
+    base_root, more_root = make_data(work, args.n, parse_size(args.image_size))
+    rows = []
+    for size in args.sizes.split(","):
+        for precision in args.precisions.split(","):
+            height, width = parse_size(size)
+            overrides = [
+                f"backbone.input_size=[{height},{width}]",
+                f"backbone.precision={precision}",
+                f"backbone.weights={args.weights}",
+                f"extract.batch_size={args.batch_size}",
+                f"cache.root={work / f'cache-{size}-{precision}'}",
+            ]
+            cfg = load_config([], [*overrides, f"data.root={base_root}"])
+            more_cfg = load_config([], [*overrides, f"data.root={more_root}"])
+            base, more = list_images(cfg.data), list_images(more_cfg.data)
+            bare = bench_bare(cfg, base.images["path"].tolist(), args.batch_size)
+            tutorial = bench_tutorial(cfg, base_root, args.batch_size)
+            pipeline, cold, warm, added = bench_pipeline(cfg, base, more)
+            rows.append(
+                [
+                    size,
+                    precision,
+                    f"{bare:.1f}",
+                    f"{tutorial:.1f}",
+                    f"{pipeline:.1f}",
+                    f"{pipeline / bare:.2f}",
+                    f"{warm / cold:.3f}",
+                    f"{added / cold:.2f}",
+                ]
+            )
+            print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(args: argparse.Namespace, rows: list[list[str]]) -> str:
+    header = f"| {' | '.join(COLUMNS)} |\n|{'---|' * len(COLUMNS)}\n"
+    body = "".join(f"| {' | '.join(row)} |\n" for row in rows)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    return (
+        f"\n## Extraction, {datetime.date.today().isoformat()}\n\n"
+        f"`python jobs/bench_extract.py --n {args.n} --sizes {args.sizes} --precisions "
+        f"{args.precisions} --image-size {args.image_size} --weights {args.weights} "
+        f"--batch-size {args.batch_size}` on {machine}, Ray {ray.__version__}, "
+        f"GPUs: {int(ray.cluster_resources().get('GPU', 0))}. Pipeline img/s includes actor start "
+        f"and model load; warm/cold and +10%/cold are wall-time ratios.\n\n{header}{body}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=40, help="images in the cold set")
+    parser.add_argument("--sizes", default="64x64", help="model input sizes, e.g. 224x224,400x500")
+    parser.add_argument("--precisions", default="float32", help="float32,bfloat16")
+    parser.add_argument("--image-size", default="400x500", help="HxW of the JPEG files")
+    parser.add_argument("--weights", default="none", help="backbone.weights (none: no download)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--no-write", action="store_true", help="print only, leave docs alone")
+    args = parser.parse_args()
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory(prefix="bench-extract-") as work:
+        rows = run(args, Path(work))
+    section = markdown(args, rows)
+    print(section)
+    if not args.no_write:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a") as file:
+            file.write(section)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,441 @@
+"""The Ray extraction pipeline end to end: real files, a real local Ray, a real mlflow server."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from emotr.backbone import FeatureExtractor
+from emotr.cache import FeatureCache, gc_cache, list_caches, verify_cache
+from emotr.config import Config, MlflowConfig, to_yaml
+from emotr.data import Listing, list_images
+from emotr.demo import generate_demo_dataset
+from emotr.extract import TooManyFailures, extract_features, run_extract
+from emotr.imageio import decode_image
+from emotr.track import Tracker
+from tests.conftest import REPO, smoke_config
+
+pytestmark = pytest.mark.slow
+
+# The slow model below is defined here; Ray workers cannot import this test module by name.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class SlowModel:
+    """The configured extractor, slowed down per batch so that a run lasts long enough to kill."""
+
+    def __init__(self, cfg, seconds_per_batch: float):
+        self.model = FeatureExtractor(cfg)
+        self.seconds = seconds_per_batch
+
+    def __call__(self, pixels):
+        time.sleep(self.seconds)  # sleeps, so the shared CPUs stay free
+        return self.model(pixels)
+
+
+def listing_of(paths: list[Path]) -> Listing:
+    """A Listing of files as they are now (what emotr.data.list_images returns for good folders)."""
+    rows = [
+        (str(path), 0, "negative", hashlib.sha256(path.read_bytes()).hexdigest(), "train")
+        for path in paths
+    ]
+    images = pd.DataFrame(rows, columns=["path", "label", "class_name", "sha256", "split"])
+    return Listing(images=images, conflicts=images.iloc[:0], digest="test")
+
+
+def demo_config(tmp_path: Path, n: int = 24, *overrides: str) -> Config:
+    cfg = smoke_config(tmp_path, f"data.demo_n={n}", *overrides)
+    if not Path(cfg.data.root).exists():
+        generate_demo_dataset(Path(cfg.data.root), n=n, size=tuple(cfg.data.demo_size))
+    return cfg
+
+
+def cached_rows(cfg: Config, fingerprint: str) -> pd.DataFrame:
+    parts = sorted((Path(cfg.cache.root) / fingerprint).glob("part-*.parquet"))
+    return pd.concat([pq.read_table(part).to_pandas() for part in parts], ignore_index=True)
+
+
+def cache_of(cfg: Config, summary) -> FeatureCache:
+    return FeatureCache.open(cfg.cache.root, summary.fingerprint)
+
+
+def test_pipeline_features_equal_a_single_process_extractor(tmp_path, ray_local):
+    cfg = demo_config(tmp_path)
+    listing = list_images(cfg.data)
+    summary = extract_features(cfg, listing, progress=False)
+    assert (summary.n_extracted, summary.n_failed, summary.n_cached) == (24, 0, 0)
+
+    pixels = np.stack(
+        [
+            decode_image(
+                Path(path).read_bytes(),
+                cfg.backbone.input_size,
+                max_pixels=cfg.decode.max_pixels,
+                background=cfg.decode.background,
+            )
+            for path in listing.images["path"]
+        ]
+    )
+    expected = FeatureExtractor(cfg.backbone)(pixels)
+    got = cache_of(cfg, summary).load(listing.images["sha256"].tolist())
+    assert got.shape == (24, 512)
+    assert np.abs(got - expected).max() <= 1e-4
+    assert np.abs(expected).max() > 0  # random weights, but not a dead network
+    parts = cached_rows(cfg, summary.fingerprint)
+    assert set(parts["height"]) == {64} and set(parts["width"]) == {80}
+    assert verify_cache(cfg.cache.root) == []
+
+
+def test_rerun_extracts_only_new_images_and_a_new_input_size_gets_its_own_folder(
+    tmp_path, ray_local
+):
+    cfg = demo_config(tmp_path)
+    first = extract_features(cfg, list_images(cfg.data), progress=False)
+    assert first.n_extracted == 24
+
+    again = extract_features(cfg, list_images(cfg.data), progress=False)
+    assert (again.n_extracted, again.n_cached, again.n_actors) == (0, 24, 0)
+    assert again.wall_seconds < 2.0
+
+    extra = generate_demo_dataset(tmp_path / "extra", n=10, size=(64, 80), seed=7)
+    for index, path in enumerate(sorted(extra.manifest.parent.rglob("*.jpg"))):
+        shutil.copy(path, Path(cfg.data.root) / path.parent.name / f"extra_{index}.jpg")
+    more = extract_features(cfg, list_images(cfg.data), progress=False)
+    assert (more.n_images, more.n_cached, more.n_extracted) == (34, 24, 10)
+
+    bigger = smoke_config(tmp_path, "backbone.input_size=[64,64]")
+    other = extract_features(bigger, list_images(bigger.data), progress=False)
+    assert other.fingerprint != first.fingerprint
+    assert other.n_extracted == 34
+    rows = {info.fingerprint: info.n_rows for info in list_caches(cfg.cache.root)}
+    assert rows == {first.fingerprint: 34, other.fingerprint: 34}
+    assert verify_cache(cfg.cache.root) == []
+
+
+def run_python(script: str, *args: str, timeout: float = 300) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def write_config(cfg: Config, path: Path) -> Path:
+    path.write_text(to_yaml(cfg))
+    return path
+
+
+TWO_GPU_NODES = """
+    import json, sys
+    import ray
+    from ray.cluster_utils import Cluster
+    from emotr.config import load_config
+    from emotr.data import list_images
+    from emotr.extract import extract_features
+
+    cfg = load_config([sys.argv[1]])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
+    cluster.add_node(num_cpus=2, num_gpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        summary = extract_features(cfg, list_images(cfg.data), progress=False)
+        print("RESULT", json.dumps({"workers": summary.rows_per_worker,
+                                    "n_actors": summary.n_actors,
+                                    "n_extracted": summary.n_extracted}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+"""
+
+
+def test_two_gpu_nodes_each_run_an_extractor(tmp_path):
+    # Fake GPUs: Ray schedules by them, TensorFlow runs on the CPU. A subprocess, because this
+    # process already holds the shared local Ray.
+    cfg = demo_config(tmp_path, 48, "extract.batch_size=4")
+    process = run_python(TWO_GPU_NODES, str(write_config(cfg, tmp_path / "cfg.yaml")))
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    result = json.loads(output.split("RESULT", 1)[1].splitlines()[0])
+    assert result["n_actors"] == 2 and result["n_extracted"] == 48
+    assert len(result["workers"]) == 2, result["workers"]
+    assert all(count > 0 for count in result["workers"].values())
+    assert sum(result["workers"].values()) == 48
+    assert verify_cache(cfg.cache.root) == []
+    [info] = list_caches(cfg.cache.root)
+    assert info.n_rows == 48
+
+
+def extractor_processes(root: psutil.Process) -> list[psutil.Process]:
+    found = []
+    for process in root.children(recursive=True):
+        try:
+            if "Extractor" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def parts_in(cfg: Config) -> list[Path]:
+    return list(Path(cfg.cache.root).glob("*/part-*.parquet"))
+
+
+def test_killed_extractor_actor_still_ends_with_a_complete_cache(tmp_path, ray_local):
+    cfg = demo_config(tmp_path, 40, "extract.batch_size=4")
+    listing = list_images(cfg.data)
+    outcome: dict = {}
+
+    def extract():
+        try:
+            outcome["summary"] = extract_features(
+                cfg, listing, progress=False, load_model=lambda: SlowModel(cfg.backbone, 0.4)
+            )
+        except BaseException as error:  # handed to the test thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=extract)
+    thread.start()
+    wait_for(lambda: parts_in(cfg), 120, "the first committed part")
+    [victim] = wait_for(lambda: extractor_processes(psutil.Process()), 30, "the actor process")
+    victim.kill()
+    thread.join(timeout=300)
+    assert "error" not in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    assert summary.n_extracted + summary.n_cached == 40
+    assert FeatureCache.open(cfg.cache.root, summary.fingerprint).cached_hashes() == set(
+        listing.images["sha256"]
+    )
+    assert verify_cache(cfg.cache.root) == []
+    # The restarted actor is another process: two workers did the 40 rows (some maybe twice).
+    assert len(summary.rows_per_worker) == 2 and sum(summary.rows_per_worker.values()) >= 40
+
+
+DRIVER = """
+    import sys, time
+    import ray
+    from emotr.backbone import FeatureExtractor
+    from emotr.config import load_config
+    from emotr.data import list_images
+    from emotr.extract import extract_features
+
+    class SlowModel:
+        def __init__(self, cfg):
+            self.model = FeatureExtractor(cfg)
+
+        def __call__(self, pixels):
+            time.sleep(0.5)
+            return self.model(pixels)
+
+    cfg = load_config([sys.argv[1]])
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    extract_features(cfg, list_images(cfg.data), progress=False,
+                     load_model=lambda: SlowModel(cfg.backbone))
+    print("FINISHED")
+"""
+
+
+def test_killed_driver_is_resumed_by_extracting_only_what_is_missing(tmp_path, ray_local):
+    cfg = demo_config(tmp_path, 40, "extract.batch_size=4")
+    driver = run_python(DRIVER, str(write_config(cfg, tmp_path / "cfg.yaml")))
+    try:
+        wait_for(lambda: parts_in(cfg) or driver.poll() is not None, 180, "the first part")
+        assert driver.poll() is None, driver.communicate()[0][-3000:]
+        helpers = psutil.Process(driver.pid).children(recursive=True)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        stop_processes([psutil.Process(driver.pid)] if driver.poll() is None else [])
+    stop_processes(helpers)  # the driver's own Ray cluster, started by this test
+
+    listing = list_images(cfg.data)
+    # A kill during a commit leaves a _tmp file and nothing else: readers never see it.
+    leftovers = verify_cache(cfg.cache.root)
+    assert all("leftover of an interrupted commit" in problem for problem in leftovers)
+    gc_cache(cfg.cache.root, min_age_s=0)
+    n_before = len(FeatureCache.open(cfg.cache.root, parts_in(cfg)[0].parent.name).cached_hashes())
+    assert 0 < n_before < 40
+
+    summary = extract_features(cfg, listing, progress=False)
+    assert summary.n_cached == n_before
+    assert summary.n_extracted == 40 - n_before
+    assert verify_cache(cfg.cache.root) == []
+
+
+def stop_processes(processes: list[psutil.Process]) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(processes, timeout=30)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    body = kind + data
+    return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+
+def encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def write_mixed_folder(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Good images in many formats and modes, and bad files of every kind; returns (good, bad)."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    grey16 = Image.fromarray(rng.integers(0, 65536, (64, 80)).astype(np.uint16))
+    rotated = rgb.getexif()
+    rotated[0x0112] = 6  # EXIF orientation: rotate 90 degrees to display upright
+    good = {
+        "rgb.jpg": encode(rgb, "JPEG"),
+        "grey.jpg": encode(rgb.convert("L"), "JPEG"),
+        "cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG"),
+        "rotated.jpg": encode(rgb, "JPEG", exif=rotated.tobytes()),
+        "rgba.png": encode(rgb.convert("RGBA"), "PNG"),
+        "palette.png": encode(rgb.convert("P"), "PNG", transparency=0),
+        "grey_alpha.png": encode(rgb.convert("LA"), "PNG"),
+        "grey16.png": encode(grey16, "PNG"),
+        "animated.gif": encode(
+            rgb.convert("P"), "GIF", save_all=True, append_images=[rgb.rotate(90).convert("P")]
+        ),
+        "image.bmp": encode(rgb, "BMP"),
+        "image.webp": encode(rgb, "WEBP"),
+        "image.tiff": encode(rgb, "TIFF"),
+    }
+    jpeg = good["rgb.jpg"]
+    signature = b"\x89PNG\r\n\x1a\n"
+    huge_header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+    bad = {
+        "empty.jpg": b"",
+        "text.jpg": b"this is a text file with a .jpg name\n",
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "garbage.png": signature + rng.integers(0, 256, 2000, dtype=np.uint8).tobytes(),
+        "huge.png": signature + huge_header + png_chunk(b"IEND", b""),
+    }
+    folder.mkdir(parents=True)
+    for name, data in {**good, **bad}.items():
+        (folder / name).write_bytes(data)
+    return [folder / n for n in good], [folder / n for n in bad]
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    return write_mixed_folder(tmp_path_factory.mktemp("mixed") / "images")
+
+
+def tracker_for(uri: str, tmp_path: Path, experiment: str) -> Tracker:
+    return Tracker(
+        MlflowConfig(
+            tracking_uri=uri, experiment=experiment, artifact_location=str(tmp_path / "artifacts")
+        )
+    )
+
+
+def failures_artifact(uri: str, run_id: str, tmp_path: Path) -> pd.DataFrame:
+    path = MlflowClient(uri).download_artifacts(run_id, "failures.csv", str(tmp_path))
+    return pd.read_csv(path)
+
+
+def test_bad_files_are_recorded_and_every_good_image_is_cached(
+    tmp_path, ray_local, mlflow_server, mixed_folder
+):
+    good, bad = mixed_folder
+    listing = listing_of([*good, *bad])
+    cfg = smoke_config(tmp_path, "extract.max_failure_fraction=1.0")
+    tracker = tracker_for(mlflow_server, tmp_path, "extract-bad-files")
+
+    summary = run_extract(cfg, listing, tracker)
+
+    assert summary.n_extracted == len(good)
+    assert summary.n_unique == len(good) + len(bad)
+    assert set(summary.failures["path"]) == {str(path) for path in bad}
+    reasons = dict(zip(summary.failures["path"], summary.failures["reason"], strict=True))
+    assert all(reasons.values())
+    assert "too many pixels" in reasons[str(bad[-1])]
+    cache = cache_of(cfg, summary)
+    good_hashes = listing.images["sha256"][: len(good)].tolist()
+    assert cache.cached_hashes() == set(good_hashes)
+    parts = cached_rows(cfg, summary.fingerprint)
+    sizes = {row.sha256: (row.height, row.width) for row in parts.itertuples()}
+    assert sizes[listing.images["sha256"][3]] == (80, 64)  # rotated.jpg, upright
+    assert verify_cache(cfg.cache.root) == []
+
+    [run] = tracker.find_runs("attributes.run_name = 'extract'")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["n_failed"] == len(bad)
+    assert run.data.metrics["n_extracted"] == len(good)
+    assert {"images_per_second", "wall_seconds", "n_cached", "n_images"} <= set(run.data.metrics)
+    assert run.data.params["fingerprint"] == summary.fingerprint
+    logged = failures_artifact(mlflow_server, run.info.run_id, tmp_path)
+    assert set(logged["path"]) == {str(path) for path in bad}
+
+
+def test_changed_file_is_a_failure_with_its_reason(tmp_path, ray_local):
+    path = tmp_path / "photo.png"
+    path.write_bytes(encode(Image.new("RGB", (64, 80), "red"), "PNG"))
+    listing = listing_of([path])
+    path.write_bytes(encode(Image.new("RGB", (64, 80), "blue"), "PNG"))
+    cfg = smoke_config(tmp_path, "extract.max_failure_fraction=1.0")
+    summary = extract_features(cfg, listing, progress=False)
+    assert summary.n_extracted == 0
+    assert "changed since it was listed" in summary.failures["reason"][0]
+
+
+def test_too_many_failures_fails_the_run_after_caching_the_good_images(
+    tmp_path, ray_local, mlflow_server, mixed_folder
+):
+    good, bad = mixed_folder
+    listing = listing_of([*good, *bad])
+    cfg = smoke_config(tmp_path, "extract.max_failure_fraction=0.1")
+    tracker = tracker_for(mlflow_server, tmp_path, "extract-too-many-failures")
+
+    with pytest.raises(TooManyFailures) as raised:
+        run_extract(cfg, listing, tracker)
+
+    message = str(raised.value)
+    assert f"{len(bad)} of {len(good) + len(bad)} images" in message
+    assert "extract.max_failure_fraction" in message
+    cache = cache_of(cfg, raised.value.summary)
+    assert cache.cached_hashes() == set(listing.images["sha256"][: len(good)])
+    [run] = tracker.find_runs("attributes.run_name = 'extract'")
+    assert run.info.status == "FAILED"
+    assert "TooManyFailures" in run.data.tags["error"]
+    assert run.data.metrics["n_failed"] == len(bad)
+    logged = failures_artifact(mlflow_server, run.info.run_id, tmp_path)
+    assert set(logged["path"]) == {str(path) for path in bad}
