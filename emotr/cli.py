@@ -250,6 +250,18 @@ def cache_verify(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = N
     console.print(f"cache {cfg.cache.root}: ok")
 
 
+@cache_app.command("gc")
+def cache_gc(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
+    """Delete leftovers of interrupted commits (old _tmp files) and unreadable parts."""
+    from emotr.cache import gc_cache
+
+    cfg = _load(config, overrides)
+    removed = gc_cache(cfg.cache.root)
+    for path in removed:
+        console.print(f"removed {path}", highlight=False)
+    console.print(f"cache {cfg.cache.root}: {len(removed)} file(s) removed")
+
+
 @cache_app.command("export")
 def cache_export(
     out: Annotated[Path, typer.Argument(help="Folder for features.npy and sha256.txt.")],
@@ -261,7 +273,7 @@ def cache_export(
 
     cfg = _load(config, overrides)
     fingerprint, _ = compute_fingerprint(cfg.backbone, cfg.decode)
-    _run_guarded(lambda: export_npy(cfg.cache.root, fingerprint, out))
+    _run_guarded(lambda: export_npy(cfg.cache.root, fingerprint, str(out)))
     console.print(f"exported {fingerprint} to {out}")
 
 

@@ -76,7 +76,7 @@ class DecodeConfig(_Section):
 
 class ExtractConfig(_Section):
     batch_size: int = Field(32, ge=1)
-    # 0 = one actor per GPU in the cluster, or one CPU actor when there is no GPU.
+    # 0 = one per GPU, or one CPU actor per node without GPUs.
     n_actors: int = Field(0, ge=0)
     cpus_per_actor: float = Field(1.0, gt=0)
     decode_batch_size: int = Field(16, ge=1)

@@ -127,6 +127,10 @@ def _upright_size(data: bytes) -> tuple[int, int]:
 
 
 def _configure_tensorflow(n_threads: int) -> None:
+    import keras
+
+    if keras.backend.backend() != "tensorflow":  # jax and torch size their pools themselves
+        return
     import tensorflow as tf
 
     try:
