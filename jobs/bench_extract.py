@@ -24,6 +24,7 @@ import numpy as np
 import ray
 
 from emotr.backbone import FeatureExtractor, build_extractor
+from emotr.cache import FeatureCache, compute_fingerprint
 from emotr.config import load_config
 from emotr.data import list_images
 from emotr.demo import generate_demo_dataset
@@ -40,6 +41,7 @@ COLUMNS = [
     "pipeline/bare",
     "warm/cold",
     "+10%/cold",
+    "cosine vs float32",
 ]
 
 
@@ -97,6 +99,16 @@ def bench_pipeline(cfg, base, more) -> tuple[float, float, float, float]:
     )
 
 
+def cached_features(cfg, listing) -> np.ndarray:
+    fingerprint, _ = compute_fingerprint(cfg.backbone, cfg.decode)
+    return FeatureCache.open(cfg.cache.root, fingerprint).load(listing.images["sha256"].tolist())
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    dots = (a * b).sum(axis=1)
+    return float(np.mean(dots / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
 def make_data(folder: Path, n: int, image_size: tuple[int, int]) -> tuple[Path, Path]:
     base, more = folder / "base", folder / "more"
     generate_demo_dataset(base, n=n, size=image_size, seed=0)
@@ -113,6 +125,7 @@ def run(args: argparse.Namespace, work: Path) -> list[list[str]]:
     base_root, more_root = make_data(work, args.n, parse_size(args.image_size))
     rows = []
     for size in args.sizes.split(","):
+        reference = None  # float32 features of this size, to measure what bfloat16 changes
         for precision in args.precisions.split(","):
             height, width = parse_size(size)
             overrides = [
@@ -128,6 +141,9 @@ def run(args: argparse.Namespace, work: Path) -> list[list[str]]:
             bare = bench_bare(cfg, base.images["path"].tolist(), args.batch_size)
             tutorial = bench_tutorial(cfg, base_root, args.batch_size)
             pipeline, cold, warm, added = bench_pipeline(cfg, base, more)
+            features = cached_features(cfg, base)
+            reference = features if precision == "float32" else reference
+            cosine = "-" if reference is None else f"{mean_cosine(features, reference):.5f}"
             rows.append(
                 [
                     size,
@@ -138,6 +154,7 @@ def run(args: argparse.Namespace, work: Path) -> list[list[str]]:
                     f"{pipeline / bare:.2f}",
                     f"{warm / cold:.3f}",
                     f"{added / cold:.2f}",
+                    cosine,
                 ]
             )
             print(" | ".join(rows[-1]), flush=True)
