@@ -6,7 +6,10 @@ once (one per in-flight trial) without MLflow's fluent active-run stack.
 
 from __future__ import annotations
 
+import importlib.metadata
+import io
 import json
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -37,9 +40,11 @@ def tracking_uri(cfg: MlflowConfig) -> str:
 
 def artifact_location(cfg: MlflowConfig) -> str:
     """The artifact root for new experiments as a URI."""
-    if is_uri(cfg.artifact_location) or cfg.artifact_location.startswith("file://"):
-        return cfg.artifact_location
-    return Path(cfg.artifact_location).resolve().as_uri()
+    # mlflow-artifacts:/path (served by `mlflow server --artifacts-destination`) has no "//".
+    location = cfg.artifact_location
+    if is_uri(location) or location.startswith(("file://", "mlflow-artifacts:")):
+        return location
+    return Path(location).resolve().as_uri()
 
 
 class Tracker:
@@ -159,6 +164,74 @@ class Tracker:
             [self.experiment_id], filter_string=filter_string, max_results=max_results
         )
 
+    def find_all_runs(self, filter_string: str) -> list[Any]:
+        """Every run of this experiment matching a filter, following MLflow's pages."""
+        runs: list[Any] = []
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=filter_string,
+                max_results=1000,
+                page_token=token,
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def reopen_run(self, run_id: str) -> None:
+        """Mark a finished run RUNNING again (a resumed study keeps logging into its parent run)."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def log_dir_bytes(self, run_id: str, data: bytes, artifact_path: str) -> None:
+        """Upload a folder packed by `pack_dir` (e.g. by a worker) under artifact_path."""
+        with tempfile.TemporaryDirectory() as folder:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r") as archive:
+                archive.extractall(folder, filter="data")
+            self.client.log_artifacts(run_id, folder, artifact_path)
+
+
+def pack_dir(local_dir: str | Path) -> bytes:
+    """A folder's files as uncompressed tar bytes (.keras files are already zip-compressed)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for path in sorted(Path(local_dir).rglob("*")):
+            archive.add(path, arcname=str(path.relative_to(local_dir)), recursive=False)
+    return buffer.getvalue()
+
+
+def keras_model_bytes(model: Any, x_example: Any) -> bytes:
+    """An MLflow Keras model (with signature) packed by `pack_dir`; runs in workers, no tracking.
+
+    The driver uploads it with `Tracker.log_dir_bytes(run_id, data, "model")`, so that
+    `runs:/<run_id>/model` loads with mlflow.pyfunc and registers like a model from log_model.
+    """
+    import mlflow.keras
+    from mlflow.models import infer_signature
+
+    output = model(x_example, training=False)
+    signature = infer_signature(x_example, output.numpy() if hasattr(output, "numpy") else output)
+    # Explicit requirements: inferring them starts a subprocess that loads the model (seconds).
+    requirements = _pinned(("keras",)) + (_pinned(("tensorflow",)) or _pinned(("tensorflow-cpu",)))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model"
+        mlflow.keras.save_model(
+            model, str(path), signature=signature, pip_requirements=requirements
+        )
+        return pack_dir(path)
+
+
+def _pinned(names: tuple[str, ...]) -> list[str]:
+    """name==version for each of the packages that is installed."""
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return pins
+
 
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, list | dict | tuple) else str(value)
@@ -173,4 +246,13 @@ def ui_command(cfg: MlflowConfig) -> str:
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
-__all__ = ["RunStatus", "Tracker", "mlflow", "tracking_uri", "ui_command"]
+__all__ = [
+    "MLFLOW_PARENT_RUN_ID",
+    "RunStatus",
+    "Tracker",
+    "keras_model_bytes",
+    "mlflow",
+    "pack_dir",
+    "tracking_uri",
+    "ui_command",
+]

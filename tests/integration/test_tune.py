@@ -1,0 +1,364 @@
+"""run_search on real Ray and a real MLflow server: runs, histories, models, failures, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from emotr.config import MlflowConfig
+from emotr.track import Tracker
+from emotr.tune import (
+    ROLE_TAG,
+    STATE_TAG,
+    STUDY_TAG,
+    TRIAL_TAG,
+    FeatureSet,
+    open_study,
+    run_search,
+)
+from tests.conftest import REPO, smoke_config
+
+pytestmark = pytest.mark.slow
+
+PER_EPOCH = ("loss", "accuracy", "val_loss", "val_accuracy", "val_auc")
+FINAL = ("val_precision", "val_recall", "val_f1", "val_log_loss", "best_epoch", "train_seconds")
+PLOTS = {"plots/roc_curve.png", "plots/confusion_matrix.png", "plots/learning_curves.png"}
+HEAD_PARAMS = (
+    "n_layers",
+    "units",
+    "activation",
+    "dropout",
+    "l2",
+    "learning_rate",
+    "batch_size",
+    "standardize",
+    "class_weight",
+)
+
+
+def make_features(n: int = 300, seed: int = 0) -> FeatureSet:
+    """Gaussian features whose class means differ along 16 of 512 dimensions (learnable)."""
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 2).astype(np.int32)
+    rng.shuffle(y)
+    x = rng.normal(size=(n, 512)).astype(np.float32)
+    x[:, :16] += np.where(y[:, None] == 1, 0.4, -0.4).astype(np.float32)
+    cut = int(0.75 * n)
+    return FeatureSet(x[:cut], y[:cut], x[cut:], y[cut:], "fingerprint-test", "split-test")
+
+
+def server_tracker(uri: str) -> Tracker:
+    name = f"tune-{uuid.uuid4().hex[:8]}"
+    # mlflow-artifacts: sends artifacts through the server (its --artifacts-destination).
+    return Tracker(
+        MlflowConfig(
+            tracking_uri=uri, experiment=name, artifact_location=f"mlflow-artifacts:/{name}"
+        )
+    )
+
+
+def children(client: MlflowClient, tracker: Tracker, parent_id: str) -> dict[str, object]:
+    runs = client.search_runs(
+        [tracker.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000
+    )
+    return {run.info.run_name: run for run in runs}
+
+
+def test_search_logs_every_trial_to_the_tracking_server(tmp_path: Path, ray_local, mlflow_server):
+    cfg = smoke_config(
+        tmp_path, "tune.n_trials=3", "tune.epochs=4", "tune.early_stopping_patience=4"
+    )
+    tracker = server_tracker(mlflow_server)
+    features = make_features()
+
+    result = run_search(cfg, features, tracker, progress=False)
+
+    assert (result.n_complete, result.n_failed) == (3, 0)
+    assert result.best_value >= result.baseline_value
+    client = MlflowClient(mlflow_server)
+    trials = children(client, tracker, result.parent_run_id)
+    assert set(trials) == {"trial-0", "trial-1", "trial-2"}
+    for name, run in trials.items():
+        run_id = run.info.run_id
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["optuna.trial_number"] == name.removeprefix("trial-")
+        assert set(HEAD_PARAMS) | {"feature_fingerprint", "split_digest", "trial_number"} <= set(
+            run.data.params
+        )
+        n_epochs = len(client.get_metric_history(run_id, "loss"))
+        assert 1 <= n_epochs <= cfg.tune.epochs
+        for key in PER_EPOCH:
+            steps = [point.step for point in client.get_metric_history(run_id, key)]
+            # One point per trained epoch; val_* of the restored epoch again one step later.
+            expected = list(range(1, n_epochs + 1)) + ([n_epochs + 1] if key == "val_auc" else [])
+            assert sorted(steps)[: len(expected)] == expected
+        auc = [p.value for p in client.get_metric_history(run_id, "val_auc") if p.step <= n_epochs]
+        assert run.data.metrics["val_auc"] == pytest.approx(max(auc), abs=1e-6)
+        assert set(FINAL) <= set(run.data.metrics)
+        assert {item.path for item in client.list_artifacts(run_id, "plots")} >= PLOTS
+    png = client.download_artifacts(result.best_run_id, "plots/roc_curve.png", str(tmp_path))
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(f"runs:/{result.best_run_id}/model")
+    assert model.metadata.signature is not None
+    scores = np.asarray(model.predict(features.x_val[:4])).reshape(-1)
+    assert scores.shape == (4,) and np.all((scores >= 0) & (scores <= 1))
+    version = mlflow.register_model(f"runs:/{result.best_run_id}/model", tracker_name(tracker))
+    assert version.version == "1"
+
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.run_name == "tune" and parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_val_auc"] == pytest.approx(result.best_value)
+    assert parent.data.metrics["baseline_val_auc"] == pytest.approx(result.baseline_value)
+    assert parent.data.tags["best_run_id"] == result.best_run_id
+    table = client.download_artifacts(result.parent_run_id, "trials.csv", str(tmp_path))
+    assert len(pd.read_csv(table)) == 3
+    names = {item.path for item in client.list_artifacts(result.parent_run_id, "plots")}
+    assert "plots/optimization_history.png" in names
+    assert "config.yaml" in {item.path for item in client.list_artifacts(result.parent_run_id)}
+
+
+def tracker_name(tracker: Tracker) -> str:
+    return tracker.client.get_experiment(tracker.experiment_id).name
+
+
+def test_a_trial_that_raises_fails_alone(tmp_path: Path, ray_local, mlflow_server):
+    space = "{activation: {type: categorical, choices: [relu, nonexistent_activation]}}"
+    cfg = smoke_config(
+        tmp_path,
+        f"tune.search_space={space}",
+        "tune.sampler=random",
+        "tune.n_trials=4",
+        "tune.epochs=2",
+    )
+    tracker = server_tracker(mlflow_server)
+
+    result = run_search(cfg, make_features(), tracker, progress=False)
+
+    study = optuna.load_study(study_name=cfg.tune.study_name, storage=cfg.tune.storage)
+    states = {t.number: (t.state, t.params["activation"]) for t in study.trials}
+    assert len(states) == 4
+    assert {state for state, activation in states.values() if activation == "relu"} == {
+        optuna.trial.TrialState.COMPLETE
+    }
+    failed = [n for n, (state, _) in states.items() if state == optuna.trial.TrialState.FAIL]
+    assert failed and all(states[n][1] == "nonexistent_activation" for n in failed)
+    assert result.n_failed == len(failed) and result.n_complete == 4 - len(failed)
+    runs = children(MlflowClient(mlflow_server), tracker, result.parent_run_id)
+    for number in failed:
+        run = runs[f"trial-{number}"]
+        assert run.info.status == "FAILED"
+        assert "nonexistent_activation" in run.data.tags["error"]
+
+
+DRIVER = """
+import sys
+import ray
+from emotr.track import Tracker
+from emotr.config import load_config
+from emotr.tune import run_search
+from tests.integration.test_tune import make_features
+
+address, config_file, *overrides = sys.argv[1:]
+ray.init(address=address, log_to_driver=False)
+cfg = load_config([config_file], overrides)
+run_search(cfg, make_features(), Tracker(cfg.mlflow), progress=False)
+"""
+
+
+def test_resume_after_the_driver_is_killed(tmp_path: Path, ray_local, mlflow_server):
+    name = f"resume-{uuid.uuid4().hex[:6]}"
+    overrides = [
+        f"mlflow.tracking_uri={mlflow_server}",
+        f"mlflow.experiment={name}",
+        f"mlflow.artifact_location=mlflow-artifacts:/{name}",
+        "tune.concurrency=1",
+        "tune.epochs=40",
+        "tune.early_stopping_patience=40",
+    ]
+    cfg = smoke_config(tmp_path, *overrides, "tune.n_trials=4")
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            DRIVER,
+            ray_local.get_runtime_context().gcs_address,
+            str(REPO / "conf" / "smoke.yaml"),
+            *_path_overrides(tmp_path),
+            *overrides,
+            "tune.n_trials=4",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "driver.log", "wb"),  # noqa: SIM115 - closed with the process
+    )
+    before = _kill_after_one_complete(driver, cfg)
+    # The newest RUNNING trial was just dispatched (the driver dispatches, then logs, then tells).
+    killed = max(n for n, state in before.items() if state == optuna.trial.TrialState.RUNNING)
+
+    result = run_search(cfg, make_features(), Tracker(cfg.mlflow), progress=False)
+
+    study = optuna.load_study(study_name=cfg.tune.study_name, storage=cfg.tune.storage)
+    trials = {t.number: t for t in study.trials}
+    assert result.n_complete == 4
+    for number, state in before.items():
+        if state == optuna.trial.TrialState.COMPLETE:  # finished trials are not re-run
+            assert trials[number].state == state
+            assert not [t for t in trials.values() if t.user_attrs.get("retry_of") == number]
+    assert trials[killed].state == optuna.trial.TrialState.FAIL
+    retries = [t for t in trials.values() if t.user_attrs.get("retry_of") == killed]
+    assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
+    assert retries[0].number > max(before), "trial numbers continue after a resume"
+    assert retries[0].params == trials[killed].params
+    tracker = Tracker(cfg.mlflow)
+    runs = tracker.find_all_runs("tags.`emotr.role` = 'trial'")
+    by_number: dict[int, list] = {}
+    for run in runs:
+        by_number.setdefault(int(run.data.tags["optuna.trial_number"]), []).append(run)
+    assert all(len(found) == 1 for found in by_number.values()), "no duplicated trial runs"
+    for number, trial in trials.items():
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert by_number[number][0].info.status == "FINISHED"
+    stale = by_number[killed][0]
+    assert stale.info.status == "FAILED" and "stale" in stale.data.tags["error"]
+    parents = tracker.find_all_runs("tags.`emotr.role` = 'tune'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.metrics["n_complete"] == 4
+
+
+def _path_overrides(tmp_path: Path) -> list[str]:
+    cfg = smoke_config(tmp_path)
+    return [
+        f"tune.storage={cfg.tune.storage}",
+        f"cache.root={cfg.cache.root}",
+        f"data.root={cfg.data.root}",
+    ]
+
+
+def _kill_after_one_complete(driver: subprocess.Popen, cfg) -> dict[int, object]:
+    """SIGKILL the driver once a trial is complete and another running; the states it left."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert driver.poll() is None, "the driver ended before it could be killed"
+        try:
+            study = optuna.load_study(study_name=cfg.tune.study_name, storage=cfg.tune.storage)
+            states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+        except (KeyError, ValueError):  # the study does not exist yet
+            states = {}
+        values = set(states.values())
+        if {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING} <= values:
+            driver.send_signal(signal.SIGKILL)
+            driver.wait(timeout=30)
+            study = optuna.load_study(study_name=cfg.tune.study_name, storage=cfg.tune.storage)
+            return {t.number: t.state for t in study.get_trials(deepcopy=False)}
+        time.sleep(0.2)
+    driver.kill()
+    raise AssertionError("no trial completed within 180 s")
+
+
+def test_four_concurrent_trials_on_the_local_store(tmp_path: Path, ray_local):
+    cfg = smoke_config(
+        tmp_path,
+        "tune.n_trials=4",
+        "tune.concurrency=4",
+        "tune.cpus_per_trial=0.5",
+        "tune.epochs=3",
+        "tune.early_stopping_patience=3",
+    )
+    assert cfg.mlflow.tracking_uri.startswith("sqlite:///")
+    tracker = Tracker(cfg.mlflow)
+
+    result = run_search(cfg, make_features(), tracker, progress=False)
+
+    assert (result.n_complete, result.n_failed) == (4, 0)
+    runs = tracker.find_all_runs("tags.`emotr.role` = 'trial'")
+    assert len(runs) == 4
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        for key in PER_EPOCH:
+            # patience 3 cannot stop 3 epochs early: every run has exactly epochs 1, 2, 3.
+            history = tracker.client.get_metric_history(run.info.run_id, key)
+            assert sorted(p.step for p in history if p.step <= 3) == [1, 2, 3]
+
+
+def test_a_lost_worker_is_retried_once(tmp_path: Path, ray_local):
+    cfg = smoke_config(
+        tmp_path,
+        "tune.n_trials=2",
+        "tune.concurrency=1",
+        "tune.epochs=60",
+        "tune.early_stopping_patience=60",
+    )
+    tracker = Tracker(cfg.mlflow)
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_first_trial_worker() -> None:
+        while not stop.is_set() and not killed:
+            for process in psutil.process_iter(["cmdline"]):
+                title = (process.info["cmdline"] or [""])[0]
+                if title.startswith("ray::trial-"):
+                    killed.append(int(title.removeprefix("ray::trial-").split()[0]))
+                    process.send_signal(signal.SIGKILL)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_first_trial_worker, daemon=True)
+    killer.start()
+    try:
+        result = run_search(cfg, make_features(), tracker, progress=False)
+    finally:
+        stop.set()
+        killer.join(timeout=5)
+
+    assert killed, "no trial worker was found to kill"
+    study = optuna.load_study(study_name=cfg.tune.study_name, storage=cfg.tune.storage)
+    trials = {t.number: t for t in study.trials}
+    assert trials[killed[0]].state == optuna.trial.TrialState.FAIL
+    retry = [t for t in trials.values() if t.user_attrs.get("retry_of") == killed[0]]
+    assert len(retry) == 1 and retry[0].state == optuna.trial.TrialState.COMPLETE
+    assert retry[0].params == trials[killed[0]].params
+    assert result.n_complete == 2
+    lost = tracker.find_runs(f"tags.`optuna.trial_number` = '{killed[0]}'")[0]
+    assert lost.info.status == "FAILED" and lost.data.tags["error"].startswith("lost: ")
+
+
+def test_a_trial_logged_but_not_told_is_settled_from_mlflow(tmp_path: Path, ray_local):
+    # The driver died after logging trial 0 to MLflow and before telling Optuna.
+    cfg = smoke_config(tmp_path, "tune.n_trials=1")
+    tracker = Tracker(cfg.mlflow)
+    features = make_features()
+    study = open_study(cfg.tune)
+    trial = study.ask()
+    tags = {
+        STUDY_TAG: cfg.tune.study_name,
+        TRIAL_TAG: "0",
+        ROLE_TAG: "trial",
+        STATE_TAG: "COMPLETE",
+    }
+    run_id = tracker.start_run("trial-0", tags=tags)
+    tracker.log_metrics(run_id, {"val_auc": 0.75})
+    tracker.end_run(run_id)
+
+    result = run_search(cfg, features, tracker, progress=False)
+
+    settled = optuna.load_study(study_name=cfg.tune.study_name, storage=cfg.tune.storage)
+    assert [t.state for t in settled.trials][trial.number] == optuna.trial.TrialState.COMPLETE
+    assert settled.trials[trial.number].value == pytest.approx(0.75)
+    assert result.n_complete == 1 and result.best_run_id == run_id

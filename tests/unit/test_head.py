@@ -1,0 +1,158 @@
+"""fit_head on small synthetic features: it learns, stops early, standardises on train only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from emotr.head import HeadParams, build_head, evaluate_scores, fit_head
+
+BASE = HeadParams(
+    n_layers=1,
+    units=32,
+    activation="relu",
+    dropout=0.2,
+    l2=0.0,
+    learning_rate=3e-3,
+    batch_size=32,
+    standardize=False,
+    class_weight=False,
+)
+METRICS = {
+    "val_auc",
+    "val_accuracy",
+    "val_precision",
+    "val_recall",
+    "val_f1",
+    "val_log_loss",
+    "best_epoch",
+}
+HISTORY = {"loss", "accuracy", "val_loss", "val_accuracy", "val_auc"}
+
+
+def separable(n: int = 400, d: int = 512, noise: float = 0.0, offset: float = 0.0, seed: int = 0):
+    """Gaussian features whose class means differ along 16 of the 512 dimensions.
+
+    `noise` flips that share of the labels, so that the validation AUC peaks and then decays.
+    """
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 2).astype(np.int32)
+    rng.shuffle(y)
+    x = rng.normal(loc=offset, scale=1.0, size=(n, d)).astype(np.float32)
+    x[:, :16] += np.where(y[:, None] == 1, 0.5, -0.5).astype(np.float32)
+    flip = rng.random(n) < noise
+    y = np.where(flip, 1 - y, y).astype(np.int32)
+    cut = int(0.75 * n)
+    return x[:cut], y[:cut], x[cut:], y[cut:]
+
+
+def replace(params: HeadParams, **changes) -> HeadParams:
+    return HeadParams(**{**params.__dict__, **changes})
+
+
+def test_learns_separable_features_with_full_history_and_metrics():
+    x_train, y_train, x_val, y_val = separable()
+
+    result = fit_head(BASE, x_train, y_train, x_val, y_val, epochs=5, patience=5)
+
+    assert result.metrics["val_auc"] > 0.9
+    assert set(result.metrics) == METRICS
+    assert set(result.history) == HISTORY
+    n_epochs = len(result.history["loss"])
+    assert all(len(values) == n_epochs for values in result.history.values())
+    assert result.confusion.shape == (2, 2) and result.confusion.sum() == len(y_val)
+    assert result.val_scores.shape == (len(y_val),)
+    fpr, tpr, _ = result.roc
+    assert fpr[0] == 0 and tpr[-1] == 1
+    assert result.train_seconds > 0
+
+
+def test_early_stopping_restores_the_best_epoch():
+    # Noisy labels and a high learning rate: val AUC peaks early, then the head overfits.
+    x_train, y_train, x_val, y_val = separable(noise=0.3, seed=1)
+    params = replace(BASE, units=128, dropout=0.0, learning_rate=1e-2)
+
+    result = fit_head(params, x_train, y_train, x_val, y_val, epochs=40, patience=2)
+
+    curve = result.history["val_auc"]
+    best_epoch = int(result.metrics["best_epoch"])
+    assert len(curve) < 40, "patience 2 should stop before 40 epochs on noisy labels"
+    assert 1 <= best_epoch <= len(curve)
+    assert best_epoch == int(np.argmax(curve)) + 1
+    assert result.metrics["val_auc"] == pytest.approx(max(curve), abs=1e-6)
+    assert evaluate_scores(y_val, result.val_scores)["val_auc"] == pytest.approx(
+        max(curve), abs=1e-6
+    )
+
+
+def test_on_epoch_end_sees_every_epoch_and_can_stop_training():
+    x_train, y_train, x_val, y_val = separable(n=200)
+    seen: list[tuple[int, float]] = []
+
+    def report(epoch: int, logs: dict) -> bool:
+        seen.append((epoch, logs["val_auc"]))
+        return epoch == 2
+
+    result = fit_head(
+        BASE, x_train, y_train, x_val, y_val, epochs=5, patience=5, on_epoch_end=report
+    )
+
+    assert [epoch for epoch, _ in seen] == [1, 2]
+    assert result.stopped_by_callback
+    assert [auc for _, auc in seen] == result.history["val_auc"]
+
+
+def test_standardization_is_adapted_on_train_features_only():
+    x_train, y_train, x_val, y_val = separable(n=200, offset=3.0)
+    x_val = x_val + 10.0  # a shifted validation set must not move the layer's statistics
+
+    result = fit_head(
+        replace(BASE, standardize=True), x_train, y_train, x_val, y_val, epochs=2, patience=2
+    )
+
+    layer = result.model.get_layer("standardize")
+    mean = np.asarray(layer.mean).reshape(-1)
+    variance = np.asarray(layer.variance).reshape(-1)
+    np.testing.assert_allclose(mean, x_train.mean(axis=0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(variance, x_train.var(axis=0), rtol=1e-3, atol=1e-3)
+
+
+def test_class_weights_change_training_on_imbalanced_labels():
+    x_train, y_train, x_val, y_val = separable(n=300, seed=2)
+    keep = (y_train == 1) | (np.arange(len(y_train)) % 4 == 0)  # ~1 negative for 4 positives
+    x_train, y_train = x_train[keep], y_train[keep]
+
+    plain = fit_head(BASE, x_train, y_train, x_val, y_val, epochs=3, patience=3)
+    weighted = fit_head(
+        replace(BASE, class_weight=True), x_train, y_train, x_val, y_val, epochs=3, patience=3
+    )
+
+    assert set(weighted.metrics) == METRICS
+    assert not np.allclose(plain.history["loss"], weighted.history["loss"])
+
+
+def test_same_seed_gives_the_same_head():
+    x_train, y_train, x_val, y_val = separable(n=200)
+
+    first = fit_head(BASE, x_train, y_train, x_val, y_val, epochs=2, patience=2, seed=3)
+    second = fit_head(BASE, x_train, y_train, x_val, y_val, epochs=2, patience=2, seed=3)
+
+    np.testing.assert_allclose(first.val_scores, second.val_scores, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n_layers", [0, 3])
+def test_build_head_layer_count(n_layers):
+    model = build_head(replace(BASE, n_layers=n_layers), n_features=16)
+
+    dense = [layer for layer in model.layers if layer.name.startswith("dense_")]
+    assert len(dense) == n_layers
+    assert model.output_shape == (None, 1)
+
+
+def test_bad_params_name_the_problem():
+    with pytest.raises(ValueError, match="nonexistent"):
+        build_head(replace(BASE, activation="nonexistent"), n_features=8)
+    with pytest.raises(ValueError, match="standardize"):
+        build_head(replace(BASE, standardize=True), n_features=8)
+    with pytest.raises(ValueError, match="missing"):
+        HeadParams.from_dict({"n_layers": 1})
