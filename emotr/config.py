@@ -99,6 +99,9 @@ class TuneConfig(_Section):
     storage: str = "sqlite:///.emotr/optuna.db"
     sampler: Literal["tpe", "random"] = "tpe"
     pruner: Literal["none", "median"] = "none"
+    # MedianPruner compares only after this many complete trials and epochs.
+    pruner_startup_trials: int = Field(5, ge=0)
+    pruner_warmup_epochs: int = Field(10, ge=0)
     seed: int = 0
     epochs: int = Field(100, ge=1)
     early_stopping_patience: int = Field(20, ge=1)

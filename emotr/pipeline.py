@@ -146,7 +146,7 @@ def run(cfg: Config, tracker: Tracker, listing: Listing) -> RunResult:
         baseline_val_auc=search.baseline_value,
         best_trial_number=search.best_trial_number,
         model_name=cfg.registry.model_name,
-        model_version=version.version,
+        model_version=str(version.version),
         n_images=summary.n_images,
         n_failed=summary.n_failed,
     )

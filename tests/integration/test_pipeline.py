@@ -26,7 +26,7 @@ def test_run_registers_promotes_and_predicts(tmp_path: Path, ray_local, mlflow_s
 
     client = MlflowClient(mlflow_server)
     candidate = client.get_model_version_by_alias("emotr", "candidate")
-    assert candidate.version == result.model_version
+    assert str(candidate.version) == result.model_version
     runs = tracker.find_runs(f"tags.mlflow.parentRunId = '{result.pipeline_run_id}'")
     assert {run.info.run_name for run in runs} >= {"extract", "tune"}
     pipeline_run = client.get_run(result.pipeline_run_id)
