@@ -152,19 +152,29 @@ def write_config(cfg: Config, path: Path) -> Path:
 
 
 TWO_GPU_NODES = """
-    import json, sys
+    import json, sys, time
     import ray
     from ray.cluster_utils import Cluster
+    from emotr.backbone import FeatureExtractor
     from emotr.config import load_config
     from emotr.data import list_images
     from emotr.extract import extract_features
+
+    class SlowModel:  # slower than decoding, as VGG16 on a GPU node is: blocks queue up
+        def __init__(self, cfg):
+            self.model = FeatureExtractor(cfg)
+
+        def __call__(self, pixels):
+            time.sleep(0.3)
+            return self.model(pixels)
 
     cfg = load_config([sys.argv[1]])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
     cluster.add_node(num_cpus=2, num_gpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        summary = extract_features(cfg, list_images(cfg.data), progress=False)
+        summary = extract_features(cfg, list_images(cfg.data), progress=False,
+                                   load_model=lambda: SlowModel(cfg.backbone))
         print("RESULT", json.dumps({"workers": summary.rows_per_worker,
                                     "n_actors": summary.n_actors,
                                     "n_extracted": summary.n_extracted}))
