@@ -20,16 +20,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from emotr.config import MlflowConfig
+from emotr.study import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG, open_study
 from emotr.track import Tracker
-from emotr.tune import (
-    ROLE_TAG,
-    STATE_TAG,
-    STUDY_TAG,
-    TRIAL_TAG,
-    FeatureSet,
-    open_study,
-    run_search,
-)
+from emotr.tune import FeatureSet, run_search
 from tests.conftest import REPO, smoke_config
 
 pytestmark = pytest.mark.slow
@@ -310,9 +303,15 @@ def test_a_lost_worker_is_retried_once(tmp_path: Path, ray_local):
     stop = threading.Event()
 
     def kill_first_trial_worker() -> None:
+        # Only this test's Ray (a child of this process): other Ray sessions on the machine
+        # have trial workers too.
+        own = psutil.Process()
         while not stop.is_set() and not killed:
-            for process in psutil.process_iter(["cmdline"]):
-                title = (process.info["cmdline"] or [""])[0]
+            for process in own.children(recursive=True):
+                try:
+                    title = (process.cmdline() or [""])[0]
+                except psutil.Error:
+                    continue
                 if title.startswith("ray::trial-"):
                     killed.append(int(title.removeprefix("ray::trial-").split()[0]))
                     process.send_signal(signal.SIGKILL)

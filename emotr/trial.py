@@ -1,0 +1,134 @@
+"""One trial on a Ray worker: fit a head on the shared features, render its plots, pack its model.
+
+A worker makes no study or tracking calls: it hands its history, metrics, plots (PNG) and packed
+MLflow model back to the driver, which logs them and tells Optuna. So the SQLite Optuna and MLflow
+stores see one writer, and a local store behaves like a tracking server.
+
+Pruning (tune.pruner=median) happens here, without a round trip per epoch: the job carries the val
+AUC curves of the trials complete at dispatch, and the task asks Optuna's own MedianPruner, in an
+in-memory study holding that snapshot, after every epoch. Trials finishing while a trial runs are
+not in its snapshot.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import optuna
+import ray
+
+from emotr import plots
+from emotr.head import HeadParams, fit_head
+from emotr.track import keras_model_bytes
+
+if TYPE_CHECKING:
+    from emotr.tune import FeatureSet
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """Everything a trial task needs besides the features."""
+
+    params: dict[str, Any]
+    epochs: int
+    patience: int
+    seed: int
+    classes: tuple[str, ...]
+    # (value, val AUC by epoch) of the trials complete at dispatch; None = no pruning.
+    prune_against: list[tuple[float, dict[int, float]]] | None
+    # MedianPruner compares only after this many complete trials and epochs.
+    pruner_startup_trials: int
+    pruner_warmup_epochs: int
+
+
+def submit_trial(
+    features_ref: ray.ObjectRef, job: TrialJob, number: int, cpus: float
+) -> ray.ObjectRef:
+    """Start trial `number` as the Ray task `trial-<number>`; it returns train_trial's payload."""
+    task = _train_trial_task.options(
+        num_cpus=cpus, runtime_env=_worker_env(cpus), name=f"trial-{number}"
+    )
+    return task.remote(features_ref, job)
+
+
+def _worker_env(cpus: float) -> dict[str, Any]:
+    threads = str(max(1, int(cpus)))
+    # TensorFlow reads these when it starts in a worker; Ray reuses workers only among tasks
+    # with the same runtime_env, so every trial worker keeps the pool size it started with.
+    return {
+        "env_vars": {
+            "TF_NUM_INTRAOP_THREADS": threads,
+            "TF_NUM_INTEROP_THREADS": threads,
+            "OMP_NUM_THREADS": threads,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+    }
+
+
+def train_trial(features: FeatureSet, job: TrialJob) -> dict[str, Any]:
+    """Fit one head, render its plots, pack its MLflow model; the payload the driver logs."""
+    started, cpu_started = time.time(), time.process_time()
+    result = fit_head(
+        HeadParams.from_dict(job.params),
+        features.x_train,
+        features.y_train,
+        features.x_val,
+        features.y_val,
+        epochs=job.epochs,
+        patience=job.patience,
+        seed=job.seed,
+        on_epoch_end=_pruning_check(job),
+    )
+    pngs = {
+        "plots/roc_curve.png": plots.roc_figure(*result.roc[:2], result.metrics["val_auc"]),
+        "plots/confusion_matrix.png": plots.confusion_figure(result.confusion, job.classes),
+        "plots/learning_curves.png": plots.learning_curves_figure(
+            result.history, int(result.metrics["best_epoch"])
+        ),
+    }
+    # A pruned head is never deployed: skip saving it.
+    model = (
+        None if result.stopped_by_callback else keras_model_bytes(result.model, features.x_val[:5])
+    )
+    return {
+        "history": result.history,
+        "metrics": {**result.metrics, "train_seconds": result.train_seconds},
+        "n_epochs": len(result.history["val_auc"]),
+        "pruned": result.stopped_by_callback,
+        "plots": {name: plots.to_png(figure) for name, figure in pngs.items()},
+        "model": model,
+        "started": started,
+        "finished": time.time(),
+        "cpu_seconds": time.process_time() - cpu_started,
+    }
+
+
+def _pruning_check(job: TrialJob) -> Any:
+    """An on_epoch_end asking MedianPruner about the job's snapshot; None = no pruning."""
+    if job.prune_against is None:
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # this worker's copy, not the driver's
+    snapshot = optuna.create_study(
+        direction="maximize",
+        pruner=optuna.pruners.MedianPruner(
+            n_startup_trials=job.pruner_startup_trials, n_warmup_steps=job.pruner_warmup_epochs
+        ),
+    )
+    snapshot.add_trials(
+        [
+            optuna.trial.create_trial(value=value, intermediate_values=steps)
+            for value, steps in job.prune_against
+        ]
+    )
+    trial = snapshot.ask()
+
+    def check(epoch: int, logs: dict) -> bool:
+        trial.report(logs["val_auc"], epoch)
+        return trial.should_prune()
+
+    return check
+
+
+_train_trial_task = ray.remote(max_retries=0)(train_trial)  # lost tasks are re-enqueued instead
