@@ -108,7 +108,8 @@ def run_search(
         search.live = None
     result = summarize_search(cfg, study, tracker, parent_id, runs, search.timings, started)
     if progress:
-        console.print(top_table(result))
+        # Wide enough for every column even when the output is a log file rather than a terminal.
+        console.print(top_table(result), width=max(console.width, 110))
     return result
 
 
