@@ -15,8 +15,10 @@ So the best any classifier can do is score p(r) = P(y = 1 | r), whose densities 
 convolved with a Gaussian. bayes_accuracy = E[max(p, 1 - p)] and bayes_auc = AUC of p are
 integrated numerically on a fine grid of r: properties of the model, not of the drawn sample.
 
-Curvature c is the sag of the mouth's middle below its corners in units of the mouth's half
-width (c = 0.6: the middle sits 0.6 half-widths below the corners, a broad smile).
+The mouth is drawn with a sag (its middle below its corners, in units of its half width) of
+sign(r) * SAG_MAX * (|r| / RENDER_CLIP) ** SAG_POWER. That map is monotone, so the image shows r
+exactly and the ceiling stands; it is concave so that a slight curvature still reads once the image
+is shrunk to 224x224 and average-pooled (r = 0.1: a sag of 0.3 half widths; r = 0.6: 0.96).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ CURVATURE_MAX = 0.6
 # With these constants the defaults give a ceiling near 0.9 accuracy, like the tutorial's data.
 RENDER_SIGMA = 0.15
 RENDER_CLIP = 0.9
+SAG_MAX = 1.25
+SAG_POWER = 0.65
 
 # numpy has no erf and scipy is not a declared dependency; math.erf over a grid is fast enough.
 _erf = np.frompyfunc(math.erf, 1, 1)
@@ -184,22 +188,24 @@ def render_face(
 ) -> tuple[Image.Image, int]:
     """One photo-like RGB image (height, width) of a face; returns it and its JPEG quality."""
     height, width = size
-    canvas = _draw_background(rng, width, height)
+    # One stream per part, so that a change to how one part is drawn leaves the others as they were.
+    background, face, photo = rng.spawn(3)
+    canvas = _draw_background(background, width, height)
     patch, (dx, dy) = _draw_face(
-        rng,
-        rng.uniform(0.45, 0.72) * min(size),
+        face,
+        face.uniform(0.7, 0.9) * min(size),
         float(np.clip(curvature, -RENDER_CLIP, RENDER_CLIP)),
     )
     # Small tilts only: an upside-down smile is a frown, which would flip the label.
-    angle = rng.uniform(-20, 20)
+    angle = face.uniform(-15, 15)
     # Bilinear halves the cost of bicubic, and blur, noise and JPEG come after it anyway.
     patch = patch.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
     turn = math.radians(angle)
     dx, dy = dx * math.cos(turn) + dy * math.sin(turn), -dx * math.sin(turn) + dy * math.cos(turn)
-    face_x, face_y = rng.uniform(0.3, 0.7) * width, rng.uniform(0.35, 0.6) * height
+    face_x, face_y = face.uniform(0.35, 0.65) * width, face.uniform(0.4, 0.58) * height
     corner = (round(face_x - dx - patch.width / 2), round(face_y - dy - patch.height / 2))
     canvas.paste(patch, corner, patch)
-    return _finish_photo(rng, canvas), int(rng.integers(60, 96))
+    return _finish_photo(photo, canvas), int(photo.integers(60, 96))
 
 
 def _random_colour(rng: np.random.Generator, saturation: float = 1.0) -> tuple[int, ...]:
@@ -224,10 +230,12 @@ def _draw_background(rng: np.random.Generator, width: int, height: int) -> Image
     canvas = Image.fromarray(pixels.astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(canvas)
     scale = min(width, height)
-    for _ in range(int(rng.integers(4, 16))):
+    for _ in range(int(rng.integers(3, 10))):
         x0, y0 = rng.uniform(-0.1, 1.0) * width, rng.uniform(-0.1, 1.0) * height
         w, h = rng.uniform(0.05, 0.5, size=2) * scale
-        colour = _random_colour(rng, rng.uniform(0.2, 0.9))
+        # Halfway to the backdrop's mean colour: full-contrast clutter edges outweighed the mouth in
+        # the pooled features (measured: CV AUC -0.02 at full contrast and 4-12 shapes).
+        colour = _soften(_random_colour(rng, rng.uniform(0.2, 0.9)), (start + stop) / 2)
         kind = rng.integers(0, 4)
         if kind == 0:
             draw.rectangle((x0, y0, x0 + w, y0 + h), fill=colour)
@@ -241,6 +249,10 @@ def _draw_background(rng: np.random.Generator, width: int, height: int) -> Image
             )
     # An out-of-focus background, as behind a portrait.
     return canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.012) * scale))
+
+
+def _soften(colour: tuple[int, ...], towards: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(v) for v in (np.array(colour) + towards) / 2)
 
 
 def _draw_face(
@@ -293,8 +305,8 @@ def _draw_eyes(rng: np.random.Generator, draw: ImageDraw.ImageDraw, face: Box, h
     spacing = rng.uniform(0.18, 0.23) * w
     iris = tuple(int(v) for v in rng.integers(20, 160, size=3))
     # Brow tilt is drawn independently of the class, so it is a distractor, not a cue.
-    tilt = rng.uniform(-0.03, 0.03) * h
-    brow_width = max(1, round(0.022 * h))
+    tilt = rng.uniform(-0.025, 0.025) * h
+    brow_width = max(1, round(0.02 * h))
     for sign in (-1, 1):
         ex = cx + sign * spacing
         white = (ex - 0.09 * w, eye_y - 0.035 * h, ex + 0.09 * w, eye_y + 0.035 * h)
@@ -310,19 +322,24 @@ def _draw_mouth(
     rng: np.random.Generator, draw: ImageDraw.ImageDraw, at: Box, skin: tuple, curvature: float
 ) -> None:
     cx, my, w, h = at
-    half = rng.uniform(0.22, 0.3) * w
+    # Wide and thick: at 224x224 the mouth spans 2-3 cells of the 7x7 map that VGG16 pools.
+    half = rng.uniform(0.3, 0.36) * w
     xs = np.linspace(-1.0, 1.0, 25)
+    sag = math.copysign(SAG_MAX * (abs(curvature) / RENDER_CLIP) ** SAG_POWER, curvature)
     # Centred on its own sag so the mouth's height in the face carries no extra cue.
-    ys = my + curvature * half * ((1 - xs**2) - 0.5)
+    ys = my + sag * half * ((1 - xs**2) - 0.5)
     points = [(cx + half * x, y) for x, y in zip(xs, ys, strict=True)]
-    # Lips darker than the skin and reddish, so the line contrasts on every skin tone.
-    lips = tuple(int(v) for v in np.array(skin) * rng.uniform(0.35, 0.55) + (45, 0, 5))
-    thickness = max(2, round(rng.uniform(0.035, 0.05) * h))
+    # Reddish lips with a dark parting line: the lips stand out on light skin, the line on dark skin
+    # (a plain dark line scored CV AUC 0.82 on the darkest third of faces, 0.90 on the lightest).
+    lips = 0.4 * np.array(skin) + 0.6 * np.array((175, 55, 65)) + rng.integers(-15, 16, size=3)
+    lips = tuple(int(v) for v in np.clip(lips, 0, 255))
+    thickness = max(2, round(rng.uniform(0.06, 0.075) * h))
     draw.line(points, fill=lips, width=thickness, joint="curve")
     for x, y in (points[0], points[-1]):
         draw.ellipse(
             (x - thickness / 2, y - thickness / 2, x + thickness / 2, y + thickness / 2), lips
         )
+    draw.line(points, fill=(35, 12, 16), width=max(1, round(0.3 * thickness)), joint="curve")
 
 
 def _finish_photo(rng: np.random.Generator, canvas: Image.Image) -> Image.Image:

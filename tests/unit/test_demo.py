@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emotr.demo import RENDER_SIGMA, bayes_ceiling, draw_curvature, generate_demo_dataset
+from emotr.demo import (
+    RENDER_SIGMA,
+    bayes_ceiling,
+    draw_curvature,
+    generate_demo_dataset,
+    render_face,
+)
 
 # (height, width): small to keep each test near a second, not square to catch a swapped size.
 SIZE = (48, 64)
@@ -75,6 +81,17 @@ def test_images_are_rgb_jpegs_of_the_requested_size_and_vary(tmp_path):
             means.append(np.asarray(image, dtype=np.float64).mean(axis=(0, 1)))
     assert len(means) == 12
     assert np.std(means, axis=0).min() > 5  # colour, light and clutter differ between images
+
+
+@pytest.mark.parametrize("magnitude", [0.5, 0.05])
+def test_the_class_shows_in_the_mouth_only(magnitude):
+    # Same draws, opposite curvature: everything but the mouth is independent of the class, and
+    # even a slight curvature bends the mouth visibly.
+    smile, smile_quality = render_face(np.random.default_rng(7), SIZE, magnitude)
+    frown, frown_quality = render_face(np.random.default_rng(7), SIZE, -magnitude)
+    changed = np.abs(np.asarray(smile, float) - np.asarray(frown, float)).max(axis=2) > 30
+    assert smile_quality == frown_quality
+    assert 0.005 < changed.mean() < 0.1
 
 
 def test_bayes_ceiling_is_between_chance_and_certainty(tmp_path):
