@@ -100,12 +100,18 @@ def build_extractor(cfg: BackboneConfig) -> keras.Model:
 
 
 class FeatureExtractor:
-    """Loads the model once; call with a uint8 batch (B, H, W, 3) -> float32 (B, 512)."""
+    """Loads the model once; call with a uint8 batch (B, H, W, 3) -> float32 (B, 512).
 
-    def __init__(self, cfg: BackboneConfig):
+    The model always sees `batch_size` images: larger inputs run in chunks and the last chunk is
+    padded, because every new batch shape retraces (TF) or recompiles (JAX) the whole VGG16,
+    which cost about a second each on 2 cores.
+    """
+
+    def __init__(self, cfg: BackboneConfig, batch_size: int = 32):
         self.cfg = cfg
         self.model = build_extractor(cfg)
         self.input_shape = (*cfg.input_size, 3)
+        self.batch_size = batch_size
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """Features of one batch of decoded images."""
@@ -115,9 +121,19 @@ class FeatureExtractor:
                 f"expected uint8 pixels of shape (B, {', '.join(map(str, self.input_shape))}), "
                 f"got {pixels.dtype} {pixels.shape}; decode with emotr.imageio.decode_image"
             )
-        if len(pixels) == 0:
+        chunks = [
+            self._predict_padded(pixels[start : start + self.batch_size])
+            for start in range(0, len(pixels), self.batch_size)
+        ]
+        if not chunks:
             return np.zeros((0, feature_dim(self.cfg)), dtype=np.float32)
-        return np.asarray(self.model.predict_on_batch(pixels), dtype=np.float32)
+        return np.concatenate(chunks)
+
+    def _predict_padded(self, chunk: np.ndarray) -> np.ndarray:
+        padded = np.zeros((self.batch_size, *self.input_shape), dtype=np.uint8)
+        padded[: len(chunk)] = chunk
+        features = self.model.predict_on_batch(padded)
+        return np.asarray(features, dtype=np.float32)[: len(chunk)]
 
 
 def _build_conv_base(cfg: BackboneConfig) -> keras.Model:

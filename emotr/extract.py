@@ -325,7 +325,9 @@ def extract_features(
         if load_model is None:
             from emotr.backbone import FeatureExtractor
 
-            load_model = functools.partial(FeatureExtractor, cfg.backbone)
+            load_model = functools.partial(
+                FeatureExtractor, cfg.backbone, batch_size=cfg.extract.batch_size
+            )
         plan = plan_actors(cfg.extract)
         log.info(
             "extracting %d images with %d actors into %s", len(todo), plan.n_actors, fingerprint
@@ -335,9 +337,6 @@ def extract_features(
         # Start every actor before dispatching: work is shared by all of them, and a pool the
         # cluster cannot place fails with a timeout instead of hanging.
         dataset.context.wait_for_min_actors_s = _ACTOR_START_TIMEOUT_S
-        # Least-busy dispatch, not locality: with locality a node's own actor takes every block
-        # decoded there while it has room, and the other GPUs idle when decoding is the slow part.
-        dataset.context.execution_options.actor_locality_enabled = False
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 committer.add(batch)

@@ -59,7 +59,7 @@ def bench_bare(cfg, paths: list[str], batch_size: int) -> float:
             for p in paths
         ]
     )
-    model = FeatureExtractor(cfg.backbone)
+    model = FeatureExtractor(cfg.backbone, batch_size)
     model(pixels[:batch_size])  # warm-up: graph tracing is not throughput
     start = time.perf_counter()
     for first in range(0, len(pixels), batch_size):
