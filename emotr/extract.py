@@ -62,6 +62,8 @@ class ExtractSummary:
     images_per_second: float
     rows_per_worker: dict[str, int] = field(default_factory=dict)
     n_actors: int = 0  # extractor actors started (0 when everything was cached)
+    # Until the first features reached the driver: actor start, TF import, model load, tracing.
+    startup_seconds: float = 0.0
 
 
 class TooManyFailures(RuntimeError):
@@ -320,11 +322,12 @@ def extract_features(
     unique = listing.images.drop_duplicates("sha256")[["path", "sha256"]]
     todo = unique[~unique["sha256"].isin(cache.cached_hashes())].reset_index(drop=True)
     committer = _Committer(cache, cfg.extract.commit_every)
-    plan = None
+    plan, startup = None, 0.0
     if len(todo):
         if load_model is None:
-            from emotr.backbone import FeatureExtractor
+            from emotr.backbone import FeatureExtractor, check_weights
 
+            check_weights(cfg.backbone)
             load_model = functools.partial(
                 FeatureExtractor, cfg.backbone, batch_size=cfg.extract.batch_size
             )
@@ -339,6 +342,7 @@ def extract_features(
         dataset.context.wait_for_min_actors_s = _ACTOR_START_TIMEOUT_S
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                startup = startup or time.perf_counter() - start
                 committer.add(batch)
         finally:  # keep what was extracted, even when the job fails half-way
             committer.flush()
@@ -357,6 +361,7 @@ def extract_features(
         images_per_second=committer.n_committed / wall if wall > 0 else 0.0,
         rows_per_worker=dict(committer.workers),
         n_actors=plan.n_actors if plan else 0,
+        startup_seconds=startup,
     )
     if summary.n_failed > cfg.extract.max_failure_fraction * summary.n_unique:
         raise TooManyFailures(summary, cfg.extract.max_failure_fraction)
@@ -396,6 +401,7 @@ def _log_summary(tracker: Tracker, run_id: str, summary: ExtractSummary) -> None
         "n_actors": summary.n_actors,
         "images_per_second": summary.images_per_second,
         "wall_seconds": summary.wall_seconds,
+        "startup_seconds": summary.startup_seconds,
     }
     tracker.log_metrics(run_id, metrics)
     tracker.log_table(run_id, summary.failures, "failures.csv")

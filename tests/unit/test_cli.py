@@ -67,3 +67,25 @@ def test_demo_data_writes_both_classes_and_prints_the_ceiling(tmp_path: Path):
     assert any((tmp_path / "demo" / "positive").iterdir())
     again = emotr("demo-data", str(tmp_path / "demo"), "--n", "6")
     assert again.returncode == 2 and "demo" in again.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    (Path.home() / ".keras/models/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5").exists(),
+    reason="ImageNet weights are cached here, so nothing fails",
+)
+def test_unreachable_imagenet_weights_fail_with_the_alternatives(tmp_path: Path):
+    result = emotr(
+        "extract",
+        "-c",
+        "conf/smoke.yaml",
+        "backbone.weights=imagenet",
+        f"data.root={tmp_path / 'data'}",
+        f"cache.root={tmp_path / 'cache'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"mlflow.artifact_location={tmp_path / 'mlartifacts'}",
+    )
+    assert result.returncode == 1
+    assert "backbone.weights=hed-bsds500" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list((tmp_path / "cache").rglob("part-*.parquet"))
