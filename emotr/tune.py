@@ -10,6 +10,7 @@ later trials prune against.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,7 +94,8 @@ def run_search(
     enqueue_baseline(study, cfg.tune)
     parent_id = _open_parent(tracker, existing_parents, cfg, features, parent_run_id)
     search = _Search(cfg, study, tracker, features, runs, parent_id)
-    console = Console()
+    # Off a terminal (a log, `ray job logs`) Rich assumes 80 columns: too narrow for the table.
+    console = Console(width=None if sys.stdout.isatty() else 120)
     try:
         if progress:
             with Live(console=console, refresh_per_second=4) as search.live:
@@ -108,8 +110,7 @@ def run_search(
         search.live = None
     result = summarize_search(cfg, study, tracker, parent_id, runs, search.timings, started)
     if progress:
-        # Wide enough for every column even when the output is a log file rather than a terminal.
-        console.print(top_table(result), width=max(console.width, 110))
+        console.print(top_table(result))
     return result
 
 
