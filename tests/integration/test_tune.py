@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from emotr.config import MlflowConfig
+from emotr.head import HeadParams
 from emotr.study import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG, open_study
 from emotr.track import Tracker
 from emotr.tune import FeatureSet, run_search
@@ -30,17 +32,7 @@ pytestmark = pytest.mark.slow
 PER_EPOCH = ("loss", "accuracy", "val_loss", "val_accuracy", "val_auc")
 FINAL = ("val_precision", "val_recall", "val_f1", "val_log_loss", "best_epoch", "train_seconds")
 PLOTS = {"plots/roc_curve.png", "plots/confusion_matrix.png", "plots/learning_curves.png"}
-HEAD_PARAMS = (
-    "n_layers",
-    "units",
-    "activation",
-    "dropout",
-    "l2",
-    "learning_rate",
-    "batch_size",
-    "standardize",
-    "class_weight",
-)
+HEAD_PARAMS = tuple(field.name for field in dataclasses.fields(HeadParams))
 
 
 def make_features(n: int = 300, seed: int = 0) -> FeatureSet:
