@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -135,20 +135,12 @@ class Tracker:
         """Store a pandas DataFrame as a CSV artifact."""
         self.client.log_text(run_id, table.to_csv(index=False), artifact_file)
 
-    def log_json(self, run_id: str, data: Any, artifact_file: str) -> None:
-        """Store JSON-serialisable data as an artifact."""
-        self.client.log_text(run_id, json.dumps(data, indent=2, default=str), artifact_file)
-
     def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
         """Store a matplotlib figure as PNG and close it."""
         import matplotlib.pyplot as plt
 
         self.client.log_figure(run_id, figure, artifact_file)
         plt.close(figure)
-
-    def log_dir(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        """Upload a local folder's files under artifact_path."""
-        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
 
     def log_bytes(self, run_id: str, data: bytes, artifact_file: str) -> None:
         """Store raw bytes as an artifact file."""
@@ -248,7 +240,6 @@ def ui_command(cfg: MlflowConfig) -> str:
 
 __all__ = [
     "MLFLOW_PARENT_RUN_ID",
-    "RunStatus",
     "Tracker",
     "keras_model_bytes",
     "mlflow",
