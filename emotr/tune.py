@@ -110,6 +110,7 @@ def run_search(
         search.live = None
     result = summarize_search(cfg, study, tracker, parent_id, runs, search.timings, started)
     if progress:
+        console.print()  # the live status line ends without a newline off a terminal
         console.print(top_table(result))
     return result
 
