@@ -152,29 +152,22 @@ def write_config(cfg: Config, path: Path) -> Path:
 
 
 TWO_GPU_NODES = """
-    import json, sys, time
+    import json, sys
     import ray
     from ray.cluster_utils import Cluster
-    from emotr.backbone import FeatureExtractor
     from emotr.config import load_config
     from emotr.data import list_images
     from emotr.extract import extract_features
-
-    class SlowModel:  # slower than decoding, as VGG16 on a GPU node is: blocks queue up
-        def __init__(self, cfg):
-            self.model = FeatureExtractor(cfg)
-
-        def __call__(self, pixels):
-            time.sleep(0.3)
-            return self.model(pixels)
+    from tests.integration.test_extract import SlowModel
 
     cfg = load_config([sys.argv[1]])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
     cluster.add_node(num_cpus=2, num_gpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
     try:
+        # Slower than decoding, as VGG16 on a GPU node is: blocks queue up for both actors.
         summary = extract_features(cfg, list_images(cfg.data), progress=False,
-                                   load_model=lambda: SlowModel(cfg.backbone))
+                                   load_model=lambda: SlowModel(cfg.backbone, 0.3))
         print("RESULT", json.dumps({"workers": summary.rows_per_worker,
                                     "n_actors": summary.n_actors,
                                     "n_extracted": summary.n_extracted}))
@@ -257,25 +250,17 @@ def test_killed_extractor_actor_still_ends_with_a_complete_cache(tmp_path, ray_l
 
 
 DRIVER = """
-    import sys, time
+    import sys
     import ray
-    from emotr.backbone import FeatureExtractor
     from emotr.config import load_config
     from emotr.data import list_images
     from emotr.extract import extract_features
-
-    class SlowModel:
-        def __init__(self, cfg):
-            self.model = FeatureExtractor(cfg)
-
-        def __call__(self, pixels):
-            time.sleep(0.5)
-            return self.model(pixels)
+    from tests.integration.test_extract import SlowModel
 
     cfg = load_config([sys.argv[1]])
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     extract_features(cfg, list_images(cfg.data), progress=False,
-                     load_model=lambda: SlowModel(cfg.backbone))
+                     load_model=lambda: SlowModel(cfg.backbone, 0.5))
     print("FINISHED")
 """
 
