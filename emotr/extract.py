@@ -254,7 +254,11 @@ def build_dataset(cfg: Config, todo: pd.DataFrame, load_model: ModelLoader, plan
             fn_constructor_args=(load_model, feature_dim(cfg.backbone), plan.n_threads),
             batch_size=cfg.extract.batch_size,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=plan.n_actors),
+            # Two calls per actor: one decodes (fused on CPU) or unpacks its batch while the
+            # other runs the model; Ray Data still runs the model itself one call at a time.
+            compute=ray.data.ActorPoolStrategy(
+                size=plan.n_actors, max_concurrent_calls_per_actor=2
+            ),
             udf_modifying_row_count=False,
             **plan.resources,
         )

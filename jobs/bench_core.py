@@ -104,6 +104,11 @@ def bench_models(cfg: BackboneConfig, pixels: np.ndarray, batch_sizes: list[int]
                     np.asarray(model.predict_on_batch(pixels[start : start + b]))
 
             results[f"keras b{batch_size}"] = timed(keras_loop, n)
+            # The fast path must compute what Keras computes.
+            difference = np.abs(
+                extractor(pixels[:batch_size]) - model.predict_on_batch(pixels[:batch_size])
+            )
+            print(f"core vs keras: max |difference| {difference.max():.2e}", flush=True)
             if keras.backend.backend() == "jax":
                 results[f"roof b{batch_size}"] = _bench_roof(extractor, pixels[:batch_size], n)
         del extractor
@@ -164,7 +169,15 @@ def accelerator(backend: str) -> str:
 
         device = jax.devices()[0]
         return f"{device.platform}: {device.device_kind}"
-    return "see the backend's device list"
+    if backend == "torch":
+        import torch
+
+        return f"torch {torch.__version__}: " + (
+            torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        )
+    import tensorflow as tf
+
+    return "tensorflow: " + ", ".join(d.name for d in tf.config.list_physical_devices())
 
 
 def markdown(args, backend: str, decode_rate: float, rows: list[tuple[str, str, float]]) -> str:
