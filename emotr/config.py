@@ -85,6 +85,8 @@ class ExtractConfig(_Section):
     max_failure_fraction: float = Field(0.01, ge=0.0, le=1.0)
     # Rows per committed Parquet part: bounds what a crash can lose.
     commit_every: int = Field(256, ge=1)
+    # Keras backend of the extractor actors; jax is the fast one on GPUs (docs/benchmarks.md).
+    keras_backend: Literal["tensorflow", "jax", "torch"] = "tensorflow"
 
 
 class CacheConfig(_Section):

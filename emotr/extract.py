@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import io
 import logging
 import math
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -128,6 +130,23 @@ def _upright_size(data: bytes) -> tuple[int, int]:
     return height, width
 
 
+def _check_backend(backend: str, node: str) -> None:
+    """Fail with what to do when this process cannot run Keras on `backend` ("" = any)."""
+    if backend and importlib.util.find_spec(backend) is None:
+        raise RuntimeError(
+            f"extract.keras_backend={backend}, but {backend} is not installed on Ray node {node} "
+            f"({sys.executable}); install it in every worker's environment (pip install "
+            f"'emotr[jax]' for jax) or set extract.keras_backend=tensorflow"
+        )
+    import keras
+
+    if backend and keras.backend.backend() != backend:
+        raise RuntimeError(
+            f"extract.keras_backend={backend}, but Keras was already imported with the "
+            f"{keras.backend.backend()} backend in this worker"
+        )
+
+
 def _configure_tensorflow(n_threads: int) -> None:
     import keras
 
@@ -148,13 +167,17 @@ def _configure_tensorflow(n_threads: int) -> None:
 class Extractor:
     """Ray Data callable class: loads the model once, turns decoded pixels into features."""
 
-    def __init__(self, load_model: ModelLoader, dim: int, n_threads: int = 0):
+    def __init__(self, load_model: ModelLoader, dim: int, n_threads: int = 0, backend: str = ""):
         import ray
+
+        node = ray.get_runtime_context().get_node_id()[:12]
+        _check_backend(backend, node)  # before Keras is imported: that would fail less clearly
+        import keras
 
         _configure_tensorflow(n_threads or _node_cpus())
         self.model = load_model()
         self.dim = dim
-        self.worker = f"{ray.get_runtime_context().get_node_id()[:12]}:{os.getpid()}"
+        self.worker = f"{node}:{os.getpid()}:{keras.backend.backend()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["ok"].astype(bool)
@@ -239,6 +262,9 @@ def build_dataset(cfg: Config, todo: pd.DataFrame, load_model: ModelLoader, plan
         "max_pixels": cfg.decode.max_pixels,
         "background": tuple(cfg.decode.background),
     }
+    # Keras reads its backend when first imported: the actors' processes start with it set.
+    # Decode tasks get the same environment, or Ray Data could not fuse them into the actors.
+    backend_env = {"env_vars": {"KERAS_BACKEND": cfg.extract.keras_backend}}
     return (
         ray.data.from_pandas(_split_rows(todo[["path", "sha256"]], n_blocks))
         .map_batches(
@@ -248,10 +274,16 @@ def build_dataset(cfg: Config, todo: pd.DataFrame, load_model: ModelLoader, plan
             batch_format="numpy",
             compute=decode_compute,
             udf_modifying_row_count=False,
+            runtime_env=backend_env,
         )
         .map_batches(
             Extractor,
-            fn_constructor_args=(load_model, feature_dim(cfg.backbone), plan.n_threads),
+            fn_constructor_args=(
+                load_model,
+                feature_dim(cfg.backbone),
+                plan.n_threads,
+                cfg.extract.keras_backend,
+            ),
             batch_size=cfg.extract.batch_size,
             batch_format="numpy",
             # Two calls per actor: one decodes (fused on CPU) or unpacks its batch while the
@@ -260,6 +292,7 @@ def build_dataset(cfg: Config, todo: pd.DataFrame, load_model: ModelLoader, plan
                 size=plan.n_actors, max_concurrent_calls_per_actor=2
             ),
             udf_modifying_row_count=False,
+            runtime_env=backend_env,
             **plan.resources,
         )
     )
