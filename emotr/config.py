@@ -87,6 +87,9 @@ class ExtractConfig(_Section):
     commit_every: int = Field(256, ge=1)
     # Keras backend of the extractor actors; jax is the fast one on GPUs (docs/benchmarks.md).
     keras_backend: Literal["tensorflow", "jax", "torch"] = "tensorflow"
+    # JAX's persistent compilation cache on each node (keras_backend=jax): a later actor start
+    # loads the compiled VGG16 instead of compiling it again. "" = off.
+    compilation_cache_dir: str = "/tmp/emotr-jax-cache"
 
 
 class CacheConfig(_Section):

@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--size", default="400x500", help="model input and JPEG size, HxW")
     parser.add_argument("--precision", default="bfloat16")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--decode-batch-size", type=int, default=16)
     parser.add_argument("--keras-backend", default="jax")
     parser.add_argument("--weights", default="none")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
@@ -65,6 +66,7 @@ def main() -> None:
             f"backbone.precision={args.precision}",
             f"backbone.weights={args.weights}",
             f"extract.batch_size={args.batch_size}",
+            f"extract.decode_batch_size={args.decode_batch_size}",
             f"extract.keras_backend={args.keras_backend}",
             f"cache.root={work / 'cache'}",
         ]
@@ -85,7 +87,8 @@ def main() -> None:
     section = (
         f"\n## Pipeline vs bare core, {datetime.date.today().isoformat()}\n\n"
         f"`python jobs/bench_pipeline.py --n {args.n} --size {args.size} --precision "
-        f"{args.precision} --batch-size {args.batch_size} --keras-backend {args.keras_backend}` "
+        f"{args.precision} --batch-size {args.batch_size} --decode-batch-size "
+        f"{args.decode_batch_size} --keras-backend {args.keras_backend}` "
         f"on {machine}, Ray {ray.__version__}.\n\n"
         "| size | precision | backend | bare img/s | pipeline img/s | after start img/s | "
         "pipeline/bare | cold s | warm/cold | +10%/cold |\n"

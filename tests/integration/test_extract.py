@@ -116,13 +116,18 @@ def test_pipeline_features_equal_a_single_process_extractor(tmp_path, ray_local)
 def test_actors_run_the_configured_keras_backend(tmp_path, ray_local):
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed (pip install -e '.[dev]' installs it)")
-    cfg = demo_config(tmp_path, 8, "extract.keras_backend=jax")
+    compiled = tmp_path / "jax-cache"
+    cfg = demo_config(
+        tmp_path, 8, "extract.keras_backend=jax", f"extract.compilation_cache_dir={compiled}"
+    )
     listing = list_images(cfg.data)
     summary = extract_features(cfg, listing, progress=False)
     assert summary.n_extracted == 8
     assert summary.rows_per_worker and all(
         worker.endswith(":jax") for worker in summary.rows_per_worker
     ), summary.rows_per_worker
+    # The compiled model was kept for the next actor start.
+    assert compiled.is_dir() and any(compiled.iterdir())
     # Same fingerprint and, within float tolerance, the same features as TensorFlow.
     expected = FeatureExtractor(cfg.backbone)(decoded(cfg, listing))
     got = cache_of(cfg, summary).load(listing.images["sha256"].tolist())
