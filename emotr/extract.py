@@ -175,6 +175,7 @@ class Extractor:
         dim: int,
         n_threads: int = 0,
         backend: str = "",
+        concurrent_calls: bool = False,
     ):
         import ray
 
@@ -184,8 +185,10 @@ class Extractor:
 
         _configure_tensorflow(n_threads or _node_cpus())
         self.model = load_model()
-        # Trace/compile now, once: with two calls in flight both would otherwise compile.
-        self.model(np.zeros((1, *input_shape), np.uint8))
+        if concurrent_calls:
+            # Compile now, once: two first calls at the same time would both compile. (Without
+            # them the first batch compiles, and a warm-up would cost one batch more.)
+            self.model(np.zeros((1, *input_shape), np.uint8))
         self.dim = dim
         self.worker = f"{node}:{os.getpid()}:{keras.backend.backend()}"
 
@@ -300,6 +303,7 @@ def build_dataset(cfg: Config, todo: pd.DataFrame, load_model: ModelLoader, plan
                 "dim": feature_dim(cfg.backbone),
                 "n_threads": plan.n_threads,
                 "backend": cfg.extract.keras_backend,
+                "concurrent_calls": plan.on_gpus,
             },
             batch_size=cfg.extract.batch_size,
             batch_format="numpy",
