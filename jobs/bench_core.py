@@ -25,10 +25,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from benchlib import add_output_arguments, publish
 
 from emotr.config import BackboneConfig, DecodeConfig
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _generate(args: tuple[Path, int, tuple[int, int], int]) -> list[Path]:
@@ -135,8 +134,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2048, help="images per timed run")
     parser.add_argument("--n-files", type=int, default=256, help="distinct JPEGs to decode")
     parser.add_argument("--weights", default="none")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
-    parser.add_argument("--no-write", action="store_true", help="print only, leave docs alone")
+    add_output_arguments(parser)
     args = parser.parse_args()
     size = tuple(int(part) for part in args.size.lower().split("x"))
     batch_sizes = [int(part) for part in args.batch_sizes.split(",")]
@@ -157,10 +155,7 @@ def main() -> None:
             rows.append((precision, name, rate))
             print(f"{precision} {name}: {rate:.0f} img/s", flush=True)
     section = markdown(args, keras.backend.backend(), decode_rate, rows)
-    print(section)
-    if not args.no_write:
-        with args.out.open("a") as file:
-            file.write(section)
+    publish(args, section)
 
 
 def accelerator(backend: str) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from benchlib import add_output_arguments, publish
 
 from emotr.backbone import FeatureExtractor, build_extractor
 from emotr.cache import FeatureCache, compute_fingerprint
@@ -31,7 +32,6 @@ from emotr.demo import generate_demo_dataset
 from emotr.extract import extract_features
 from emotr.imageio import decode_image
 
-REPO = Path(__file__).resolve().parent.parent
 COLUMNS = [
     "size",
     "precision",
@@ -188,18 +188,13 @@ def main() -> None:
     parser.add_argument("--weights", default="none", help="backbone.weights (none: no download)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
-    parser.add_argument("--no-write", action="store_true", help="print only, leave docs alone")
+    add_output_arguments(parser)
     args = parser.parse_args()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as work:
         rows = run(args, Path(work))
     section = markdown(args, rows)
-    print(section)
-    if not args.no_write:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a") as file:
-            file.write(section)
+    publish(args, section)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,10 @@ from pathlib import Path
 import ray
 from bench_core import make_jpegs
 from bench_extract import bench_bare, bench_pipeline
+from benchlib import add_output_arguments, publish
 
 from emotr.config import load_config
 from emotr.data import list_images
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def write_copies(blobs: list[bytes], root: Path, start: int, stop: int) -> None:
@@ -49,8 +48,7 @@ def main() -> None:
     parser.add_argument("--decode-batch-size", type=int, default=16)
     parser.add_argument("--keras-backend", default="jax")
     parser.add_argument("--weights", default="none")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
-    parser.add_argument("--no-write", action="store_true", help="print only, leave docs alone")
+    add_output_arguments(parser)
     args = parser.parse_args()
     height, width = (int(part) for part in args.size.lower().split("x"))
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as work_dir:
@@ -95,10 +93,7 @@ def main() -> None:
         f"|{'---|' * 10}\n"
         f"{row}"
     )
-    print(section)
-    if not args.no_write:
-        with args.out.open("a") as file:
-            file.write(section)
+    publish(args, section)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from benchlib import add_output_arguments, publish
 
 from emotr.config import load_config
 from emotr.head import HeadParams, fit_head
 from emotr.track import Tracker
 from emotr.tune import FeatureSet, run_search
 
-REPO = Path(__file__).resolve().parent.parent
 COLUMNS = [
     "search",
     "concurrency",
@@ -179,8 +179,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--tracking-uri", default=None, help="default: SQLite in a temp folder")
     parser.add_argument("--num-cpus", type=int, default=2, help="local Ray CPUs")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
-    parser.add_argument("--no-write", action="store_true", help="print only, leave docs alone")
+    add_output_arguments(parser)
     args = parser.parse_args()
     import tensorflow as tf
 
@@ -191,11 +190,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as work:
         fit, rows = run(args, Path(work))
     section = markdown(args, fit, rows)
-    print(section)
-    if not args.no_write:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a") as file:
-            file.write(section)
+    publish(args, section)
 
 
 if __name__ == "__main__":
