@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from emotr.config import BackboneConfig
+from emotr.errors import EmotrError
 
 if TYPE_CHECKING:
     import keras
@@ -46,7 +47,7 @@ _ALTERNATIVES = (
 )
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(EmotrError, RuntimeError):
     """The configured backbone weights cannot be loaded; the message says what to use instead."""
 
 

@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from emotr.config import BackboneConfig, DecodeConfig
+from emotr.errors import EmotrError
 from emotr.storage import is_uri, join, resolve
 
 CACHE_FORMAT = "1"
@@ -33,7 +34,7 @@ _META_FINGERPRINT = b"emotr.fingerprint"
 _META_INPUTS = b"emotr.inputs"
 
 
-class CacheMiss(KeyError):
+class CacheMiss(EmotrError, KeyError):
     """Features asked for that the cache does not hold."""
 
     def __str__(self) -> str:  # KeyError would quote the message

@@ -12,10 +12,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from emotr.errors import EmotrError
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "default.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(EmotrError, ValueError):
     """A config file or override that cannot be used; the message names the key and the fix."""
 
 

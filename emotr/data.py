@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from emotr.config import DataConfig
+from emotr.errors import EmotrError
 from emotr.storage import is_uri, join, resolve
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
@@ -29,7 +30,7 @@ _CHUNK_BYTES = 1 << 20
 _MAX_NAMED = 10  # paths spelled out in one message; the rest are counted
 
 
-class DataError(ValueError):
+class DataError(EmotrError, ValueError):
     """Data that cannot be used; the message says what, where (path or key) and how to fix it."""
 
 

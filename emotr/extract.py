@@ -35,6 +35,7 @@ from PIL import Image
 from emotr.cache import FeatureCache, compute_fingerprint
 from emotr.config import Config, ExtractConfig, to_yaml
 from emotr.data import Listing
+from emotr.errors import EmotrError
 from emotr.imageio import DecodeError, decode_image
 from emotr.storage import read_bytes
 
@@ -69,7 +70,7 @@ class ExtractSummary:
     startup_seconds: float = 0.0
 
 
-class TooManyFailures(RuntimeError):
+class TooManyFailures(EmotrError, RuntimeError):
     """More undecodable images than extract.max_failure_fraction allows (good ones are cached)."""
 
     def __init__(self, summary: ExtractSummary, max_fraction: float):

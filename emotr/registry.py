@@ -14,10 +14,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from emotr.config import BackboneConfig, Config, DecodeConfig
+from emotr.errors import EmotrError
 from emotr.track import Tracker
 
 
-class RegistryError(RuntimeError):
+class RegistryError(EmotrError, RuntimeError):
     """A model name, version or alias that does not exist; the message says what to run instead."""
 
 
