@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,22 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+@app.callback()
+def main_options(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug", envvar="EMOTR_DEBUG", help="Show the traceback of errors (or EMOTR_DEBUG=1)."
+        ),
+    ] = False,
+) -> None:
+    """Options shared by every command."""
+    _settings["debug"] = debug
+
+
+_settings = {"debug": False}
+
+
 def _load(config: Path, overrides: list[str] | None) -> Config:
     logging.basicConfig(
         level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=errors)]
@@ -60,10 +77,13 @@ def _connect_ray(cfg: Config) -> None:
         return
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=False)
+    elif os.environ.get("RAY_ADDRESS"):
+        # Under `ray job submit` the job's driver joins its own cluster, named by RAY_ADDRESS.
+        ray.init(log_to_driver=False)
     else:
-        # Under `ray job submit`, ray.init() joins the job's cluster through RAY_ADDRESS by itself.
+        # "local": a private Ray, never a stray cluster that Ray's temp folder still names.
         kwargs = {"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}
-        ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, **kwargs)
 
 
 def _tracker(cfg: Config):
@@ -72,24 +92,83 @@ def _tracker(cfg: Config):
     return Tracker(cfg.mlflow)
 
 
-def _run_guarded(action):
-    """Run an action, turning the errors a user can fix into one clear line and exit code 1."""
-    from emotr.data import DataError
+def _run_guarded(action, cfg: Config | None = None):
+    """Run an action, turning errors a user can fix into one clear line and exit code 1.
 
-    expected: tuple[type[BaseException], ...] = (DataError, FileNotFoundError, ValueError)
-    try:
-        from emotr.backbone import WeightsUnavailable
-        from emotr.cache import CacheMiss
-        from emotr.extract import TooManyFailures
-        from emotr.registry import RegistryError
+    Only emotr's own errors and OSErrors (which name a path) are expected; anything else is a bug
+    and keeps its traceback. --debug shows the traceback of expected errors too.
+    """
+    from emotr.errors import EmotrError
 
-        expected += (WeightsUnavailable, CacheMiss, TooManyFailures, RegistryError)
-    except ImportError:  # pragma: no cover - only while a module is missing
-        pass
     try:
         return action()
-    except expected as error:
+    except EmotrError as error:
+        if _settings["debug"]:
+            raise
         raise _fail(str(error)) from None
+    except OSError as error:
+        if _settings["debug"]:
+            raise
+        raise _fail(describe_os_error(error, cfg)) from None
+
+
+def describe_os_error(error: OSError, cfg: Config | None) -> str:
+    """An OSError as one line naming the path or URI and the config key it came from."""
+    reason = error.strerror or str(error) or type(error).__name__
+    if error.filename:
+        where = str(error.filename)
+        key = _config_key_of(where, cfg) if cfg is not None else None
+        text = f"{reason}: {where}"
+    else:  # pyarrow's errors carry the path in their text only
+        key = _config_key_in(reason, cfg) if cfg is not None else None
+        text = f"{type(error).__name__}: {reason}"
+    source = f" (from {key}={_config_value(cfg, key)})" if key and cfg is not None else ""
+    return f"{text}{source}; check that it exists and that this user may use it"
+
+
+# Config keys that name files or folders, most specific first.
+_PATH_KEYS = (
+    "data.manifest",
+    "data.root",
+    "cache.root",
+    "mlflow.artifact_location",
+    "mlflow.tracking_uri",
+    "tune.storage",
+    "backbone.weights",
+    "extract.compilation_cache_dir",
+)
+
+
+def _config_value(cfg: Config, key: str) -> str:
+    section, name = key.split(".")
+    return str(getattr(getattr(cfg, section), name) or "")
+
+
+def _config_key_in(text: str, cfg: Config) -> str | None:
+    """The config key whose path appears in an error's text, if any."""
+    for key in _PATH_KEYS:
+        if any(c in text for c in _path_forms(_config_value(cfg, key))):
+            return key
+    return None
+
+
+def _path_forms(value: str) -> set[str]:
+    """A configured location as written and, for local paths, made absolute."""
+    value = value.removeprefix("sqlite:///")
+    if not value or value in {"imagenet", "none", "hed-bsds500"}:
+        return set()
+    forms = {value.rstrip("/")}
+    if "://" not in value:
+        forms.add(str(Path(value).expanduser().resolve()))
+    return forms
+
+
+def _config_key_of(path: str, cfg: Config) -> str | None:
+    """The config key whose value holds `path` (as given or resolved), if any."""
+    for key in _PATH_KEYS:
+        if any(path == c or path.startswith(c + "/") for c in _path_forms(_config_value(cfg, key))):
+            return key
+    return None
 
 
 def _load_with_listing(config: Path, overrides: list[str] | None):
@@ -97,7 +176,8 @@ def _load_with_listing(config: Path, overrides: list[str] | None):
     from emotr import pipeline
 
     cfg = _load(config, overrides)
-    listing = _run_guarded(lambda: pipeline.prepare_listing(cfg))
+    _run_guarded(lambda: pipeline.check_stores(cfg), cfg)
+    listing = _run_guarded(lambda: pipeline.prepare_listing(cfg), cfg)
     _connect_ray(cfg)
     return cfg, listing
 
@@ -137,7 +217,7 @@ def extract(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) 
     from emotr import pipeline
 
     cfg, listing = _load_with_listing(config, overrides)
-    summary = _run_guarded(lambda: pipeline.extract(cfg, _tracker(cfg), listing))
+    summary = _run_guarded(lambda: pipeline.extract(cfg, _tracker(cfg), listing), cfg)
     console.print(
         f"cache {cfg.cache.root}/{summary.fingerprint}: {summary.n_extracted} extracted, "
         f"{summary.n_cached} already cached, {summary.n_failed} failed "
@@ -151,7 +231,7 @@ def tune(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> 
     from emotr import pipeline
 
     cfg, listing = _load_with_listing(config, overrides)
-    result = _run_guarded(lambda: pipeline.tune(cfg, _tracker(cfg), listing))
+    result = _run_guarded(lambda: pipeline.tune(cfg, _tracker(cfg), listing), cfg)
     console.print(
         f"best val AUC {result.best_value:.4f} (trial {result.best_trial_number}); "
         f"tutorial recipe {result.baseline_value:.4f}"
@@ -165,7 +245,7 @@ def run(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> N
     from emotr.track import ui_command
 
     cfg, listing = _load_with_listing(config, overrides)
-    result = _run_guarded(lambda: pipeline.run(cfg, _tracker(cfg), listing))
+    result = _run_guarded(lambda: pipeline.run(cfg, _tracker(cfg), listing), cfg)
     console.print(
         f"\n[bold]best validation AUC {result.best_val_auc:.4f}[/] (trial "
         f"{result.best_trial_number}; the tutorial's recipe: {result.baseline_val_auc:.4f})"
@@ -189,7 +269,7 @@ def promote(
     from emotr.registry import promote_model
 
     cfg = _load(config, overrides)
-    promoted = _run_guarded(lambda: promote_model(cfg, _tracker(cfg), version))
+    promoted = _run_guarded(lambda: promote_model(cfg, _tracker(cfg), version), cfg)
     console.print(
         f"{cfg.registry.model_name}@{cfg.registry.champion_alias} -> version {promoted.version}"
     )
@@ -208,7 +288,8 @@ def predict(
 
     cfg = _load(config, [])
     rows = _run_guarded(
-        lambda: predict_files(cfg, _tracker(cfg), images, model or cfg.registry.champion_alias)
+        lambda: predict_files(cfg, _tracker(cfg), images, model or cfg.registry.champion_alias),
+        cfg,
     )
     table = Table("image", "class", "P(positive)")
     for row in rows:
@@ -273,7 +354,7 @@ def cache_export(
 
     cfg = _load(config, overrides)
     fingerprint, _ = compute_fingerprint(cfg.backbone, cfg.decode)
-    _run_guarded(lambda: export_npy(cfg.cache.root, fingerprint, str(out)))
+    _run_guarded(lambda: export_npy(cfg.cache.root, fingerprint, str(out)), cfg)
     console.print(f"exported {fingerprint} to {out}")
 
 

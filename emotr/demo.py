@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass
 from numbers import Integral
@@ -40,6 +41,10 @@ RENDER_SIGMA = 0.15
 RENDER_CLIP = 0.9
 SAG_MAX = 1.25
 SAG_POWER = 0.65
+
+# Written into every generated root before anything else: only a root holding it is emotr's to
+# change. A hidden name, so that listing a data root never takes it for an image or a class.
+DEMO_MARKER = ".emotr-demo.json"
 
 # numpy has no erf and scipy is not a declared dependency; math.erf over a grid is fast enough.
 _erf = np.frompyfunc(math.erf, 1, 1)
@@ -71,9 +76,14 @@ def generate_demo_dataset(
     positive_share: float = 0.53,
     classes: tuple[str, str] = ("negative", "positive"),
 ) -> DemoSummary:
-    """Write n synthetic face JPEGs (height, width) into out/<class>/ plus out/manifest.csv."""
+    """Write n synthetic face JPEGs (height, width) into out/<class>/ plus out/manifest.csv.
+
+    `out` must not exist or be empty (or hold an interrupted demo set of emotr's own): a marker
+    file, written first, claims the folder as emotr's, so nothing ever lands in a user's data.
+    """
     out = Path(out)
     _check_arguments(out, n, size, seed, ambiguous_share, positive_share, classes)
+    _claim_folder(out, {"n": n, "size": list(size), "seed": seed, "classes": list(classes)})
     labels = draw_labels(n, positive_share, seed)
     for name in classes:
         (out / name).mkdir(parents=True, exist_ok=True)
@@ -107,10 +117,17 @@ def _check_arguments(
     positive_share: float,
     classes: tuple[str, str],
 ) -> None:
-    if (out / "manifest.csv").exists():
+    if (out / "manifest.csv").exists() and is_demo_root(out):
         raise FileExistsError(
             f"the demo data set is already there: {out / 'manifest.csv'} exists; "
             f"delete the folder {out} to regenerate it"
+        )
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; give a folder that does not exist yet")
+    if out.exists() and not is_demo_root(out) and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} is not empty and was not made by emotr: the demo data set is written only "
+            f"into a new or empty folder, never beside a user's files; give another folder"
         )
     if isinstance(n, bool) or not isinstance(n, Integral) or n < 2:
         raise ValueError(f"n must be an integer >= 2 (one image per class at least), got {n!r}")
@@ -124,6 +141,25 @@ def _check_arguments(
         raise ValueError(f"positive_share must be strictly between 0 and 1, got {positive_share!r}")
     if len(classes) != 2 or len(set(classes)) != 2 or not all(classes):
         raise ValueError(f"classes must be two distinct non-empty names, got {classes!r}")
+
+
+def is_demo_root(root: Path) -> bool:
+    """True when `root` holds emotr's marker file: a demo set (maybe interrupted) emotr made."""
+    return (Path(root) / DEMO_MARKER).is_file()
+
+
+def is_complete_demo_root(root: Path) -> bool:
+    """True when `root` holds a whole demo set of emotr's (marker and manifest, written last)."""
+    return is_demo_root(root) and (Path(root) / "manifest.csv").is_file()
+
+
+def _claim_folder(out: Path, params: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / DEMO_MARKER
+    if marker.exists():  # an interrupted run of ours: its images are ours to replace
+        for image in out.glob("*/face_*.jpg"):
+            image.unlink()
+    marker.write_text(json.dumps({"generator": "emotr demo-data", **params}, indent=2) + "\n")
 
 
 def draw_labels(n: int, positive_share: float, seed: int) -> np.ndarray:

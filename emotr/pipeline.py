@@ -13,7 +13,7 @@ import numpy as np
 
 from emotr.config import Config, to_yaml
 from emotr.data import Listing, list_images
-from emotr.storage import is_uri
+from emotr.storage import check_writable, is_uri
 from emotr.track import Tracker
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,29 @@ def prepare_listing(cfg: Config) -> Listing:
     return list_images(cfg.data)
 
 
+def check_stores(cfg: Config) -> None:
+    """Fail before any work when the feature cache cannot be written (an OSError naming it)."""
+    check_writable(cfg.cache.root)
+
+
 def ensure_demo_data(cfg: Config) -> None:
-    """Write the synthetic demo data set into data.root unless it is already there."""
-    from emotr.demo import generate_demo_dataset
+    """Write the synthetic demo set into data.root when that folder is new or empty.
+
+    A root holding anything emotr did not make is the user's data: it is used as it is and
+    nothing is written into it. Object-store roots are never written to either.
+    """
+    from emotr.demo import generate_demo_dataset, is_complete_demo_root, is_demo_root
 
     root = Path(cfg.data.root)
-    if is_uri(cfg.data.root) or (root / "manifest.csv").exists():
+    if is_uri(cfg.data.root) or is_complete_demo_root(root):
+        return
+    if root.exists() and not is_demo_root(root) and (not root.is_dir() or any(root.iterdir())):
+        log.warning(
+            "data.generate_demo is on, but data.root %s already holds files emotr did not make: "
+            "using them as they are and writing nothing there (the demo set is generated only "
+            "into a new or empty folder)",
+            root,
+        )
         return
     summary = generate_demo_dataset(
         root,

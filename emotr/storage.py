@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -29,3 +30,17 @@ def read_bytes(location: str) -> bytes:
 def join(base: str, *parts: str) -> str:
     """Join path parts onto a local path or URI with forward slashes."""
     return "/".join([base.rstrip("/"), *(part.strip("/") for part in parts)])
+
+
+def check_writable(location: str) -> None:
+    """Create the folder `location` if needed, then write and delete a probe file in it.
+
+    Raises the OSError of the first step that fails, so a bad store fails a job in a second
+    instead of after its extraction.
+    """
+    filesystem, path = resolve(location)
+    filesystem.create_dir(path, recursive=True)
+    probe = f"{path}/.emotr-probe-{uuid.uuid4().hex}"
+    with filesystem.open_output_stream(probe) as stream:
+        stream.write(b"probe")
+    filesystem.delete_file(probe)

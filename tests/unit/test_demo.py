@@ -14,6 +14,8 @@ from emotr.demo import (
     bayes_ceiling,
     draw_curvature,
     generate_demo_dataset,
+    is_complete_demo_root,
+    is_demo_root,
     render_face,
 )
 
@@ -157,3 +159,24 @@ def test_refuses_to_overwrite_an_existing_demo_set(tmp_path):
     generate_demo_dataset(tmp_path, n=2, size=(32, 32))
     with pytest.raises(FileExistsError, match=r"already there.*delete the folder"):
         generate_demo_dataset(tmp_path, n=2, size=(32, 32))
+
+
+def test_never_writes_into_a_folder_holding_files_it_did_not_make(tmp_path):
+    (tmp_path / "positive").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "positive" / "mine.png")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(FileExistsError, match=r"not empty and was not made by emotr"):
+        generate_demo_dataset(tmp_path, n=2, size=(32, 32))
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_marks_the_folder_it_generates_and_finishes_its_own_interrupted_set(tmp_path):
+    out = tmp_path / "demo"
+    generate_demo_dataset(out, n=4, size=(32, 32))
+    assert is_complete_demo_root(out)
+    complete = {path.name: path.read_bytes() for path in out.rglob("*.jpg")}
+    (out / "manifest.csv").unlink()  # as if the generator died before its last write
+    (out / "positive" / "face_00099.jpg").write_bytes(b"half")  # a leftover of that run
+    assert is_demo_root(out) and not is_complete_demo_root(out)
+    generate_demo_dataset(out, n=4, size=(32, 32))
+    assert {path.name: path.read_bytes() for path in out.rglob("*.jpg")} == complete

@@ -1,0 +1,91 @@
+"""The `emotr` command on a user's data and on failures, as a user runs it: a real subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+def emotr(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "emotr.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def stores(tmp_path: Path) -> list[str]:
+    """Overrides that keep every store emotr writes under tmp_path."""
+    return [
+        f"cache.root={tmp_path / 'cache'}",
+        f"tune.storage=sqlite:///{tmp_path / 'optuna.db'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"mlflow.artifact_location={tmp_path / 'mlartifacts'}",
+    ]
+
+
+def write_photos(root: Path, per_class: int = 3) -> None:
+    """Real image files (JPEG and PNG) of noise, as a user's folder would hold."""
+    rng = np.random.default_rng(0)
+    for class_name in ("negative", "positive"):
+        (root / class_name).mkdir(parents=True)
+        for index in range(per_class):
+            pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+            suffix = "jpg" if index % 2 else "png"
+            Image.fromarray(pixels).save(root / class_name / f"photo{index}.{suffix}")
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file()
+    }
+
+
+def test_demo_config_on_a_users_folder_adds_no_file_and_uses_those_images(tmp_path: Path):
+    root = tmp_path / "emotions"
+    write_photos(root)
+    before = snapshot(root)
+    result = emotr(
+        "extract",
+        "-c",
+        "conf/demo.yaml",
+        f"data.root={root}",
+        "backbone.input_size=[32,32]",
+        *stores(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    assert snapshot(root) == before  # not one file added, changed or removed
+    assert "6 extracted" in result.stdout
+    assert "writing nothing there" in result.stderr.replace("\n", " ")
+
+
+def test_an_unwritable_cache_fails_in_one_line_naming_the_key(tmp_path: Path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    args = [
+        "extract",
+        "-c",
+        "conf/smoke.yaml",
+        f"data.root={tmp_path / 'data'}",
+        *stores(tmp_path),
+        f"cache.root={blocker / 'cache'}",
+    ]
+    result = emotr(*args)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    message = result.stderr.replace("\n", "")
+    assert "cache.root=" in message and str(blocker) in message
+    debug = emotr("--debug", *args)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
