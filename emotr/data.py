@@ -272,7 +272,8 @@ def _drop_conflicts(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         named = [f"{row.path} ({row.class_name})" for row in conflicts.itertuples()]
         warnings.warn(
             f"{conflicts['sha256'].nunique()} image(s) have identical bytes under more than one "
-            f"label and were left out: {_named(named)}; delete the wrong copies or fix the labels",
+            f"label and were left out: {_named(named)}; delete the wrong copies or fix the labels "
+            "(every path is in data/conflicts.csv of the run)",
             stacklevel=3,
         )
     return frame[~clash].reset_index(drop=True), conflicts

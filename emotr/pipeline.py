@@ -84,8 +84,16 @@ def log_listing(tracker: Tracker, run_id: str, cfg: Config, listing: Listing) ->
     """Record the resolved config and the listing with its split on a run."""
     tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
     tracker.log_table(run_id, listing.images, "data/listing.csv")
-    if len(listing.conflicts):
+    if len(listing.conflicts):  # every path, where the console warning names a few
         tracker.log_table(run_id, listing.conflicts, "data/conflicts.csv")
+    tracker.log_metrics(
+        run_id,
+        {
+            "n_listed_images": len(listing.images),
+            "n_conflict_files": len(listing.conflicts),
+            "n_conflict_images": listing.conflicts["sha256"].nunique(),
+        },
+    )
     tracker.set_tags(run_id, {"split_digest": listing.digest})
 
 
