@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +92,25 @@ def test_an_unwritable_cache_fails_in_one_line_naming_the_key(tmp_path: Path):
     assert "cache.root=" in message and str(blocker) in message
     debug = emotr("--debug", *args)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_a_stray_cluster_file_does_not_capture_an_in_process_run(tmp_path: Path):
+    # Ray's temp folder still names a cluster that is gone (a `ray start` stopped uncleanly).
+    # A short folder: Ray's socket paths below it must fit in 107 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="emotr-ray-", dir="/tmp"))
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        result = emotr(
+            "extract",
+            "-c",
+            "conf/smoke.yaml",
+            f"data.root={tmp_path / 'data'}",
+            *stores(tmp_path),
+            env={**env, "RAY_TMPDIR": str(ray_tmp)},
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.returncode == 0, result.stderr
+    assert "24 extracted" in result.stdout
