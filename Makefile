@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?= conf/demo.yaml
 
-.PHONY: help install demo test lint format ui bench clean
+.PHONY: help install demo test test-fast lint format ui bench clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ demo: $(STAMP)  ## Run extract -> tune -> register on the synthetic demo set (of
 test: lint  ## Lint, then all tests (unit + integration with real Ray and mlflow server)
 	$(BIN)/pytest -q -m "not gpu" --timeout 900
 
+test-fast: $(STAMP)  ## The unit tests alone (no Ray, no servers): under a minute
+	$(BIN)/pytest -q tests/unit -m "not slow and not gpu" --timeout 120
+
 lint: $(STAMP)  ## ruff lint and format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -37,9 +40,9 @@ format: $(STAMP)  ## Apply ruff fixes and formatting
 ui: $(STAMP)  ## Open the MLflow UI on the local tracking store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///.emotr/mlflow.db --host 127.0.0.1 --port 5000
 
-bench: $(STAMP)  ## Run the benchmark jobs; results are appended to docs/benchmarks.md
-	$(BIN)/python jobs/bench_extract.py
-	$(BIN)/python jobs/bench_tune.py
+bench: $(STAMP)  ## Run the benchmark jobs into .emotr/bench/ (DOCS=1: append to docs/benchmarks.md too)
+	$(BIN)/python jobs/bench_extract.py $(if $(DOCS),--docs)
+	$(BIN)/python jobs/bench_tune.py $(if $(DOCS),--docs)
 
 clean:  ## Delete local runs, caches and the demo data (.emotr/)
 	rm -rf .emotr

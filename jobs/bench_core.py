@@ -179,7 +179,7 @@ def markdown(args, backend: str, decode_rate: float, rows: list[tuple[str, str, 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     body = "".join(f"| {precision} | {name} | {rate:.0f} |\n" for precision, name, rate in rows)
     return (
-        f"\n## Extraction core, {datetime.date.today().isoformat()}\n\n"
+        f"\n### Extraction core, {datetime.date.today().isoformat()}\n\n"
         f"`KERAS_BACKEND={backend} python jobs/bench_core.py --size {args.size} --precisions "
         f"{args.precisions} --batch-sizes {args.batch_sizes} --n {args.n}` on {machine}, "
         f"{accelerator(backend)}. Pillow decode on all CPUs: {decode_rate:.0f} img/s.\n\n"

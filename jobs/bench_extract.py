@@ -170,7 +170,7 @@ def markdown(args: argparse.Namespace, rows: list[list[str]]) -> str:
     body = "".join(f"| {' | '.join(row)} |\n" for row in rows)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     return (
-        f"\n## Extraction, {datetime.date.today().isoformat()}\n\n"
+        f"\n### Extraction, {datetime.date.today().isoformat()}\n\n"
         f"`python jobs/bench_extract.py --n {args.n} --sizes {args.sizes} --precisions "
         f"{args.precisions} --image-size {args.image_size} --weights {args.weights} "
         f"--batch-size {args.batch_size}` on {machine}, Ray {ray.__version__}, "

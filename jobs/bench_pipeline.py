@@ -83,7 +83,7 @@ def main() -> None:
     )
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, GPUs: {gpus}"
     section = (
-        f"\n## Pipeline vs bare core, {datetime.date.today().isoformat()}\n\n"
+        f"\n### Pipeline vs bare core, {datetime.date.today().isoformat()}\n\n"
         f"`python jobs/bench_pipeline.py --n {args.n} --size {args.size} --precision "
         f"{args.precision} --batch-size {args.batch_size} --decode-batch-size "
         f"{args.decode_batch_size} --keras-backend {args.keras_backend}` "

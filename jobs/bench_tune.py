@@ -158,7 +158,7 @@ def markdown(args: argparse.Namespace, fit: tuple[float, float, float], rows: li
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     store = args.tracking_uri or "local SQLite"
     return (
-        f"\n## Head search, {datetime.date.today().isoformat()}\n\n"
+        f"\n### Head search, {datetime.date.today().isoformat()}\n\n"
         f"`python jobs/bench_tune.py --trials {args.trials} --prune-trials {args.prune_trials} "
         f"--epochs {args.epochs}` on {machine} (load average at the end {load}), Ray "
         f"{ray.__version__}, MLflow store: {store}. Synthetic 1,304 + 326 x 512 features.\n\n"

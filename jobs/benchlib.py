@@ -1,23 +1,37 @@
-"""What every benchmark job shares: where its markdown section goes."""
+"""What every benchmark job shares: where its markdown section goes.
+
+A run writes its section to a results folder (ignored by git), so benchmarking leaves the work tree
+clean; `--docs` also appends it to docs/benchmarks.md, for a measurement worth keeping.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from pathlib import Path
 
-BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS_MD = REPO / "docs" / "benchmarks.md"
+RESULTS_DIR = REPO / ".emotr" / "bench"
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """--out FILE (default docs/benchmarks.md) and --no-write."""
-    parser.add_argument("--out", type=Path, default=BENCHMARKS_MD)
-    parser.add_argument("--no-write", action="store_true", help="print only, leave docs alone")
+    """--results DIR (default .emotr/bench), --docs (append to docs/benchmarks.md too), --out."""
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder for results")
+    parser.add_argument("--docs", action="store_true", help="also append to --out")
+    parser.add_argument("--out", type=Path, default=BENCHMARKS_MD, help="the docs file --docs uses")
 
 
-def publish(args: argparse.Namespace, section: str) -> None:
-    """Print the section and, unless --no-write, append it to --out."""
+def publish(args: argparse.Namespace, section: str) -> Path:
+    """Print the section, write it to the results folder and, with --docs, append it to --out."""
     print(section)
-    if not args.no_write:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+    job = Path(sys.argv[0]).stem or "bench"
+    args.results.mkdir(parents=True, exist_ok=True)
+    result = args.results / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}.md"
+    result.write_text(section)
+    print(f"results: {result}")
+    if args.docs:
         with args.out.open("a") as file:
             file.write(section)
+    return result
