@@ -1,4 +1,4 @@
-"""Decode one image file's bytes into the RGB pixels the backbone sees; the bad-input rules.
+"""Decode image files into the RGB pixels the backbone sees, one or a batch; the bad-input rules.
 
 Every rule that changes the pixels of a decodable image (frame, orientation, mode conversion,
 background, resize) is part of DECODE_RULES_VERSION: bump it when one changes, so that cached
@@ -7,15 +7,18 @@ features made under the old rules are not reused.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import struct
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from emotr.config import DecodeConfig
+from emotr.storage import read_bytes
 
 DECODE_RULES_VERSION = "1"
 
@@ -52,6 +55,15 @@ class DecodeError(ValueError):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """Pixels resized for the backbone, and the size of the upright original they came from."""
+
+    pixels: np.ndarray  # (height, width, 3) uint8 RGB at the requested size
+    height: int  # of the original, after EXIF orientation
+    width: int
+
+
 def decode_image(
     data: bytes,
     size: tuple[int, int],
@@ -64,6 +76,17 @@ def decode_image(
     The first frame of an animation is used, EXIF orientation is applied, transparency is
     composited onto `background`. Raises DecodeError with a short reason for anything else.
     """
+    return decode_image_with_size(data, size, max_pixels=max_pixels, background=background).pixels
+
+
+def decode_image_with_size(
+    data: bytes,
+    size: tuple[int, int],
+    *,
+    max_pixels: int,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> DecodedImage:
+    """decode_image, plus the upright original size, from one opening of the bytes."""
     if not data:
         raise DecodeError("empty file")
     try:
@@ -75,13 +98,67 @@ def decode_image(
                 image.seek(0)
                 image.load()  # a truncated JPEG passes open() and verify(), and fails here
                 upright = ImageOps.exif_transpose(image)
+            width, height = upright.size
             rgb = _to_rgb(upright, background)
             rgb = rgb.resize((size[1], size[0]), RESAMPLE, reducing_gap=None)
     except DecodeError:
         raise
     except _DECODE_FAILURES as error:
         raise DecodeError(_describe(error, max_pixels)) from error
-    return np.array(rgb, dtype=np.uint8)
+    return DecodedImage(np.array(rgb, dtype=np.uint8), height, width)
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    size: tuple[int, int],
+    max_pixels: int,
+    background: tuple[int, int, int],
+) -> dict[str, np.ndarray]:
+    """Read, re-hash and decode a batch of files; bad files become ok=False rows with a reason.
+
+    `batch` holds "path" and "sha256" columns (a Ray Data numpy batch); each file is read once
+    and opened once.
+    """
+    n = len(batch["path"])
+    pixels = np.zeros((n, size[0], size[1], 3), np.uint8)
+    ok = np.zeros(n, bool)
+    reasons = np.full(n, "", dtype=object)
+    heights, widths = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    for i, (path, expected) in enumerate(zip(batch["path"], batch["sha256"], strict=True)):
+        try:
+            decoded = _decode_file(path, expected, size, max_pixels, background)
+        except DecodeError as error:
+            reasons[i] = error.reason
+            continue
+        except OSError as error:
+            reasons[i] = f"cannot read file: {error}"
+            continue
+        pixels[i], heights[i], widths[i] = decoded.pixels, decoded.height, decoded.width
+        ok[i] = True
+    return {
+        "path": batch["path"],
+        "sha256": batch["sha256"],
+        "pixels": pixels,
+        "ok": ok,
+        "reason": reasons,
+        "height": heights,
+        "width": widths,
+    }
+
+
+def _decode_file(
+    path: str,
+    expected_sha256: str,
+    size: tuple[int, int],
+    max_pixels: int,
+    background: tuple[int, int, int],
+) -> DecodedImage:
+    data = read_bytes(path)
+    # The listing hashed the file earlier; features must belong to the bytes that were listed.
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected_sha256:
+        raise DecodeError(f"file changed since it was listed (sha256 now {actual[:12]})")
+    return decode_image_with_size(data, size, max_pixels=max_pixels, background=background)
 
 
 def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:

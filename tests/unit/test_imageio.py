@@ -1,7 +1,9 @@
-"""decode_image on real files written by Pillow: formats, modes, orientation and bad input."""
+"""decode_image and decode_batch on real files written by Pillow: formats, modes, orientation,
+bad input, and how often a file is opened."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import zlib
@@ -11,7 +13,14 @@ import pytest
 from PIL import Image, features
 
 from emotr.config import DecodeConfig
-from emotr.imageio import DECODE_RULES_VERSION, DecodeError, decode_image, decode_rules
+from emotr.imageio import (
+    DECODE_RULES_VERSION,
+    DecodeError,
+    decode_batch,
+    decode_image,
+    decode_image_with_size,
+    decode_rules,
+)
 
 MAX_PIXELS = DecodeConfig().max_pixels
 RED = (200, 30, 30)
@@ -197,3 +206,56 @@ def test_decode_rules_describe_the_config():
     assert rules["background"] == "0,0,0"
     assert rules != decode_rules(DecodeConfig())
     assert all(isinstance(value, str) for value in rules.values())
+
+
+def rotated_jpeg(width: int = 40, height: int = 20) -> bytes:
+    """A JPEG stored width x height; its EXIF orientation (6) turns it upright: height x width."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(Image.new("RGB", (width, height), RED), "JPEG", exif=exif)
+
+
+def batch_of(paths) -> dict[str, np.ndarray]:
+    """A Ray Data numpy batch of (path, sha256), as extraction hands it to decode_batch."""
+    hashes = [hashlib.sha256(path.read_bytes()).hexdigest() for path in paths]
+    return {"path": np.array([str(p) for p in paths], object), "sha256": np.array(hashes, object)}
+
+
+def test_decode_batch_opens_each_image_once(tmp_path, monkeypatch):
+    paths = [tmp_path / "rotated.jpg", tmp_path / "plain.png"]
+    paths[0].write_bytes(rotated_jpeg())
+    paths[1].write_bytes(encode(Image.new("RGB", (30, 10), RED), "PNG"))
+    opened: list[str] = []
+    real_open = Image.open
+
+    def counting_open(file, *args, **kwargs):  # instrumentation: the real open still runs
+        opened.append(repr(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    out = decode_batch(batch_of(paths), (16, 24), MAX_PIXELS, (255, 255, 255))
+    assert out["ok"].tolist() == [True, True]
+    assert len(opened) == len(paths), opened
+    # The upright size of the original comes out of that one opening.
+    assert out["height"].tolist() == [40, 10] and out["width"].tolist() == [20, 30]
+    assert out["pixels"].shape == (2, 16, 24, 3)
+
+
+def test_decode_batch_turns_bad_and_changed_files_into_reasons(tmp_path):
+    good, bad, changed = tmp_path / "good.png", tmp_path / "bad.jpg", tmp_path / "changed.png"
+    good.write_bytes(encode(Image.new("RGB", (8, 8), RED), "PNG"))
+    bad.write_bytes(b"not an image")
+    changed.write_bytes(encode(Image.new("RGB", (8, 8), RED), "PNG"))
+    batch = batch_of([good, bad, changed])
+    changed.write_bytes(encode(Image.new("RGB", (8, 8), (0, 0, 255)), "PNG"))
+    out = decode_batch(batch, (8, 8), MAX_PIXELS, (255, 255, 255))
+    assert out["ok"].tolist() == [True, False, False]
+    assert out["reason"][1].startswith("not an image")
+    assert "changed since it was listed" in out["reason"][2]
+    assert out["height"][1] == 0 and not out["pixels"][1].any()
+
+
+def test_decode_image_with_size_gives_the_upright_original_size():
+    decoded = decode_image_with_size(rotated_jpeg(), (16, 24), max_pixels=MAX_PIXELS)
+    assert (decoded.height, decoded.width) == (40, 20)
+    assert decoded.pixels.shape == (16, 24, 3)
