@@ -3,18 +3,19 @@
 The fingerprint hashes everything that changes a feature (backbone, weights, input size,
 precision, decode rules), so a changed setting writes to a new folder and never mixes features.
 Rows are keyed by the sha256 of the image bytes: renamed or duplicated files cost nothing.
-Parts are written under a `_tmp-*` name and renamed into place, so a reader (who only reads
-`part-*.parquet`) never sees half a part; on object stores the single upload is atomic already.
+Parts are written under a `_tmp-*` name and then renamed (local) or copied server-side (object
+stores) into place, so a reader (who only reads `part-*.parquet`) never sees half a part.
+Two drivers extracting at once may both write a row: readers keep one row per sha256, and
+`compact_cache` merges the copies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import time
 import uuid
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +40,6 @@ class CacheMiss(EmotrError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
-
-
-@dataclass(frozen=True)
-class CacheInfo:
-    fingerprint: str
-    n_rows: int
-    n_bytes: int
-    n_parts: int
-    inputs: dict[str, str]
 
 
 def _canonical(inputs: dict[str, str]) -> str:
@@ -90,32 +82,35 @@ def feature_schema(dim: int, metadata: dict[bytes, bytes] | None = None) -> pa.S
 
 
 class FeatureCache:
-    """The features of one fingerprint; the extract driver is its single writer."""
+    """The features of one fingerprint; concurrent writers are safe (readers de-duplicate)."""
 
     def __init__(self, root: str, fingerprint: str, inputs: dict[str, str]):
         self.root = root
         self.fingerprint = fingerprint
         self.inputs = dict(inputs)
         self.location = join(root, fingerprint)
-        self._fs, self._dir = resolve(self.location)
+        # The filesystem and the folder on it that hold this fingerprint's files.
+        self.filesystem, self.folder = resolve(self.location)
         self._known: set[str] | None = None
 
     @classmethod
     def open(cls, root: str, fingerprint: str) -> FeatureCache:
         """An existing cache, its inputs read back from fingerprint.json."""
-        return cls(root, fingerprint, _read_inputs(root, fingerprint))
+        return cls(root, fingerprint, read_inputs(root, fingerprint))
 
     def part_paths(self) -> list[str]:
         """Paths (on this cache's filesystem) of the committed parts."""
-        return [info.path for info in _list_files(self._fs, self._dir) if _is_part(info.base_name)]
+        files = list_files(self.filesystem, self.folder)
+        return [info.path for info in files if is_part_name(info.base_name)]
 
     def cached_hashes(self) -> set[str]:
-        """The sha256 of every image the cache holds features for."""
+        """The sha256 of every image the cache holds features for (each once)."""
         paths = self.part_paths()
         if not paths:
             self._known = set()
         else:
-            table = pads.dataset(paths, filesystem=self._fs, format="parquet").to_table(["sha256"])
+            dataset = pads.dataset(paths, filesystem=self.filesystem, format="parquet")
+            table = dataset.to_table(["sha256"])
             self._known = set(table.column("sha256").to_pylist())
         return set(self._known)
 
@@ -154,7 +149,7 @@ class FeatureCache:
         )
         table = self._table(*rows)
         self._write_inputs_file()
-        self._write_atomically(table, part_name(table.column("sha256").to_pylist()))
+        self.publish_part(table)
         self._known.update(table.column("sha256").to_pylist())
         return table.num_rows
 
@@ -163,10 +158,11 @@ class FeatureCache:
         wanted = pa.array(list(sha256s), pa.string())
         paths = self.part_paths()
         if paths:
-            dataset = pads.dataset(paths, filesystem=self._fs, format="parquet")
+            dataset = pads.dataset(paths, filesystem=self.filesystem, format="parquet")
             table = dataset.to_table(["sha256", "features"], filter=pc.field("sha256").isin(wanted))
         else:
             table = feature_schema(0).empty_table().select(["sha256", "features"])
+        # index_in answers the first match, so a row committed twice (by two drivers) is read once.
         index = pc.index_in(wanted, value_set=table.column("sha256"))
         n_missing = index.null_count
         if n_missing:
@@ -179,6 +175,12 @@ class FeatureCache:
         column = table.column("features").combine_chunks()
         matrix = column.flatten().to_numpy().reshape(len(column), column.type.list_size)
         return matrix[index.to_numpy()]
+
+    def publish_part(self, table: pa.Table) -> str:
+        """Write a table of rows as a part named after its rows, atomically; returns its path."""
+        path = f"{self.folder}/{part_name(table.column('sha256').to_pylist())}"
+        self._put(path, lambda stream: pq.write_table(table, stream))
+        return path
 
     def _table(self, keys, features, heights, widths) -> pa.Table:
         metadata = {
@@ -196,168 +198,71 @@ class FeatureCache:
         return pa.Table.from_arrays(columns, schema=feature_schema(dim, metadata))
 
     def _write_inputs_file(self) -> None:
-        path = f"{self._dir}/{INPUTS_FILE}"
-        if self._fs.get_file_info(path).type == pafs.FileType.File:
+        path = f"{self.folder}/{INPUTS_FILE}"
+        if self.filesystem.get_file_info(path).type == pafs.FileType.File:
             return
-        self._fs.create_dir(self._dir, recursive=True)
+        self.filesystem.create_dir(self.folder, recursive=True)
         text = json.dumps(self.inputs, indent=2, sort_keys=True) + "\n"
         self._put(path, lambda stream: stream.write(text.encode()))
 
-    def _write_atomically(self, table: pa.Table, name: str) -> None:
-        self._put(f"{self._dir}/{name}", lambda stream: pq.write_table(table, stream))
-
-    def _put(self, final: str, write) -> None:
-        if is_uri(self.location):  # one upload becomes visible whole, or not at all
-            with self._fs.open_output_stream(final) as stream:
+    def _put(self, final: str, write: Callable[[pa.NativeFile], object]) -> None:
+        """Write a file under a `_tmp-*` name that readers ignore, then publish it whole."""
+        temporary = f"{self.folder}/_tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[-1]}"
+        try:
+            # On S3/GCS, closing the stream completes the upload even when `write` raised, so
+            # a failed write must never go straight to the final key.
+            with self.filesystem.open_output_stream(temporary) as stream:
                 write(stream)
-            return
-        temporary = f"{self._dir}/_tmp-{uuid.uuid4().hex}.parquet"
-        with self._fs.open_output_stream(temporary) as stream:
-            write(stream)
-        self._fs.move(temporary, final)
+            if not is_uri(self.location):
+                self.filesystem.move(temporary, final)  # a rename: atomic on local filesystems
+                return
+            self.filesystem.copy_file(temporary, final)  # server-side copy: the key appears whole
+        except BaseException:
+            _delete_leftover(self.filesystem, temporary)
+            raise
+        self.filesystem.delete_file(temporary)
 
 
-def _is_part(name: str) -> bool:
+def _delete_leftover(filesystem: pafs.FileSystem, path: str) -> None:
+    # The error being raised matters more than this one; `emotr cache gc` deletes old leftovers.
+    with contextlib.suppress(OSError):
+        filesystem.delete_file(path)
+
+
+def is_part_name(name: str) -> bool:
+    """True for the file names readers read (`part-*.parquet`)."""
     return name.startswith("part-") and name.endswith(".parquet")
 
 
-def _list_files(filesystem: pafs.FileSystem, folder: str) -> list[pafs.FileInfo]:
+def list_files(filesystem: pafs.FileSystem, folder: str) -> list[pafs.FileInfo]:
+    """The files (not folders) directly in `folder`, sorted by name; none if it is absent."""
     selector = pafs.FileSelector(folder, allow_not_found=True)
     infos = filesystem.get_file_info(selector)
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.base_name)
 
 
-def _fingerprints(root: str) -> list[str]:
-    filesystem, path = resolve(root)
+def locate(location: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    """`resolve(location)`, or `location` as a path on `filesystem` when one is given."""
+    return resolve(location) if filesystem is None else (filesystem, location)
+
+
+def list_fingerprints(root: str, filesystem: pafs.FileSystem | None = None) -> list[str]:
+    """The fingerprint folders under `root`, sorted."""
+    filesystem, path = locate(root, filesystem)
     infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
 
-def _read_inputs(root: str, fingerprint: str) -> dict[str, str]:
-    filesystem, path = resolve(join(root, fingerprint, INPUTS_FILE))
+def read_inputs(
+    root: str, fingerprint: str, filesystem: pafs.FileSystem | None = None
+) -> dict[str, str]:
+    """The inputs a fingerprint hashes, from its fingerprint.json; {} when that is absent."""
+    filesystem, path = locate(join(root, fingerprint, INPUTS_FILE), filesystem)
     try:
         with filesystem.open_input_stream(path) as stream:
             return json.loads(stream.read())
     except FileNotFoundError:
         return {}
-
-
-def list_caches(root: str) -> list[CacheInfo]:
-    """One CacheInfo per fingerprint folder under `root` (row counts from Parquet footers)."""
-    caches = []
-    for fingerprint in _fingerprints(root):
-        filesystem, folder = resolve(join(root, fingerprint))
-        parts = [i for i in _list_files(filesystem, folder) if _is_part(i.base_name)]
-        n_rows = sum(_num_rows(filesystem, i.path) for i in parts)
-        inputs = _read_inputs(root, fingerprint)
-        caches.append(
-            CacheInfo(fingerprint, n_rows, sum(i.size for i in parts), len(parts), inputs)
-        )
-    return caches
-
-
-def _num_rows(filesystem: pafs.FileSystem, path: str) -> int:
-    try:
-        return pq.ParquetFile(path, filesystem=filesystem).metadata.num_rows
-    except (OSError, pa.ArrowException):
-        return 0  # verify_cache reports it
-
-
-def verify_cache(root: str, fingerprint: str | None = None) -> list[str]:
-    """Problems found in one or every cache under `root`; an empty list means healthy."""
-    problems = []
-    for name in [fingerprint] if fingerprint else _fingerprints(root):
-        problems += [f"{join(root, name)}: {text}" for text in _verify_one(root, name)]
-    return problems
-
-
-def _verify_one(root: str, fingerprint: str) -> list[str]:
-    filesystem, folder = resolve(join(root, fingerprint))
-    files = _list_files(filesystem, folder)
-    problems = [
-        f"{i.base_name} is a leftover of an interrupted commit; `emotr cache gc` deletes it"
-        for i in files
-        if i.base_name.startswith("_tmp-")
-    ]
-    inputs = _read_inputs(root, fingerprint)
-    if not inputs:
-        problems.append(f"{INPUTS_FILE} is missing or empty")
-    elif fingerprint_of(inputs) != fingerprint:
-        problems.append(f"{INPUTS_FILE} hashes to {fingerprint_of(inputs)}, not the folder name")
-    seen: dict[str, str] = {}
-    dims = set()
-    for info in (i for i in files if _is_part(i.base_name)):
-        try:
-            table = pq.read_table(info.path, filesystem=filesystem)
-        except (OSError, pa.ArrowException) as error:
-            problems.append(
-                f"{info.base_name} cannot be read ({error}); `emotr cache gc` removes it"
-            )
-            continue
-        dim = _features_dim(table.schema)
-        if not table.schema.equals(feature_schema(dim), check_metadata=False):
-            schema = table.schema.to_string(show_schema_metadata=False)
-            problems.append(f"{info.base_name}: schema {schema!r} != {feature_schema(dim)}")
-            continue
-        dims.add(dim)
-        problems += [
-            f"{info.base_name}: {text}" for text in _check_part(table, info.base_name, fingerprint)
-        ]
-        for key in table.column("sha256").to_pylist():
-            if key in seen:
-                problems.append(f"{key} is in both {seen[key]} and {info.base_name}")
-            seen[key] = info.base_name
-    if len(dims) > 1:
-        problems.append(f"parts disagree on the feature dimension: {sorted(dims)}")
-    return problems
-
-
-def _features_dim(schema: pa.Schema) -> int:
-    if "features" not in schema.names:
-        return 0
-    column_type = schema.field("features").type
-    return column_type.list_size if pa.types.is_fixed_size_list(column_type) else 0
-
-
-def _check_part(table: pa.Table, name: str, fingerprint: str) -> list[str]:
-    problems = []
-    meta = table.schema.metadata or {}
-    if meta.get(_META_FINGERPRINT, b"").decode() != fingerprint:
-        problems.append("file metadata names another fingerprint")
-    keys = table.column("sha256").to_pylist()
-    if len(set(keys)) != len(keys):
-        problems.append("repeats a sha256 within the part")
-    if name != part_name(keys):
-        problems.append(f"name does not match its rows (expected {part_name(keys)})")
-    values = table.column("features").combine_chunks().flatten().to_numpy()
-    if not np.isfinite(values).all():
-        problems.append(f"{int((~np.isfinite(values)).sum())} feature values are NaN or infinite")
-    return problems
-
-
-def gc_cache(root: str, fingerprint: str | None = None, *, min_age_s: float = 600.0) -> list[str]:
-    """Delete `_tmp-*` leftovers older than min_age_s and unreadable parts; returns their paths."""
-    removed = []
-    for name in [fingerprint] if fingerprint else _fingerprints(root):
-        filesystem, folder = resolve(join(root, name))
-        for info in _list_files(filesystem, folder):
-            if info.base_name.startswith("_tmp-"):
-                age = time.time() - (info.mtime.timestamp() if info.mtime else 0.0)
-                doomed = age >= min_age_s
-            else:
-                doomed = _is_part(info.base_name) and not _readable(filesystem, info.path)
-            if doomed:
-                filesystem.delete_file(info.path)
-                removed.append(info.path)
-    return removed
-
-
-def _readable(filesystem: pafs.FileSystem, path: str) -> bool:
-    try:
-        pq.read_table(path, filesystem=filesystem)
-    except (OSError, pa.ArrowException):
-        return False
-    return True
 
 
 def export_npy(root: str, fingerprint: str, out_dir: str | Path) -> int:
@@ -374,3 +279,19 @@ def export_npy(root: str, fingerprint: str, out_dir: str | Path) -> int:
     with filesystem.open_output_stream(f"{folder}/sha256.txt") as stream:
         stream.write("".join(f"{key}\n" for key in keys).encode())
     return len(keys)
+
+
+_MAINTENANCE = frozenset(
+    {"CacheInfo", "CompactResult", "GcResult", "compact_cache", "gc_cache", "list_caches"}
+    | {"verify_cache"}
+)
+
+
+def __getattr__(name: str) -> object:
+    # ls/verify/gc/compact live in emotr.cache_maint (which imports this module);
+    # `from emotr.cache import gc_cache` keeps working, resolved lazily to avoid an import cycle.
+    if name in _MAINTENANCE:
+        from emotr import cache_maint
+
+        return getattr(cache_maint, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

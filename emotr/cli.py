@@ -333,14 +333,37 @@ def cache_verify(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = N
 
 @cache_app.command("gc")
 def cache_gc(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
-    """Delete leftovers of interrupted commits (old _tmp files) and unreadable parts."""
-    from emotr.cache import gc_cache
+    """Delete leftovers of interrupted commits (old _tmp files) and parts proven corrupt.
+
+    A part that cannot be read now (permissions, network) is kept and listed.
+    """
+    from emotr.cache_maint import gc_cache
 
     cfg = _load(config, overrides)
-    removed = gc_cache(cfg.cache.root)
-    for path in removed:
+    result = _run_guarded(lambda: gc_cache(cfg.cache.root), cfg)
+    for path in result.removed:
         console.print(f"removed {path}", highlight=False)
-    console.print(f"cache {cfg.cache.root}: {len(removed)} file(s) removed")
+    for path, reason in result.skipped:
+        errors.print(f"kept {path}: {reason}", markup=False, highlight=False)
+    kept = f", {len(result.skipped)} part(s) kept: run gc again later" if result.skipped else ""
+    console.print(f"cache {cfg.cache.root}: {len(result.removed)} file(s) removed{kept}")
+
+
+@cache_app.command("compact")
+def cache_compact(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
+    """Merge rows repeated across parts (left by two extractions at once) into one per image."""
+    from emotr.cache_maint import compact_cache
+
+    cfg = _load(config, overrides)
+    result = _run_guarded(lambda: compact_cache(cfg.cache.root), cfg)
+    for path in result.written:
+        console.print(f"wrote {path}", highlight=False)
+    for path in result.removed:
+        console.print(f"removed {path}", highlight=False)
+    console.print(
+        f"cache {cfg.cache.root}: {result.n_dropped} repeated row(s) dropped, "
+        f"{len(result.written)} part(s) written, {len(result.removed)} removed"
+    )
 
 
 @cache_app.command("export")

@@ -1,11 +1,15 @@
-"""The Parquet feature cache: atomic, idempotent commits, lookups, verify and fingerprints."""
+"""The Parquet feature cache: atomic, idempotent commits, lookups, verify, gc, compact."""
 
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -15,12 +19,12 @@ from emotr.cache import (
     compute_fingerprint,
     export_npy,
     fingerprint_of,
-    gc_cache,
-    list_caches,
     part_name,
-    verify_cache,
 )
+from emotr.cache_maint import compact_cache, gc_cache, list_caches, verify_cache
 from emotr.config import BackboneConfig, DecodeConfig
+
+REPO = Path(__file__).resolve().parents[2]
 
 INPUTS = {"backbone": "vgg16", "input_size": "32x32", "cache_format": "1"}
 
@@ -97,28 +101,34 @@ def test_verify_reports_a_stray_tmp_file_and_a_truncated_part(tmp_path):
     # Readers ignore the leftover; the truncated part is what verify and gc are for.
     problems = verify_cache(cache.root)
     assert any("_tmp-0123.parquet" in p and "leftover" in p for p in problems)
-    assert any(part.name in p and "cannot be read" in p for p in problems)
+    assert any(part.name in p and "corrupt" in p and "gc` deletes it" in p for p in problems)
     assert len(problems) == 2
 
-    removed = gc_cache(cache.root, min_age_s=0)
-    assert sorted(removed) == sorted([str(folder / "_tmp-0123.parquet"), str(part)])
+    result = gc_cache(cache.root, min_age_s=0)
+    assert sorted(result.removed) == sorted([str(folder / "_tmp-0123.parquet"), str(part)])
+    assert result.skipped == []
     assert verify_cache(cache.root) == []
     assert len(FeatureCache.open(cache.root, cache.fingerprint).cached_hashes()) == 2
 
 
-def test_verify_reports_rows_repeated_across_parts_and_non_finite_values(tmp_path):
-    cache = new_cache(tmp_path)
-    commit(cache, keys("a", "b"))
-    # A second writer that did not know about the first commit (the driver is the only writer)
-    # and bypassed the NaN check: what verify is for.
-    names = keys("b", "c")
+def test_verify_warns_of_rows_repeated_across_parts_and_reports_non_finite_values(tmp_path):
+    cache, other = new_cache(tmp_path), new_cache(tmp_path)
+    other.cached_hashes()  # a second driver that started before the first one committed
+    commit(cache, keys("a", "b", "c"))
+    commit(other, keys("b", "c", "d"))
+    [problem] = verify_cache(cache.root, cache.fingerprint)
+    assert problem.startswith(f"{cache.location}: warning: 2 image(s) are in both")
+    assert "`emotr cache compact` merges them" in problem
+    reader = FeatureCache.open(cache.root, cache.fingerprint)
+    assert reader.cached_hashes() == set(keys("a", "b", "c", "d"))
+    np.testing.assert_array_equal(reader.load(keys("c", "b")), features_for(keys("c", "b")))
+
+    # A writer that bypassed the NaN check: what verify is for.
+    names = keys("e")
     bad = features_for(names)
-    bad[1, 3] = np.nan
-    other = new_cache(tmp_path)
-    other._write_atomically(other._table(names, bad, [1, 1], [1, 1]), part_name(names))
-    problems = verify_cache(cache.root, cache.fingerprint)
-    assert any(names[0] in p and "both" in p for p in problems)
-    assert any("NaN or infinite" in p for p in problems)
+    bad[0, 3] = np.nan
+    other.publish_part(other._table(names, bad, [1], [1]))
+    assert any("NaN or infinite" in p for p in verify_cache(cache.root, cache.fingerprint))
 
 
 def test_commit_refuses_non_finite_features(tmp_path):
@@ -189,3 +199,198 @@ def test_fingerprint_changes_with_decode_background_only_for_pixels():
     backbone = BackboneConfig(weights="none", input_size=(32, 32))
     base, _ = compute_fingerprint(backbone, DecodeConfig())
     assert compute_fingerprint(backbone, DecodeConfig(background=(0, 0, 0)))[0] != base
+
+
+class FaultyLocalFileSystem(pafs.FileSystemHandler):
+    """The real local filesystem, except that reading one path fails as storage does."""
+
+    def __init__(self, broken: str, fault: str):
+        self.local = pafs.LocalFileSystem()
+        self.broken = broken
+        self.fault = fault
+
+    def _open(self, path: str, open_real):
+        if path != self.broken:
+            return open_real(path)
+        if self.fault == "permission denied":
+            raise PermissionError(13, "Permission denied", path)
+        if self.fault == "connection reset":
+            raise ConnectionResetError(104, "Connection reset by peer", path)
+        if self.fault == "timeout":
+            raise TimeoutError(f"read of {path} timed out")
+        with open_real(path) as stream:  # "short read": the connection dropped half-way
+            return pa.BufferReader(stream.read()[:200])
+
+    def open_input_stream(self, path):
+        return self._open(path, self.local.open_input_stream)
+
+    def open_input_file(self, path):
+        return self._open(path, self.local.open_input_file)
+
+    def get_type_name(self):
+        return "faulty-local"
+
+    def normalize_path(self, path):
+        return self.local.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.local.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.local.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.local.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.local.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        raise PermissionError("not in a test")
+
+    def delete_file(self, path):
+        self.local.delete_file(path)
+
+    def move(self, src, dest):
+        self.local.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.local.copy_file(src, dest)
+
+    def open_output_stream(self, path, metadata):
+        return self.local.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self.local.open_append_stream(path, metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    "fault", ["permission denied", "connection reset", "timeout", "short read"]
+)
+def test_gc_keeps_a_part_it_cannot_read_now_and_deletes_a_corrupt_one(fault, tmp_path):
+    cache = new_cache(tmp_path)
+    commit(cache, keys("a", "b"))
+    commit(cache, keys("c"))
+    good, unreadable = cache.part_paths()
+    corrupt = Path(cache.folder) / "part-0000000000000000.parquet"
+    corrupt.write_bytes(b"garbage, not Parquet " * 50)
+    faulty = pafs.PyFileSystem(FaultyLocalFileSystem(unreadable, fault))
+
+    result = gc_cache(cache.root, min_age_s=0, filesystem=faulty)
+
+    assert result.removed == [str(corrupt)]
+    assert [path for path, _ in result.skipped] == [unreadable]
+    assert "could not be read" in result.skipped[0][1]
+    assert sorted(cache.part_paths()) == sorted([good, unreadable])
+    # verify tells a storage error from damage too, and never sends the user to gc for it.
+    [problem] = verify_cache(cache.root, filesystem=faulty)
+    assert "could not be read" in problem and "cache gc" not in problem
+    assert cache.cached_hashes() == set(keys("a", "b", "c"))
+
+
+def write_bad_part(cache: FeatureCache, kind: str) -> Path:
+    path = Path(cache.folder) / part_name(keys(kind))
+    if kind == "wrong schema":
+        pq.write_table(pa.table({"sha256": keys(kind), "label": [1]}), path)
+    else:  # a writer that bypassed commit's check
+        bad = features_for(keys(kind))
+        bad[0, 7] = np.inf
+        pq.write_table(cache._table(keys(kind), bad, [1], [1]), path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["wrong schema", "non-finite features"])
+def test_gc_deletes_a_readable_part_that_fails_the_checks(kind, tmp_path):
+    cache = new_cache(tmp_path)
+    commit(cache, keys("a"))
+    bad = write_bad_part(cache, kind)
+    assert any(bad.name in p and "corrupt" in p for p in verify_cache(cache.root))
+    assert gc_cache(cache.root).removed == [str(bad)]
+    assert verify_cache(cache.root) == []
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from tests.unit.test_cache import INPUTS, commit, keys
+from emotr.cache import FeatureCache, fingerprint_of
+
+root, ready, other, first, last, batch = sys.argv[1:]
+cache = FeatureCache(root, fingerprint_of(INPUTS), INPUTS)
+cache.cached_hashes()  # both drivers start from the same (empty) view of the cache
+Path(ready).touch()
+deadline = time.monotonic() + 60
+while not Path(other).exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+names = keys(*map(str, range(int(first), int(last))))
+for start in range(0, len(names), int(batch)):
+    commit(cache, names[start : start + int(batch)])
+"""
+
+
+def test_two_drivers_at_once_leave_one_row_per_image_and_compact_merges_them(tmp_path):
+    root = str(tmp_path / "cache")
+    # Overlapping rows in batches of different sizes, so their parts have different names.
+    ready_a, ready_b = tmp_path / "a-ready", tmp_path / "b-ready"
+    args = [(ready_a, ready_b, 0, 60, 10), (ready_b, ready_a, 30, 90, 7)]
+    drivers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, root, *map(str, a)], cwd=REPO) for a in args
+    ]
+    assert [driver.wait(timeout=120) for driver in drivers] == [0, 0]
+
+    cache = FeatureCache.open(root, fingerprint_of(INPUTS))
+    names = keys(*map(str, range(90)))
+    n_stored = sum(pq.read_metadata(path).num_rows for path in cache.part_paths())
+    assert n_stored == 120  # 30 images written by both drivers
+    assert cache.cached_hashes() == set(names)
+    np.testing.assert_array_equal(cache.load(names), features_for(names))
+    assert list_caches(root)[0].n_rows == 90
+    problems = verify_cache(root)
+    assert problems and all("`emotr cache compact` merges them" in p for p in problems)
+
+    result = compact_cache(root)
+
+    assert result.n_dropped == 30 and result.removed
+    stored = [k for path in cache.part_paths() for k in pq.read_table(path)["sha256"].to_pylist()]
+    assert sorted(stored) == sorted(names)
+    assert verify_cache(root) == []
+    np.testing.assert_array_equal(cache.load(names), features_for(names))
+    assert compact_cache(root).n_dropped == 0
+
+
+def test_compact_keeps_a_part_that_already_holds_the_rows_it_would_write(tmp_path):
+    ab, bc, c = keys("a0", "b0"), keys("b0", "c0"), keys("c0")
+    # Parts are read in name order: {b, c} repeats b of {a, b} and keeps c, which part {c},
+    # read later, already holds; compact must keep one copy of c, not delete both.
+    assert part_name(ab) < part_name(bc) < part_name(c)
+    writers = [new_cache(tmp_path) for _ in range(3)]
+    for writer in writers:
+        writer.cached_hashes()
+    for writer, names in zip(writers, [ab, bc, c], strict=True):
+        commit(writer, names)
+    result = compact_cache(writers[0].root)
+    assert result.n_dropped == 2 and result.written == []
+    cache = FeatureCache.open(writers[0].root, writers[0].fingerprint)
+    assert [Path(path).name for path in cache.part_paths()] == [part_name(ab), part_name(c)]
+    assert verify_cache(cache.root) == []
+
+
+def test_cache_compact_command_reports_what_it_merged(tmp_path):
+    first, second = new_cache(tmp_path), new_cache(tmp_path)
+    second.cached_hashes()
+    commit(first, keys("a", "b"))
+    commit(second, keys("b", "c"))
+    root = f"cache.root={first.root}"
+    result = subprocess.run(
+        [sys.executable, "-m", "emotr.cli", "cache", "compact", "-c", "conf/smoke.yaml", root],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "1 repeated row(s) dropped" in " ".join(result.stdout.split())
+    assert verify_cache(first.root) == []
