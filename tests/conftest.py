@@ -1,4 +1,4 @@
-"""Shared fixtures: the real config shrunk for tests, one local Ray, one real `mlflow server`."""
+"""Shared fixtures: the real config shrunk for tests, one local Ray, real mlflow and S3 servers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,81 @@ def mlflow_server(tmp_path_factory):
     except subprocess.TimeoutExpired:
         process.kill()
     log.close()
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A real S3 API (moto's standalone server) on 127.0.0.1, and how to reach it."""
+
+    endpoint: str  # http://127.0.0.1:PORT
+    # Any AWS client (pyarrow, boto3, a Ray worker's runtime_env) given these talks to it.
+    env: dict[str, str]
+
+    def new_bucket(self) -> str:
+        """Create an empty bucket with a unique name; returns its s3:// URI."""
+        import pyarrow.fs as pafs
+
+        admin = pafs.S3FileSystem(
+            access_key=self.env["AWS_ACCESS_KEY_ID"],
+            secret_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region=self.env["AWS_DEFAULT_REGION"],
+            endpoint_override=self.endpoint.removeprefix("http://"),
+            scheme="http",
+            allow_bucket_creation=True,
+        )
+        name = f"emotr-{uuid.uuid4().hex[:12]}"
+        admin.create_dir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A moto S3 server process shared by the session; yields an S3Server."""
+    import requests
+
+    root = tmp_path_factory.mktemp("s3-server")
+    port = _free_port()
+    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed at teardown
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(f"{endpoint}/moto-api/", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"moto server did not start; see {root / 'server.log'}")
+        time.sleep(0.2)
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,  # pyarrow's FileSystem.from_uri("s3://...") honours it
+        "AWS_EC2_METADATA_DISABLED": "true",  # no credential lookups on a metadata service
+    }
+    yield S3Server(endpoint, env)
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    log.close()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch) -> str:
+    """A fresh bucket on the session's S3 server, with AWS_* set so s3:// URIs reach it."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server.new_bucket()
