@@ -17,6 +17,7 @@ import json
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -282,12 +283,19 @@ def export_npy(root: str, fingerprint: str, out_dir: str | Path) -> int:
 
 
 _MAINTENANCE = frozenset(
-    {"CacheInfo", "CompactResult", "GcResult", "compact_cache", "gc_cache", "list_caches"}
-    | {"verify_cache"}
+    [
+        "CacheInfo",
+        "CompactResult",
+        "GcResult",
+        "compact_cache",
+        "gc_cache",
+        "list_caches",
+        "verify_cache",
+    ]
 )
 
 
-def __getattr__(name: str) -> object:
+def __getattr__(name: str) -> Any:
     # ls/verify/gc/compact live in emotr.cache_maint (which imports this module);
     # `from emotr.cache import gc_cache` keeps working, resolved lazily to avoid an import cycle.
     if name in _MAINTENANCE:
