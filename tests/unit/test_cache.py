@@ -384,13 +384,20 @@ def test_cache_compact_command_reports_what_it_merged(tmp_path):
     commit(first, keys("a", "b"))
     commit(second, keys("b", "c"))
     root = f"cache.root={first.root}"
-    result = subprocess.run(
-        [sys.executable, "-m", "emotr.cli", "cache", "compact", "-c", "conf/smoke.yaml", root],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def cache_command(verb: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "emotr.cli", "cache", verb, "-c", "conf/smoke.yaml", root],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    verified = cache_command("verify")  # repeated rows are a warning: readers use one copy
+    assert verified.returncode == 0, verified.stderr
+    assert "warning" in verified.stderr and "1 warning(s)" in " ".join(verified.stdout.split())
+    result = cache_command("compact")
     assert result.returncode == 0, result.stderr
     assert "1 repeated row(s) dropped" in " ".join(result.stdout.split())
     assert verify_cache(first.root) == []
