@@ -7,10 +7,18 @@ once, at start-up, so that a typo fails in a second instead of after an hour of 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from emotr.errors import EmotrError
 
@@ -98,6 +106,96 @@ class CacheConfig(_Section):
     root: str = ".emotr/cache"
 
 
+# The most hidden (Dense, Dropout) layers emotr.head.build_head stacks.
+MAX_HEAD_LAYERS = 3
+
+
+class HeadParams(_Section):
+    """Hyperparameters of a head; the defaults are the tutorial's recipe (tune.baseline).
+
+    Adding a hyperparameter: a field here (default and allowed range) and its use in emotr.head;
+    tune.search_space may then name it.
+    """
+
+    n_layers: int = Field(1, ge=0, le=MAX_HEAD_LAYERS)
+    units: int = Field(256, ge=1)
+    activation: str = "relu"  # a Keras activation name, checked when the head is built
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    l2: float = Field(0.0, ge=0.0)
+    learning_rate: float = Field(1e-4, gt=0.0)
+    batch_size: int = Field(32, ge=1)
+    standardize: bool = False
+    class_weight: bool = False
+
+
+def _check_range(low: float, high: float, log: bool) -> None:
+    if low > high:
+        raise ValueError(f"low {low} must be <= high {high}")
+    if log and low <= 0:
+        raise ValueError(f"a log range needs low > 0, got low {low}")
+
+
+class FloatSpace(_Section):
+    """A float in [low, high]: uniform, log-uniform (log) or on a grid (step)."""
+
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _valid_range(self) -> FloatSpace:
+        _check_range(self.low, self.high, self.log)
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined (Optuna samples one or the other)")
+        return self
+
+
+class IntSpace(_Section):
+    """An integer in [low, high] (both included), every step-th, or log-uniform (log)."""
+
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _valid_range(self) -> IntSpace:
+        _check_range(self.low, self.high, self.log)
+        if self.log and self.step != 1:
+            raise ValueError("log needs step 1 (Optuna samples one or the other)")
+        return self
+
+
+class CategoricalSpace(_Section):
+    """One of a non-empty list of choices."""
+
+    type: Literal["categorical"]
+    choices: tuple[bool | int | float | str, ...] = Field(min_length=1)
+
+
+# One entry of tune.search_space; `type` says which.
+ParamSpace = Annotated[FloatSpace | IntSpace | CategoricalSpace, Field(discriminator="type")]
+
+
+def _check_space(name: str, space: ParamSpace, baseline: HeadParams) -> None:
+    """A space must name a HeadParams field and hold only values the head accepts."""
+    fields = HeadParams.model_fields
+    if name not in fields:
+        raise ValueError(f"{name} is not a head parameter; allowed: {', '.join(fields)}")
+    if isinstance(space, FloatSpace) and fields[name].annotation is not float:
+        raise ValueError(f"{name} takes {fields[name].annotation.__name__} values, not floats")
+    values = space.choices if isinstance(space, CategoricalSpace) else (space.low, space.high)
+    for value in values:
+        try:
+            HeadParams.model_validate({**baseline.model_dump(), name: value})
+        except ValidationError as error:
+            reason = error.errors()[0]["msg"]
+            raise ValueError(f"{name}: {value!r} is not a valid {name} ({reason})") from None
+
+
 class TuneConfig(_Section):
     n_trials: int = Field(30, ge=1)
     concurrency: int = Field(2, ge=1)
@@ -114,23 +212,20 @@ class TuneConfig(_Section):
     early_stopping_patience: int = Field(20, ge=1)
     # Retries of a trial whose Ray task was lost (worker or node died), not of one that raised.
     max_lost_retries: int = Field(1, ge=0)
+    # The search fails when fewer than this share of n_trials complete (pruned ones count).
+    min_complete_fraction: float = Field(0.9, ge=0.0, le=1.0)
+    # A trial running longer than this (from its dispatch) is cancelled and failed; None = never.
+    trial_timeout_s: float | None = Field(3600.0, gt=0)
+    # How often a driver renews the lease on its running trials; another driver settles a
+    # RUNNING trial only once its lease is STALE_HEARTBEATS intervals old.
+    trial_heartbeat_s: float = Field(30.0, gt=0)
+    # Tune on the cached images alone when some listed images have no features (else an error).
+    allow_partial_cache: bool = False
     # The tutorial's recipe, run as trial 0 so the search can only improve on it.
-    baseline: dict[str, Any] = Field(
+    baseline: HeadParams = HeadParams()
+    search_space: dict[str, ParamSpace] = Field(
         default_factory=lambda: {
-            "n_layers": 1,
-            "units": 256,
-            "activation": "relu",
-            "dropout": 0.5,
-            "l2": 0.0,
-            "learning_rate": 1e-4,
-            "batch_size": 32,
-            "standardize": False,
-            "class_weight": False,
-        }
-    )
-    search_space: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {
-            "n_layers": {"type": "int", "low": 0, "high": 3},
+            "n_layers": {"type": "int", "low": 0, "high": MAX_HEAD_LAYERS},
             "units": {"type": "categorical", "choices": [64, 128, 256, 512]},
             "activation": {"type": "categorical", "choices": ["relu", "gelu"]},
             "dropout": {"type": "float", "low": 0.0, "high": 0.7},
@@ -144,15 +239,12 @@ class TuneConfig(_Section):
 
     @field_validator("search_space")
     @classmethod
-    def _known_param_types(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        for name, spec in value.items():
-            kind = spec.get("type")
-            if kind not in {"float", "int", "categorical"}:
-                raise ValueError(f"{name}.type must be float, int or categorical, got {kind!r}")
-            if kind == "categorical" and not spec.get("choices"):
-                raise ValueError(f"{name} is categorical and needs a non-empty 'choices' list")
-            if kind in {"float", "int"} and not ("low" in spec and "high" in spec):
-                raise ValueError(f"{name} is {kind} and needs 'low' and 'high'")
+    def _fits_the_head(
+        cls, value: dict[str, ParamSpace], info: ValidationInfo
+    ) -> dict[str, ParamSpace]:
+        baseline = info.data.get("baseline", HeadParams())
+        for name, space in value.items():
+            _check_space(name, space, baseline)
         return value
 
 
@@ -186,35 +278,6 @@ class Config(_Section):
     mlflow: MlflowConfig = MlflowConfig()
     registry: RegistryConfig = RegistryConfig()
     ray: RayConfig = RayConfig()
-
-    @model_validator(mode="after")
-    def _baseline_fits_search_space(self) -> Config:
-        unknown = set(self.tune.baseline) - set(_HEAD_PARAMS)
-        if unknown:
-            raise ValueError(
-                f"tune.baseline has unknown parameters {sorted(unknown)}; allowed: {_HEAD_PARAMS}"
-            )
-        unknown = set(self.tune.search_space) - set(_HEAD_PARAMS)
-        if unknown:
-            raise ValueError(
-                f"tune.search_space has unknown parameters {sorted(unknown)}; "
-                f"allowed: {_HEAD_PARAMS}"
-            )
-        return self
-
-
-# The hyperparameters a head understands (see emotr.head.HeadParams).
-_HEAD_PARAMS = [
-    "n_layers",
-    "units",
-    "activation",
-    "dropout",
-    "l2",
-    "learning_rate",
-    "batch_size",
-    "standardize",
-    "class_weight",
-]
 
 
 def load_config(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -27,43 +27,11 @@ from sklearn.metrics import (
 )
 from sklearn.utils.class_weight import compute_class_weight
 
+# HeadParams lives with the config (tune.baseline is one); imported from here by compute code.
+from emotr.config import HeadParams
+
 # Keras clips probabilities to [eps, 1 - eps] in binary cross-entropy; val_loss does the same.
 _EPSILON = 1e-7
-
-
-@dataclass(frozen=True)
-class HeadParams:
-    """Hyperparameters of a head; names match the keys of tune.baseline and tune.search_space."""
-
-    n_layers: int
-    units: int
-    activation: str
-    dropout: float
-    l2: float
-    learning_rate: float
-    batch_size: int
-    standardize: bool
-    class_weight: bool
-
-    @classmethod
-    def from_dict(cls, values: dict) -> HeadParams:
-        """Build from a dict with exactly the HeadParams names (types coerced, bools kept)."""
-        names = [field.name for field in fields(cls)]
-        missing = sorted(set(names) - set(values))
-        unknown = sorted(set(values) - set(names))
-        if missing or unknown:
-            raise ValueError(f"head params: missing {missing}, unknown {unknown}; allowed {names}")
-        return cls(
-            n_layers=int(values["n_layers"]),
-            units=int(values["units"]),
-            activation=str(values["activation"]),
-            dropout=float(values["dropout"]),
-            l2=float(values["l2"]),
-            learning_rate=float(values["learning_rate"]),
-            batch_size=int(values["batch_size"]),
-            standardize=bool(values["standardize"]),
-            class_weight=bool(values["class_weight"]),
-        )
 
 
 @dataclass
@@ -84,9 +52,10 @@ class HeadResult:
 def build_head(
     params: HeadParams, n_features: int, x_train: np.ndarray | None = None
 ) -> keras.Model:
-    """[Normalization adapted on x_train] -> n_layers x (Dense, Dropout) -> Dense(1, sigmoid)."""
-    if not 0 <= params.n_layers <= 3:
-        raise ValueError(f"n_layers must be in 0..3, got {params.n_layers}")
+    """[Normalization adapted on x_train] -> n_layers x (Dense, Dropout) -> Dense(1, sigmoid).
+
+    HeadParams bounds n_layers by config.MAX_HEAD_LAYERS, the depth this builds.
+    """
     inputs = keras.Input(shape=(n_features,), name="features")
     hidden = inputs
     if params.standardize:

@@ -9,10 +9,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from emotr.config import Config, to_yaml
 from emotr.data import Listing, list_images
+from emotr.features import load_feature_set
 from emotr.storage import check_writable, is_uri
 from emotr.track import Tracker
 
@@ -97,41 +96,6 @@ def log_listing(tracker: Tracker, run_id: str, cfg: Config, listing: Listing) ->
     tracker.set_tags(run_id, {"split_digest": listing.digest})
 
 
-def load_feature_set(cfg: Config, listing: Listing, fingerprint: str):
-    """Cached features and labels of the listing's train and val images (failed images left out)."""
-    from emotr.cache import FeatureCache
-    from emotr.tune import FeatureSet
-
-    cache = FeatureCache.open(cfg.cache.root, fingerprint)
-    cached = cache.cached_hashes()
-    images = listing.images[listing.images["sha256"].isin(cached)]
-    n_missing = len(listing.images) - len(images)
-    if n_missing:
-        log.warning(
-            "%d images have no cached features (failed to decode) and are left out", n_missing
-        )
-    parts = {}
-    for split in ("train", "val"):
-        rows = images[images["split"] == split]
-        if rows["label"].nunique() < 2:
-            raise ValueError(
-                f"the {split} split has images of fewer than two classes; add images "
-                f"(data.root) or change data.val_fraction"
-            )
-        parts[split] = (
-            cache.load(rows["sha256"].tolist()),
-            rows["label"].to_numpy(dtype=np.int32),
-        )
-    return FeatureSet(
-        x_train=parts["train"][0],
-        y_train=parts["train"][1],
-        x_val=parts["val"][0],
-        y_val=parts["val"][1],
-        fingerprint=fingerprint,
-        split_digest=listing.digest,
-    )
-
-
 def extract(cfg: Config, tracker: Tracker, listing: Listing):
     """Extract the listing's missing features into the cache (an MLflow `extract` run)."""
     from emotr.extract import run_extract
@@ -140,7 +104,7 @@ def extract(cfg: Config, tracker: Tracker, listing: Listing):
 
 
 def tune(cfg: Config, tracker: Tracker, listing: Listing):
-    """Search heads on the listing's cached features (run `extract` first)."""
+    """Search heads on the listing's cached features (an EmotrError names what is not cached)."""
     from emotr.cache import compute_fingerprint
     from emotr.tune import run_search
 

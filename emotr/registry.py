@@ -1,4 +1,4 @@
-"""The MLflow Model Registry: register a trial's head, move aliases, load a model for prediction.
+"""The deployable model: pack a trial's head as an MLflow model, register it, move aliases, load it.
 
 A registered version is the head (512 features -> P(positive)). The backbone and decode settings
 that made its features travel with it as version tags: `emotr predict` rebuilds the same extractor.
@@ -6,8 +6,11 @@ that made its features travel with it as version tags: `emotr predict` rebuilds 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mlflow.entities.model_registry import ModelVersion
@@ -15,11 +18,43 @@ from mlflow.exceptions import MlflowException
 
 from emotr.config import BackboneConfig, Config, DecodeConfig
 from emotr.errors import EmotrError
-from emotr.track import Tracker
+from emotr.track import Tracker, pack_dir
 
 
 class RegistryError(EmotrError, RuntimeError):
     """A model name, version or alias that does not exist; the message says what to run instead."""
+
+
+def keras_model_bytes(model: Any, x_example: Any) -> bytes:
+    """An MLflow Keras model (with signature) packed by `pack_dir`; runs in workers, no tracking.
+
+    The driver uploads it with `Tracker.log_dir_bytes(run_id, data, "model")`, so that
+    `runs:/<run_id>/model` loads with mlflow.pyfunc and registers like a model from log_model.
+    """
+    import mlflow.keras
+    from mlflow.models import infer_signature
+
+    output = model(x_example, training=False)
+    signature = infer_signature(x_example, output.numpy() if hasattr(output, "numpy") else output)
+    # Explicit requirements: inferring them starts a subprocess that loads the model (seconds).
+    requirements = _pinned(("keras",)) + (_pinned(("tensorflow",)) or _pinned(("tensorflow-cpu",)))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model"
+        mlflow.keras.save_model(
+            model, str(path), signature=signature, pip_requirements=requirements
+        )
+        return pack_dir(path)
+
+
+def _pinned(names: tuple[str, ...]) -> list[str]:
+    """name==version for each of the packages that is installed."""
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return pins
 
 
 def register_model(cfg: Config, tracker: Tracker, run_id: str) -> ModelVersion:

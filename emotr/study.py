@@ -6,18 +6,35 @@ told if it was fully logged, else failed (Optuna and MLflow) and its parameters 
 are trials whose Ray task was lost (worker or node died) -- up to tune.max_lost_retries times each.
 A trial whose code raised is failed and not retried: the same parameters would raise again.
 
+Several drivers may share a study. Each holds a lease on its RUNNING trials: the user attribute
+`heartbeat`, renewed every tune.trial_heartbeat_s. Only a trial whose lease is STALE_HEARTBEATS
+intervals old counts as left behind by a dead driver and is settled (Optuna's own heartbeat needs
+optimize(); emotr asks and tells).
+
 A trial's MLflow run carries the tags below, so its study and number can be found again.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Collection
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
 
-from emotr.config import TuneConfig
+from emotr.config import (
+    CategoricalSpace,
+    FloatSpace,
+    HeadParams,
+    IntSpace,
+    ParamSpace,
+    TuneConfig,
+)
+from emotr.errors import EmotrError
 from emotr.track import Tracker
 
 STUDY_TAG = "optuna.study_name"
@@ -27,20 +44,79 @@ ROLE_TAG = "emotr.role"
 # Starts the `error` of a trial run whose task died with its worker or node (as opposed to one
 # whose code raised): such a trial is retried.
 LOST_PREFIX = "lost: "
+# Starts the `error` of a trial run cancelled for running past tune.trial_timeout_s.
+TIMEOUT_PREFIX = "timeout: "
+# A trial's user attributes: the driver's lease on it (time.time() of the last renewal), and why
+# it failed: "raised" (its code), "timeout" (tune.trial_timeout_s) or "lost" (worker/driver died).
+LEASE_ATTR = "heartbeat"
+FAILURE_ATTR = "failure"
+ERROR_ATTR = "error"
+# A lease this many renewal intervals old belongs to a dead driver.
+STALE_HEARTBEATS = 3
+
+
+class StudyError(EmotrError, ValueError):
+    """A study that cannot be used for this search; the message says which tune key to change."""
+
+
+class StorageError(EmotrError, RuntimeError):
+    """tune.storage cannot be opened; the message names it (without its password) and the cause."""
+
+
+def check_storage(tune: TuneConfig) -> None:
+    """Open tune.storage once (creating a local SQLite file's folder); an error names the cause.
+
+    Meant to run before extraction, so that an unreachable study database fails in seconds.
+    """
+    try:
+        _make_sqlite_folder(tune.storage)
+        kwargs = _engine_kwargs(tune.storage)
+        storage = optuna.storages.RDBStorage(tune.storage, engine_kwargs=kwargs)
+    except Exception as error:  # any driver, network or file error: all mean the same to a user
+        cause = _hide_password(f"{type(error).__name__}: {error}", tune.storage)
+        raise StorageError(
+            f"tune.storage {_redacted(tune.storage)} cannot be opened: {cause}"
+        ) from None
+    storage.engine.dispose()
+
+
+def _redacted(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: there is no password to find in it
+        return url
+
+
+def _hide_password(text: str, url: str) -> str:
+    try:
+        password = make_url(url).password
+    except Exception:
+        password = None
+    return text.replace(url, _redacted(url)).replace(password, "***") if password else text
+
+
+def _make_sqlite_folder(url: str) -> None:
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    # A firewalled database host would otherwise hang for the OS's TCP timeout (minutes).
+    if url.startswith(("postgresql", "mysql")):
+        return {"connect_args": {"connect_timeout": 10}}
+    return {}
 
 
 def open_study(tune: TuneConfig) -> optuna.Study:
     """Create or load the study (a local SQLite file gets its folder)."""
-    if tune.storage.startswith("sqlite:///"):
-        Path(tune.storage.removeprefix("sqlite:///")).expanduser().parent.mkdir(
-            parents=True, exist_ok=True
-        )
+    _make_sqlite_folder(tune.storage)
     study = optuna.create_study(
         study_name=tune.study_name, storage=tune.storage, direction="maximize", load_if_exists=True
     )
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise ValueError(
-            f"study {tune.study_name!r} in {tune.storage} minimizes; pick another tune.study_name"
+        raise StudyError(
+            f"study {tune.study_name!r} in {_redacted(tune.storage)} minimizes; "
+            "pick another tune.study_name"
         )
     # Offset the seed by the trials already there: a resumed study must not replay the random
     # start-up proposals it already ran.
@@ -59,51 +135,46 @@ def check_features(study: optuna.Study, identity: dict[str, str]) -> None:
         for key, value in identity.items():
             study.set_user_attr(key, value)
     elif recorded != identity:
-        raise ValueError(
+        raise StudyError(
             f"study {study.study_name!r} was run on features {recorded}, not {identity}; "
             "use a new tune.study_name for new features"
         )
 
 
-def suggest_params(trial: optuna.Trial, tune: TuneConfig) -> dict[str, Any]:
+def suggest_params(trial: optuna.Trial, tune: TuneConfig) -> HeadParams:
     """Head params of a trial: the search space's suggestions, the rest from tune.baseline.
 
     An enqueued value outside the space (the baseline's l2=0 against a log-scale range) is used
     for the trial but not told to Optuna, which cannot represent it.
     """
     enqueued = trial.user_attrs.get("enqueued_params", {})
-    params = dict(tune.baseline)
-    for name, spec in tune.search_space.items():
-        if name in enqueued and not _inside(spec, enqueued[name]):
+    params = tune.baseline.model_dump()
+    for name, space in tune.search_space.items():
+        if name in enqueued and not _inside(space, enqueued[name]):
             params[name] = enqueued[name]
         else:
-            params[name] = _suggest(trial, name, spec)
-    return params
+            params[name] = _suggest(trial, name, space)
+    return HeadParams.model_validate(params)
 
 
-def _suggest(trial: optuna.Trial, name: str, spec: dict[str, Any]) -> Any:
-    if spec["type"] == "categorical":
-        return trial.suggest_categorical(name, list(spec["choices"]))
-    if spec["type"] == "int":
-        step = spec.get("step", 1)
-        return trial.suggest_int(
-            name, spec["low"], spec["high"], step=step, log=spec.get("log", False)
-        )
-    return trial.suggest_float(
-        name, spec["low"], spec["high"], step=spec.get("step"), log=spec.get("log", False)
-    )
+def _suggest(trial: optuna.Trial, name: str, space: ParamSpace) -> Any:
+    if isinstance(space, CategoricalSpace):
+        return trial.suggest_categorical(name, list(space.choices))
+    if isinstance(space, IntSpace):
+        return trial.suggest_int(name, space.low, space.high, step=space.step, log=space.log)
+    assert isinstance(space, FloatSpace)
+    return trial.suggest_float(name, space.low, space.high, step=space.step, log=space.log)
 
 
-def _inside(spec: dict[str, Any], value: Any) -> bool:
-    if spec["type"] == "categorical":
-        return value in spec["choices"]
-    log_ok = not spec.get("log", False) or value > 0
-    return log_ok and spec["low"] <= value <= spec["high"]
+def _inside(space: ParamSpace, value: Any) -> bool:
+    if isinstance(space, CategoricalSpace):
+        return value in space.choices
+    return (not space.log or value > 0) and space.low <= value <= space.high
 
 
 def enqueue_baseline(study: optuna.Study, tune: TuneConfig) -> None:
     """Enqueue tune.baseline as a trial, unless the study already holds it."""
-    params = {name: tune.baseline[name] for name in tune.search_space if name in tune.baseline}
+    params = {name: getattr(tune.baseline, name) for name in tune.search_space}
     for trial in study.get_trials(deepcopy=False):
         if trial.user_attrs.get("baseline") and trial.user_attrs.get("enqueued_params") == params:
             return
@@ -114,10 +185,46 @@ def _enqueue(study: optuna.Study, params: dict[str, Any], **attrs: Any) -> None:
     study.enqueue_trial(params, user_attrs={**attrs, "enqueued_params": params})
 
 
-def n_counted(trials: list[optuna.trial.FrozenTrial]) -> int:
+def n_counted(trials: list[FrozenTrial]) -> int:
     """Finished trials that count toward tune.n_trials (a lost trial enqueued again does not)."""
     retried = {trial.user_attrs["retry_of"] for trial in trials if "retry_of" in trial.user_attrs}
     return sum(trial.state.is_finished() and trial.number not in retried for trial in trials)
+
+
+@dataclass(frozen=True)
+class TrialCounts:
+    """The trials of a study by outcome; they add up to the trials made."""
+
+    n_complete: int
+    n_pruned: int
+    n_failed: int  # its own code raised, or it ran past tune.trial_timeout_s
+    n_lost: int  # its worker, node or driver died (each retried up to tune.max_lost_retries)
+    n_running: int
+    n_waiting: int  # enqueued, not started yet (retries of lost trials, the baseline)
+
+    @property
+    def n_made(self) -> int:
+        """Every trial of the study."""
+        return sum(asdict(self).values())
+
+    def as_metrics(self) -> dict[str, float]:
+        """The counts as MLflow metrics of the `tune` run."""
+        return {key: float(value) for key, value in asdict(self).items()}
+
+
+def count_trials(trials: list[FrozenTrial]) -> TrialCounts:
+    """Count a study's trials by state, failed ones by why they failed."""
+    failed = [trial for trial in trials if trial.state == TrialState.FAIL]
+    n_lost = sum(trial.user_attrs.get(FAILURE_ATTR) == "lost" for trial in failed)
+    states = [trial.state for trial in trials]
+    return TrialCounts(
+        n_complete=states.count(TrialState.COMPLETE),
+        n_pruned=states.count(TrialState.PRUNED),
+        n_failed=len(failed) - n_lost,
+        n_lost=n_lost,
+        n_running=states.count(TrialState.RUNNING),
+        n_waiting=states.count(TrialState.WAITING),
+    )
 
 
 def complete_curves(study: optuna.Study) -> list[tuple[float, dict[int, float]]]:
@@ -130,8 +237,17 @@ def complete_curves(study: optuna.Study) -> list[tuple[float, dict[int, float]]]
     ]
 
 
+def fail_trial(
+    study: optuna.Study, trial: optuna.Trial | FrozenTrial, failure: str, error: str
+) -> None:
+    """Tell Optuna a trial failed, recording why (FAILURE_ATTR) and its error text."""
+    _set_attr(study, trial, FAILURE_ATTR, failure)
+    _set_attr(study, trial, ERROR_ATTR, error[:500])
+    study.tell(trial.number, state=TrialState.FAIL)
+
+
 def fail_or_requeue(
-    study: optuna.Study, trial: optuna.Trial | optuna.trial.FrozenTrial, max_retries: int
+    study: optuna.Study, trial: optuna.Trial | FrozenTrial, max_retries: int, error: str
 ) -> None:
     """Fail a lost trial; enqueue its params again unless it ran out of retries."""
     retries = trial.user_attrs.get("lost_retries", 0)
@@ -139,7 +255,29 @@ def fail_or_requeue(
         keep = {key: trial.user_attrs[key] for key in ("baseline",) if key in trial.user_attrs}
         params = {**trial.user_attrs.get("enqueued_params", {}), **trial.params}
         _enqueue(study, params, **keep, lost_retries=retries + 1, retry_of=trial.number)
-    study.tell(trial.number, state=TrialState.FAIL)
+    fail_trial(study, trial, "lost", error)
+
+
+def _set_attr(study: optuna.Study, trial: optuna.Trial | FrozenTrial, key: str, value: Any) -> None:
+    if isinstance(trial, optuna.Trial):
+        trial.set_user_attr(key, value)
+    else:  # a FrozenTrial from get_trials: only the storage writes to it
+        study._storage.set_trial_user_attr(trial._trial_id, key, value)
+
+
+def renew_lease(trial: optuna.Trial) -> None:
+    """Mark a trial as still driven (by this process) as of now."""
+    trial.set_user_attr(LEASE_ATTR, time.time())
+
+
+def is_stale(trial: FrozenTrial, heartbeat_s: float, now: float | None = None) -> bool:
+    """Whether a trial's lease (without one: its start) is STALE_HEARTBEATS intervals old."""
+    renewed = trial.user_attrs.get(LEASE_ATTR)
+    if renewed is None:
+        started = trial.datetime_start
+        renewed = started.timestamp() if started is not None else 0.0
+    now = time.time() if now is None else now
+    return now - renewed > STALE_HEARTBEATS * heartbeat_s
 
 
 def find_study_runs(tracker: Tracker, study_name: str) -> tuple[list[Any], dict[int, Any]]:
@@ -153,25 +291,39 @@ def find_study_runs(tracker: Tracker, study_name: str) -> tuple[list[Any], dict[
 
 
 def recover_trials(
-    study: optuna.Study, tracker: Tracker, runs: dict[int, Any], tune: TuneConfig
-) -> None:
-    """Settle the trials a dead driver left RUNNING from what their MLflow runs hold.
+    study: optuna.Study, tracker: Tracker, tune: TuneConfig, skip: Collection[int] = ()
+) -> int:
+    """Settle the RUNNING trials whose lease went stale from what their MLflow runs hold.
 
     The driver logs a trial to MLflow before telling Optuna, so a trial whose run is FINISHED was
-    only not told; any other is failed (and requeued unless its own code raised).
+    only not told; any other is failed (and requeued unless its own code raised). Trials in
+    `skip` (this driver's own) and those whose lease is fresh (another live driver's) are left
+    alone. Returns how many were settled.
     """
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        run = runs.get(trial.number)
-        status = run.info.status if run is not None else None
-        logged = run.data.tags.get(STATE_TAG) if run is not None else None
-        if status == "FINISHED" and logged == "COMPLETE":
-            study.tell(trial.number, run.data.metrics["val_auc"])
-        elif status == "FINISHED" and logged == "PRUNED":
-            study.tell(trial.number, state=TrialState.PRUNED)
-        elif status == "FAILED" and not run.data.tags.get("error", "").startswith(LOST_PREFIX):
-            study.tell(trial.number, state=TrialState.FAIL)
-        else:
-            fail_or_requeue(study, trial, tune.max_lost_retries)
-            if status == "RUNNING":
-                reason = "stale: the driver running this trial stopped before it finished"
-                tracker.end_run(run.info.run_id, "FAILED", reason)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    stale = [t for t in running if t.number not in skip and is_stale(t, tune.trial_heartbeat_s)]
+    if not stale:
+        return 0
+    _, runs = find_study_runs(tracker, study.study_name)
+    for trial in stale:
+        _settle(study, tracker, tune, trial, runs.get(trial.number))
+    return len(stale)
+
+
+def _settle(
+    study: optuna.Study, tracker: Tracker, tune: TuneConfig, trial: FrozenTrial, run: Any
+) -> None:
+    status = run.info.status if run is not None else None
+    logged = run.data.tags.get(STATE_TAG) if run is not None else None
+    error = run.data.tags.get("error", "") if run is not None else ""
+    if status == "FINISHED" and logged == "COMPLETE":
+        study.tell(trial.number, run.data.metrics["val_auc"])
+    elif status == "FINISHED" and logged == "PRUNED":
+        study.tell(trial.number, state=TrialState.PRUNED)
+    elif status == "FAILED" and not error.startswith(LOST_PREFIX):
+        fail_trial(study, trial, "timeout" if error.startswith(TIMEOUT_PREFIX) else "raised", error)
+    else:
+        reason = "stale: the driver running this trial stopped before it finished"
+        fail_or_requeue(study, trial, tune.max_lost_retries, f"{LOST_PREFIX}{reason}")
+        if status == "RUNNING":
+            tracker.end_run(run.info.run_id, "FAILED", reason)

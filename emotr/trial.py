@@ -14,24 +14,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
 import ray
 
 from emotr import plots
+from emotr.features import FeatureSet
 from emotr.head import HeadParams, fit_head
-from emotr.track import keras_model_bytes
-
-if TYPE_CHECKING:
-    from emotr.tune import FeatureSet
+from emotr.registry import keras_model_bytes
 
 
 @dataclass(frozen=True)
 class TrialJob:
     """Everything a trial task needs besides the features."""
 
-    params: dict[str, Any]
+    params: HeadParams
     epochs: int
     patience: int
     seed: int
@@ -46,7 +44,7 @@ class TrialJob:
 def submit_trial(
     features_ref: ray.ObjectRef, job: TrialJob, number: int, cpus: float
 ) -> ray.ObjectRef:
-    """Start trial `number` as the Ray task `trial-<number>`; it returns train_trial's payload."""
+    """Start trial `number` as the Ray task `trial-<number>`; it returns a TrialOutcome."""
     task = _train_trial_task.options(
         num_cpus=cpus, runtime_env=_worker_env(cpus), name=f"trial-{number}"
     )
@@ -67,11 +65,35 @@ def _worker_env(cpus: float) -> dict[str, Any]:
     }
 
 
-def train_trial(features: FeatureSet, job: TrialJob) -> dict[str, Any]:
-    """Fit one head, render its plots, pack its MLflow model; the payload the driver logs."""
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What a trial task hands back to the driver, which logs it and tells Optuna."""
+
+    history: dict[str, list[float]]  # per-epoch curves, by Keras name
+    metrics: dict[str, float]  # the restored epoch's validation numbers and train_seconds
+    pruned: bool
+    plots: dict[str, bytes]  # PNG by artifact path
+    model: bytes | None  # packed MLflow model (registry.keras_model_bytes); None when pruned
+    started: float  # time.time() in the worker
+    finished: float
+    cpu_seconds: float
+
+    @property
+    def n_epochs(self) -> int:
+        """Epochs trained."""
+        return len(self.history["val_auc"])
+
+    @property
+    def val_auc(self) -> float:
+        """The trial's value: val AUC of the restored (best) epoch."""
+        return self.metrics["val_auc"]
+
+
+def train_trial(features: FeatureSet, job: TrialJob) -> TrialOutcome:
+    """Fit one head, render its plots, pack its MLflow model."""
     started, cpu_started = time.time(), time.process_time()
     result = fit_head(
-        HeadParams.from_dict(job.params),
+        job.params,
         features.x_train,
         features.y_train,
         features.x_val,
@@ -92,17 +114,16 @@ def train_trial(features: FeatureSet, job: TrialJob) -> dict[str, Any]:
     model = (
         None if result.stopped_by_callback else keras_model_bytes(result.model, features.x_val[:5])
     )
-    return {
-        "history": result.history,
-        "metrics": {**result.metrics, "train_seconds": result.train_seconds},
-        "n_epochs": len(result.history["val_auc"]),
-        "pruned": result.stopped_by_callback,
-        "plots": {name: plots.to_png(figure) for name, figure in pngs.items()},
-        "model": model,
-        "started": started,
-        "finished": time.time(),
-        "cpu_seconds": time.process_time() - cpu_started,
-    }
+    return TrialOutcome(
+        history=result.history,
+        metrics={**result.metrics, "train_seconds": result.train_seconds},
+        pruned=result.stopped_by_callback,
+        plots={name: plots.to_png(figure) for name, figure in pngs.items()},
+        model=model,
+        started=started,
+        finished=time.time(),
+        cpu_seconds=time.process_time() - cpu_started,
+    )
 
 
 def _pruning_check(job: TrialJob) -> Any:

@@ -6,6 +6,9 @@ resumed study can settle from MLflow what a dead driver left (emotr.study). Only
 touches the study and MLflow. With tune.pruner=median the driver stores each trial's curve as the
 user attribute `val_auc_curve` (one write, where reporting 100 epochs took 100) for the snapshots
 later trials prune against.
+
+While it waits, the driver renews the lease on its running trials, settles trials whose lease went
+stale (their driver died), and cancels trials running past tune.trial_timeout_s.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import optuna
 import ray
 from optuna.trial import TrialState
@@ -23,26 +25,36 @@ from rich.console import Console
 from rich.live import Live
 
 from emotr.config import Config
-from emotr.head import HeadParams
+from emotr.errors import EmotrError
+from emotr.features import FeatureSet
 from emotr.study import (
     LOST_PREFIX,
     ROLE_TAG,
     STATE_TAG,
     STUDY_TAG,
+    TIMEOUT_PREFIX,
     TRIAL_TAG,
     check_features,
     complete_curves,
     enqueue_baseline,
     fail_or_requeue,
+    fail_trial,
     find_study_runs,
     n_counted,
     open_study,
     recover_trials,
+    renew_lease,
     suggest_params,
 )
 from emotr.track import MLFLOW_PARENT_RUN_ID, Tracker
-from emotr.trial import TrialJob, submit_trial
-from emotr.tune_report import SearchResult, status_line, summarize_search, top_table
+from emotr.trial import TrialJob, TrialOutcome, submit_trial
+from emotr.tune_report import (
+    SearchResult,
+    search_failure,
+    status_line,
+    summarize_search,
+    top_table,
+)
 
 # A task that died with its worker or node, as opposed to one whose code raised.
 _LOST_ERRORS = (
@@ -54,21 +66,8 @@ _LOST_ERRORS = (
 )
 
 
-@dataclass(frozen=True)
-class FeatureSet:
-    """Train/validation features of one cache, with the identity of the cache and of the split."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    fingerprint: str
-    split_digest: str
-
-    @property
-    def identity(self) -> dict[str, str]:
-        """The cache and split these features come from, as the study and its runs record them."""
-        return {"feature_fingerprint": self.fingerprint, "split_digest": self.split_digest}
+class SearchError(EmotrError, RuntimeError):
+    """A search that produced no usable result; the message names the trials and their runs."""
 
 
 def run_search(
@@ -81,17 +80,17 @@ def run_search(
     """Run (or resume) the study cfg.tune.study_name until cfg.tune.n_trials trials are finished.
 
     Needs a connected Ray (the caller runs ray.init). Logs one `tune` run per study (nested under
-    parent_run_id when given) and one nested `trial-<n>` run per trial.
+    parent_run_id when given) and one nested `trial-<n>` run per trial. Raises SearchError when no
+    trial completed or fewer than tune.min_complete_fraction of tune.n_trials did.
     """
     if not ray.is_initialized():
         raise RuntimeError("run_search needs Ray: call ray.init(...) first")
-    _check_shapes(features)
     started = time.perf_counter()
     study = open_study(cfg.tune)
     check_features(study, features.identity)
-    existing_parents, runs = find_study_runs(tracker, cfg.tune.study_name)
-    recover_trials(study, tracker, runs, cfg.tune)
+    recover_trials(study, tracker, cfg.tune)
     enqueue_baseline(study, cfg.tune)
+    existing_parents, runs = find_study_runs(tracker, cfg.tune.study_name)
     parent_id = _open_parent(tracker, existing_parents, cfg, features, parent_run_id)
     search = _Search(cfg, study, tracker, features, runs, parent_id)
     # Off a terminal (a log, `ray job logs`) Rich assumes 80 columns: too narrow for the table.
@@ -108,24 +107,15 @@ def run_search(
         raise
     finally:
         search.live = None
-    result = summarize_search(cfg, study, tracker, parent_id, runs, search.timings, started)
+    result = summarize_search(cfg, study, tracker, parent_id, search.timings, started)
+    failure = search_failure(result, cfg.tune)
+    tracker.end_run(parent_id, "FAILED" if failure else "FINISHED", failure)
     if progress:
         console.print()  # the live status line ends without a newline off a terminal
         console.print(top_table(result))
+    if failure:
+        raise SearchError(failure)
     return result
-
-
-def _check_shapes(features: FeatureSet) -> None:
-    for name in ("train", "val"):
-        x, y = getattr(features, f"x_{name}"), getattr(features, f"y_{name}")
-        if x.ndim != 2 or len(x) != len(y):
-            raise ValueError(f"x_{name} {x.shape} and y_{name} {y.shape} must be (n, d) and (n,)")
-        if set(np.unique(y).tolist()) != {0, 1}:
-            raise ValueError(f"y_{name} must hold both labels 0 and 1, got {np.unique(y).tolist()}")
-    if features.x_train.shape[1] != features.x_val.shape[1]:
-        raise ValueError(
-            f"train has {features.x_train.shape[1]} features, val {features.x_val.shape[1]}"
-        )
 
 
 def _open_parent(
@@ -185,44 +175,84 @@ class _Search:
         self.features_ref = ray.put(features)  # once; every task reads the same object
         self.runs, self.parent_id = runs, parent_id
         self.running: dict[ray.ObjectRef, _Running] = {}
-        self.n_finishing = 0
+        self.next_beat = time.time() + self.tune.trial_heartbeat_s
         self.timings: dict[int, dict[str, float]] = {}
         self.live: Live | None = None
 
     def run(self) -> None:
-        """Dispatch until tune.n_trials trials count as finished, keeping tune.concurrency busy."""
+        """Dispatch until tune.n_trials trials count as finished, keeping tune.concurrency busy.
+
+        Trials another live driver runs on the same study count toward n_trials: this loop waits
+        for them to finish, or to go stale and be retried here.
+        """
         try:
             self._refill()
-            while self.running:
-                ready, _ = ray.wait(list(self.running), num_returns=1)
-                self._collect(ready[0])
+            while self.running or self._n_others_running():
+                self._wait()
+                self._tick()
         except BaseException:
             self._abort()
             raise
+
+    def _wait(self) -> None:
+        timeout = max(0.0, min(self._next_deadline(), self.next_beat) - time.time())
+        if not self.running:
+            time.sleep(timeout)
+            return
+        ready, _ = ray.wait(list(self.running), num_returns=1, timeout=timeout)
+        if ready:
+            self._collect(ready[0])
+
+    def _next_deadline(self) -> float:
+        if self.tune.trial_timeout_s is None or not self.running:
+            return float("inf")
+        return min(r.dispatched for r in self.running.values()) + self.tune.trial_timeout_s
+
+    def _tick(self) -> None:
+        """Cancel overdue trials; every tune.trial_heartbeat_s renew leases, settle stale trials."""
+        now = time.time()
+        for ref, running in list(self.running.items()):
+            if now - running.dispatched >= (self.tune.trial_timeout_s or float("inf")):
+                self._time_out(ref)
+        if now >= self.next_beat:
+            for running in self.running.values():
+                renew_lease(running.trial)
+            own = {running.trial.number for running in self.running.values()}
+            recover_trials(self.study, self.tracker, self.tune, skip=own)
+            self.next_beat = now + self.tune.trial_heartbeat_s
+        self._refill()
+
+    def _n_others_running(self) -> int:
+        own = {running.trial.number for running in self.running.values()}
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return sum(trial.number not in own for trial in running)
 
     def _refill(self) -> None:
         while len(self.running) < self.tune.concurrency and self._n_wanted() > 0:
             self._dispatch()
         if self.live is not None:
-            self.live.update(status_line(self.study, self.tune.n_trials, len(self.running)))
+            self.live.update(status_line(self.study, self.tune.n_trials))
 
     def _n_wanted(self) -> int:
-        counted = n_counted(self.study.get_trials(deepcopy=False))
-        return self.tune.n_trials - counted - len(self.running) - self.n_finishing
+        # RUNNING trials (this driver's, another's, or stale ones about to be settled and
+        # retried) hold their place in n_trials.
+        trials = self.study.get_trials(deepcopy=False)
+        n_running = sum(trial.state == TrialState.RUNNING for trial in trials)
+        return self.tune.n_trials - n_counted(trials) - n_running
 
     def _dispatch(self) -> None:
         trial = self.study.ask()
+        renew_lease(trial)
         try:
             params = suggest_params(trial, self.tune)
-            HeadParams.from_dict(params)  # a typo'd name fails here, not in every worker
-        except Exception:
-            self.study.tell(trial.number, state=TrialState.FAIL)
+        except Exception as error:  # e.g. an enqueued value the head refuses
+            fail_trial(self.study, trial, "raised", f"{type(error).__name__}: {error}")
             raise
-        trial.set_user_attr("head_params", params)
+        trial.set_user_attr("head_params", params.model_dump())
         run_id = self._trial_run(trial.number)
         trial.set_user_attr("mlflow_run_id", run_id)
         self.tracker.log_params(
-            run_id, {**params, **self.features.identity, "trial_number": trial.number}
+            run_id, {**params.model_dump(), **self.features.identity, "trial_number": trial.number}
         )
         job = TrialJob(
             params=params,
@@ -248,54 +278,49 @@ class _Search:
 
     def _collect(self, ref: ray.ObjectRef) -> None:
         running = self.running.pop(ref)
-        self.n_finishing += 1  # not running, not told yet: still holds its place in n_trials
         try:
-            try:
-                payload = ray.get(ref)
-            except ray.exceptions.RayError as error:
-                self._fail(running, error)
-            else:
-                self._complete(running, payload)
-        finally:
-            self.n_finishing -= 1
-        self._refill()
+            outcome = ray.get(ref)
+        except ray.exceptions.RayError as error:
+            self._fail(running, error)
+        else:
+            self._complete(running, outcome)
 
-    def _complete(self, running: _Running, payload: dict[str, Any]) -> None:
+    def _complete(self, running: _Running, outcome: TrialOutcome) -> None:
         """Log to MLflow, then tell Optuna: a crash in between is settled from MLflow on resume."""
         received = time.time()
         self._refill()  # keep the workers busy while this trial is logged
-        trial, curve = running.trial, payload["history"]["val_auc"]
-        state = TrialState.PRUNED if payload["pruned"] else TrialState.COMPLETE
-        self._log(running.run_id, payload, state.name)
+        trial, curve = running.trial, outcome.history["val_auc"]
+        state = TrialState.PRUNED if outcome.pruned else TrialState.COMPLETE
+        self._log(running.run_id, outcome, state.name)
         logged = time.time()
         if self.tune.pruner != "none":
             # One write for the whole curve (trial.report per epoch cost ~3 ms each in SQLite).
             trial.set_user_attr("val_auc_curve", curve)
-        if payload["pruned"]:
+        if outcome.pruned:
             trial.report(curve[-1], len(curve))  # a pruned trial's value is its last report
             self.study.tell(trial.number, state=TrialState.PRUNED)
         else:
-            self.study.tell(trial.number, payload["metrics"]["val_auc"])
+            self.study.tell(trial.number, outcome.val_auc)
         self.timings[trial.number] = {
-            "train_s": payload["metrics"]["train_seconds"],
-            "task_s": payload["finished"] - payload["started"],
-            "queue_s": payload["started"] - running.dispatched,
-            "return_s": received - payload["finished"],
+            "train_s": outcome.metrics["train_seconds"],
+            "task_s": outcome.finished - outcome.started,
+            "queue_s": outcome.started - running.dispatched,
+            "return_s": received - outcome.finished,
             "log_s": logged - received,
             "tell_s": time.time() - logged,
             "total_s": time.time() - running.dispatched,
-            "cpu_s": payload["cpu_seconds"],
+            "cpu_s": outcome.cpu_seconds,
         }
 
-    def _log(self, run_id: str, payload: dict[str, Any], state: str) -> None:
-        self.tracker.log_history(run_id, payload["history"])
+    def _log(self, run_id: str, outcome: TrialOutcome, state: str) -> None:
+        self.tracker.log_history(run_id, outcome.history)
         # Like MLflow's Keras autologging: the restored (best) epoch's numbers are logged one step
         # after the last epoch, so the run's latest values are those of the model it keeps.
-        self.tracker.log_metrics(run_id, payload["metrics"], step=payload["n_epochs"] + 1)
-        for name, png in payload["plots"].items():
+        self.tracker.log_metrics(run_id, outcome.metrics, step=outcome.n_epochs + 1)
+        for name, png in outcome.plots.items():
             self.tracker.log_bytes(run_id, png, name)
-        if payload["model"] is not None:
-            self.tracker.log_dir_bytes(run_id, payload["model"], "model")
+        if outcome.model is not None:
+            self.tracker.log_dir_bytes(run_id, outcome.model, "model")
         self.tracker.set_tags(run_id, {STATE_TAG: state})
         self.tracker.end_run(run_id)
 
@@ -305,17 +330,35 @@ class _Search:
         lost = isinstance(error, _LOST_ERRORS) or isinstance(cause, _LOST_ERRORS)
         text = f"{type(cause).__name__}: {cause}".strip()
         self.tracker.log_text(running.run_id, str(error), "error.txt")
-        self.tracker.set_tags(running.run_id, {STATE_TAG: "FAIL"})
-        self.tracker.end_run(running.run_id, "FAILED", f"{LOST_PREFIX}{text}" if lost else text)
         if lost:
-            fail_or_requeue(self.study, running.trial, self.tune.max_lost_retries)
+            self._end_failed(running, f"{LOST_PREFIX}{text}")
+            fail_or_requeue(self.study, running.trial, self.tune.max_lost_retries, text)
         else:
-            self.study.tell(running.trial.number, state=TrialState.FAIL)
+            self._end_failed(running, text)
+            fail_trial(self.study, running.trial, "raised", text)
+
+    def _time_out(self, ref: ray.ObjectRef) -> None:
+        """Cancel a trial past tune.trial_timeout_s and fail it; the search goes on."""
+        running = self.running.pop(ref)
+        # force: a running task only stops when its worker is killed (its ray.get would then
+        # read as a lost worker, so the ref is dropped here, never collected).
+        ray.cancel(ref, force=True)
+        reason = (
+            f"{TIMEOUT_PREFIX}the trial ran longer than tune.trial_timeout_s="
+            f"{self.tune.trial_timeout_s:g} s and was cancelled"
+        )
+        self._end_failed(running, reason)
+        fail_trial(self.study, running.trial, "timeout", reason)
+
+    def _end_failed(self, running: _Running, error: str) -> None:
+        self.tracker.set_tags(running.run_id, {STATE_TAG: "FAIL"})
+        self.tracker.end_run(running.run_id, "FAILED", error)
 
     def _abort(self) -> None:
         """Interrupted or failed driver: stop its tasks; their trials re-run on resume."""
         for ref, running in self.running.items():
             ray.cancel(ref, force=True)
-            fail_or_requeue(self.study, running.trial, self.tune.max_lost_retries)
-            self.tracker.end_run(running.run_id, "KILLED", "the search was interrupted")
+            reason = "the search was interrupted"
+            fail_or_requeue(self.study, running.trial, self.tune.max_lost_retries, reason)
+            self.tracker.end_run(running.run_id, "KILLED", reason)
         self.running.clear()

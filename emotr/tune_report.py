@@ -2,25 +2,60 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
-from emotr.config import Config, to_yaml
-from emotr.study import n_counted
+from emotr.config import Config, HeadParams, TuneConfig, to_yaml
+from emotr.study import (
+    ERROR_ATTR,
+    FAILURE_ATTR,
+    LEASE_ATTR,
+    count_trials,
+    find_study_runs,
+    n_counted,
+)
 from emotr.track import Tracker
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
 
 # The numbers of the restored epoch, logged per trial and, prefixed best_, on the `tune` run.
 FINAL_METRICS = ("val_auc", "val_accuracy", "val_precision", "val_recall", "val_f1")
 FINAL_METRICS += ("val_log_loss", "best_epoch", "train_seconds")
 # Driver bookkeeping in the trials' user attributes; the full head params get their own columns.
-_HIDDEN_ATTRS = ("enqueued_params", "head_params", "val_auc_curve")
+_HIDDEN_ATTRS = ("enqueued_params", "head_params", "val_auc_curve", LEASE_ATTR)
+# What the plots call the objective.
+TARGET_NAME = "val AUC"
+# Short headers of the top-trials table; other head params show under their own name.
+_SHORT = {"n_layers": "layers", "activation": "act", "dropout": "drop", "learning_rate": "lr"}
+_SHORT |= {"batch_size": "batch", "standardize": "std", "class_weight": "cw"}
+
+
+@dataclass(frozen=True)
+class FailedTrial:
+    """A trial that failed: why (raised, timeout, lost), its MLflow run and its error text."""
+
+    number: int
+    failure: str
+    run_id: str | None
+    error: str
+
+    def describe(self) -> str:
+        """One line: `trial 3 (run abc...): ValueError: ...`."""
+        error = " ".join(self.error.split())[:200]
+        return f"trial {self.number} (MLflow run {self.run_id}): {error}"
 
 
 @dataclass
@@ -32,34 +67,38 @@ class SearchResult:
     best_value: float | None
     best_params: dict[str, Any] | None
     best_run_id: str | None
-    baseline_value: float | None
+    baseline_value: float | None  # None when the baseline trial did not complete
+    baseline_failure: FailedTrial | None  # the baseline trial, when it failed
     n_complete: int
     n_failed: int
     n_pruned: int
+    n_lost: int
+    failed_trials: list[FailedTrial]
     trials: pd.DataFrame
     parent_run_id: str
     wall_seconds: float
 
+    def baseline_text(self) -> str:
+        """The baseline's val AUC, or that it failed and where to look."""
+        if self.baseline_value is not None:
+            return f"{self.baseline_value:.4f}"
+        if self.baseline_failure is not None:
+            return f"failed: {self.baseline_failure.describe()}"
+        return "not run"
 
-def status_line(study: optuna.Study, n_trials: int, n_running: int) -> str:
-    """One line of progress for the live display."""
+
+def status_line(study: optuna.Study, n_trials: int) -> str:
+    """One line of progress for the live display; its counts add up to the trials made."""
     trials = study.get_trials(deepcopy=False)
-    counts, best = _counts(trials), _best(trials)
+    counts, best = count_trials(trials), _best(trials)
     best_text = f"best val AUC {best.value:.4f} (trial {best.number})" if best else "no result yet"
+    waiting = f", {counts.n_waiting} waiting" if counts.n_waiting else ""
     return (
-        f"[bold]tune {study.study_name}[/]: {n_counted(trials)}/{n_trials} done, "
-        f"{counts['n_failed']} failed, {counts['n_pruned']} pruned, "
-        f"{n_running} running - {best_text}"
+        f"[bold]tune {study.study_name}[/]: {n_counted(trials)}/{n_trials} done; "
+        f"{counts.n_made} trials: {counts.n_complete} complete, {counts.n_pruned} pruned, "
+        f"{counts.n_failed} failed, {counts.n_lost} lost, {counts.n_running} running{waiting}"
+        f" - {best_text}"
     )
-
-
-def _counts(trials: list[FrozenTrial]) -> dict[str, int]:
-    states = [trial.state for trial in trials]
-    return {
-        "n_complete": states.count(TrialState.COMPLETE),
-        "n_failed": states.count(TrialState.FAIL),
-        "n_pruned": states.count(TrialState.PRUNED),
-    }
 
 
 def _best(trials: list[FrozenTrial]) -> FrozenTrial | None:
@@ -67,30 +106,49 @@ def _best(trials: list[FrozenTrial]) -> FrozenTrial | None:
     return max(complete, key=lambda trial: trial.value, default=None)
 
 
+def _failed(trials: list[FrozenTrial]) -> list[FailedTrial]:
+    return [
+        FailedTrial(
+            number=trial.number,
+            failure=trial.user_attrs.get(FAILURE_ATTR, "raised"),
+            run_id=trial.user_attrs.get("mlflow_run_id"),
+            error=str(trial.user_attrs.get(ERROR_ATTR, "")),
+        )
+        for trial in trials
+        if trial.state == TrialState.FAIL
+    ]
+
+
+def _baseline(trials: list[FrozenTrial]) -> tuple[float | None, FailedTrial | None]:
+    """The baseline's value, or its last failure when no baseline trial completed."""
+    baseline = [trial for trial in trials if trial.user_attrs.get("baseline")]
+    complete = [trial for trial in baseline if trial.state == TrialState.COMPLETE]
+    if complete:
+        return complete[0].value, None
+    failed = _failed(baseline)
+    return None, (failed[-1] if failed else None)
+
+
 def summarize_search(
     cfg: Config,
     study: optuna.Study,
     tracker: Tracker,
     parent_id: str,
-    runs: dict[int, Any],
     timings: dict[int, dict[str, float]],
     started: float,
 ) -> SearchResult:
-    """Log the study's summary to its `tune` run, end that run and build the SearchResult.
+    """Log the study's summary to its `tune` run (the caller ends it) and build the SearchResult.
 
     Args:
-        runs: the trial runs by trial number.
         timings: seconds per stage of the trials this driver ran, by trial number.
         started: time.perf_counter() when the search started.
     """
     trials = study.get_trials(deepcopy=False)
-    counts, best = _counts(trials), _best(trials)
-    baseline = [
-        t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("baseline")
-    ]
-    baseline_value = baseline[0].value if baseline else None
-    best_run_id = runs[best.number].info.run_id if best else None
-    summary: dict[str, float] = {key: float(value) for key, value in counts.items()}
+    counts, best = count_trials(trials), _best(trials)
+    baseline_value, baseline_failure = _baseline(trials)
+    _, runs = find_study_runs(tracker, study.study_name)  # another driver's trials included
+    best_run_id = runs[best.number].info.run_id if best and best.number in runs else None
+    summary = {**counts.as_metrics(), "n_trials_made": float(counts.n_made)}
     if best_run_id is not None:
         best_metrics = tracker.client.get_run(best_run_id).data.metrics
         summary.update(
@@ -99,12 +157,14 @@ def summarize_search(
         tracker.set_tags(parent_id, {"best_run_id": best_run_id, "best_trial_number": best.number})
     if baseline_value is not None:
         summary["baseline_val_auc"] = baseline_value
+    elif baseline_failure is not None:
+        log.warning("the baseline trial failed: %s", baseline_failure.describe())
+        tracker.set_tags(parent_id, {"baseline": f"failed: {baseline_failure.describe()}"})
     tracker.log_metrics(parent_id, summary)
     frame = _trials_frame(study, runs, timings)
     tracker.log_table(parent_id, frame, "trials.csv")
     tracker.log_text(parent_id, to_yaml(cfg), "config.yaml")
-    _log_optuna_plots(tracker, parent_id, study, counts["n_complete"])
-    tracker.end_run(parent_id)
+    _log_optuna_plots(tracker, parent_id, study, counts.n_complete)
     return SearchResult(
         study_name=study.study_name,
         best_trial_number=best.number if best else None,
@@ -112,11 +172,42 @@ def summarize_search(
         best_params=best.user_attrs.get("head_params") if best else None,
         best_run_id=best_run_id,
         baseline_value=baseline_value,
+        baseline_failure=baseline_failure,
+        n_complete=counts.n_complete,
+        n_failed=counts.n_failed,
+        n_pruned=counts.n_pruned,
+        n_lost=counts.n_lost,
+        failed_trials=_failed(trials),
         trials=frame,
         parent_run_id=parent_id,
         wall_seconds=time.perf_counter() - started,
-        **counts,
     )
+
+
+def search_failure(result: SearchResult, tune: TuneConfig) -> str | None:
+    """Why a finished search is not a usable result (one line), or None when it is."""
+    name, failed = result.study_name, result.failed_trials
+    raised = [trial for trial in failed if trial.failure != "lost"]
+    lost = [trial for trial in failed if trial.failure == "lost"]
+    if result.best_run_id is None:
+        first = (raised or lost)[:1]
+        detail = f"; first failure: {first[0].describe()}" if first else ""
+        return (
+            f"no trial of study {name!r} completed ({result.n_failed} failed, {result.n_lost} "
+            f"lost, {result.n_pruned} pruned){detail}"
+        )
+    n_done = result.n_complete + result.n_pruned
+    if n_done >= tune.min_complete_fraction * tune.n_trials:
+        return None
+    named = ", ".join(f"trial {trial.number} (MLflow run {trial.run_id})" for trial in lost)
+    text = (
+        f"only {n_done} of tune.n_trials={tune.n_trials} trials of study {name!r} completed, "
+        f"fewer than tune.min_complete_fraction={tune.min_complete_fraction:g}: "
+        f"{len(lost)} lost to dead workers" + (f" ({named})" if named else "")
+    )
+    if raised:
+        text += f", {len(raised)} failed (first: {raised[0].describe()})"
+    return text + "; resume with the same tune.study_name to run the missing trials"
 
 
 def _trials_frame(
@@ -136,46 +227,66 @@ def _trials_frame(
 
 
 def _log_optuna_plots(tracker: Tracker, run_id: str, study: optuna.Study, n_complete: int) -> None:
-    from optuna.visualization import matplotlib as optuna_plots
-
     if n_complete == 0:
         return
+    tracker.log_figure(run_id, history_figure(study), "plots/optimization_history.png")
+    if n_complete < 2:
+        tracker.set_tags(run_id, {"plots.param_importances": "skipped: < 2 complete trials"})
+        return
+    try:
+        figure = importance_figure(study)
+    except (ValueError, RuntimeError) as error:  # e.g. every trial has the same params
+        tracker.set_tags(run_id, {"plots.param_importances": f"skipped: {error}"})
+        return
+    tracker.log_figure(run_id, figure, "plots/param_importances.png")
+
+
+def history_figure(study: optuna.Study) -> Figure:
+    """Optuna's optimization history, its objective named val AUC."""
+    from optuna.visualization import matplotlib as optuna_plots
+
+    with _quiet():
+        axes = optuna_plots.plot_optimization_history(study, target_name=TARGET_NAME)
+    return _fit_labels(axes.figure)
+
+
+def importance_figure(study: optuna.Study) -> Figure:
+    """Optuna's hyperparameter importances, sized so that every parameter name shows whole."""
+    from optuna.visualization import matplotlib as optuna_plots
+
+    with _quiet():
+        axes = optuna_plots.plot_param_importances(study, target_name=TARGET_NAME)
+    n_params = len(axes.get_yticks())
+    axes.figure.set_size_inches(8, max(3.0, 0.4 * n_params + 1.5))
+    # Room right of the longest bar for Optuna's value labels.
+    axes.set_xlim(0, max(1e-9, axes.get_xlim()[1]) * 1.15)
+    return _fit_labels(axes.figure)
+
+
+def _fit_labels(figure: Figure) -> Figure:
+    # Optuna's default 6.4 x 4.8 in figure with fixed margins cuts long tick labels.
+    figure.tight_layout()
+    return figure
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         # Optuna warns about few trials per regime: expected early on, and not actionable.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", UserWarning)
-        axes = optuna_plots.plot_optimization_history(study)
-        tracker.log_figure(run_id, axes.figure, "plots/optimization_history.png")
-        if n_complete < 2:
-            tracker.set_tags(run_id, {"plots.param_importances": "skipped: < 2 complete trials"})
-            return
-        try:
-            axes = optuna_plots.plot_param_importances(study)
-        except (ValueError, RuntimeError) as error:  # e.g. every trial has the same params
-            tracker.set_tags(run_id, {"plots.param_importances": f"skipped: {error}"})
-            return
-        tracker.log_figure(run_id, axes.figure, "plots/param_importances.png")
+        yield
 
 
 def top_table(result: SearchResult, n: int = 5) -> Table:
     """The n best complete trials of the study with their head params."""
     table = Table(title=f"Top {n} trials of study {result.study_name!r}")
-    columns = {
-        "n_layers": "layers",
-        "units": "units",
-        "activation": "act",
-        "dropout": "drop",
-        "l2": "l2",
-        "learning_rate": "lr",
-        "batch_size": "batch",
-        "standardize": "std",
-        "class_weight": "cw",
-    }
-    for header in ["trial", "val AUC", *columns.values()]:
+    names = list(HeadParams.model_fields)
+    for header in ["trial", "val AUC", *(_SHORT.get(name, name) for name in names)]:
         table.add_column(header, justify="right")
     top = result.trials[result.trials["state"] == "COMPLETE"].nlargest(n, "value")
     for _, row in top.iterrows():
-        values = [row.get(f"param_{name}") for name in columns]
+        values = [row.get(f"param_{name}") for name in names]
         cells = [f"{value:.2g}" if isinstance(value, float) else str(value) for value in values]
         table.add_row(str(row["number"]), f"{row['value']:.4f}", *cells)
     return table

@@ -26,9 +26,10 @@ import ray
 from benchlib import add_output_arguments, publish
 
 from emotr.config import load_config
-from emotr.head import HeadParams, fit_head
+from emotr.features import FeatureSet
+from emotr.head import fit_head
 from emotr.track import Tracker
-from emotr.tune import FeatureSet, run_search
+from emotr.tune import run_search
 
 COLUMNS = [
     "search",
@@ -65,7 +66,7 @@ def bench_fit(features: FeatureSet, epochs: int) -> tuple[float, float, float]:
     """Seconds of fit_head and of a plain Keras fit for `epochs` epochs, and fit_head's val AUC."""
     import keras
 
-    params = HeadParams.from_dict(load_config().tune.baseline)
+    params = load_config().tune.baseline
     args = (features.x_train, features.y_train, features.x_val, features.y_val)
     fit_head(params, *args, epochs=2, patience=2)  # warm-up: TF start, first trace
     result = fit_head(params, *args, epochs=epochs, patience=epochs)
@@ -186,7 +187,7 @@ def main() -> None:
     # The in-process fit runs like a trial with cpus_per_trial=1 (set before any TF op).
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as work:
         fit, rows = run(args, Path(work))
     section = markdown(args, fit, rows)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -20,11 +19,11 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from emotr.config import MlflowConfig
-from emotr.head import HeadParams
+from emotr.config import HeadParams, MlflowConfig
+from emotr.features import FeatureSet
 from emotr.study import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG, open_study
 from emotr.track import Tracker
-from emotr.tune import FeatureSet, run_search
+from emotr.tune import run_search
 from tests.conftest import REPO, smoke_config
 
 pytestmark = pytest.mark.slow
@@ -32,7 +31,7 @@ pytestmark = pytest.mark.slow
 PER_EPOCH = ("loss", "accuracy", "val_loss", "val_accuracy", "val_auc")
 FINAL = ("val_precision", "val_recall", "val_f1", "val_log_loss", "best_epoch", "train_seconds")
 PLOTS = {"plots/roc_curve.png", "plots/confusion_matrix.png", "plots/learning_curves.png"}
-HEAD_PARAMS = tuple(field.name for field in dataclasses.fields(HeadParams))
+HEAD_PARAMS = tuple(HeadParams.model_fields)
 
 
 def make_features(n: int = 300, seed: int = 0) -> FeatureSet:
@@ -130,6 +129,7 @@ def test_a_trial_that_raises_fails_alone(tmp_path: Path, ray_local, mlflow_serve
         "tune.sampler=random",
         "tune.n_trials=4",
         "tune.epochs=2",
+        "tune.min_complete_fraction=0",  # failures of its own code alone never fail a search
     )
     tracker = server_tracker(mlflow_server)
 
@@ -175,6 +175,7 @@ def test_resume_after_the_driver_is_killed(tmp_path: Path, ray_local, mlflow_ser
         "tune.concurrency=1",
         "tune.epochs=40",
         "tune.early_stopping_patience=40",
+        "tune.trial_heartbeat_s=1",  # the killed driver's lease goes stale 3 s after its death
     ]
     cfg = smoke_config(tmp_path, *overrides, "tune.n_trials=4")
     driver = subprocess.Popen(
@@ -332,7 +333,7 @@ def test_a_lost_worker_is_retried_once(tmp_path: Path, ray_local):
 
 def test_a_trial_logged_but_not_told_is_settled_from_mlflow(tmp_path: Path, ray_local):
     # The driver died after logging trial 0 to MLflow and before telling Optuna.
-    cfg = smoke_config(tmp_path, "tune.n_trials=1")
+    cfg = smoke_config(tmp_path, "tune.n_trials=1", "tune.trial_heartbeat_s=0.2")
     tracker = Tracker(cfg.mlflow)
     features = make_features()
     study = open_study(cfg.tune)

@@ -4,7 +4,19 @@ from pathlib import Path
 
 import pytest
 
-from emotr.config import DEFAULT_CONFIG, Config, ConfigError, load_config, to_flat_dict, to_yaml
+from emotr.config import (
+    DEFAULT_CONFIG,
+    MAX_HEAD_LAYERS,
+    CategoricalSpace,
+    Config,
+    ConfigError,
+    FloatSpace,
+    HeadParams,
+    IntSpace,
+    load_config,
+    to_flat_dict,
+    to_yaml,
+)
 
 CONF = DEFAULT_CONFIG.parent
 
@@ -56,7 +68,9 @@ def test_search_space_in_a_file_replaces_the_default_whole(tmp_path: Path):
         ("data.classes=[a]", ["data.classes", "two distinct classes"]),
         ("decode.background=[0, 0, 300]", ["decode.background", "0..255"]),
         ("tune.search_space.lr={type: float, low: 1, high: 2}", ["tune.search_space", "lr"]),
-        ("tune.search_space.dropout={type: uniform}", ["dropout.type", "uniform"]),
+        ("tune.search_space.dropout={type: uniform}", ["search_space.dropout", "uniform", "int"]),
+        ("tune.trial_timeout_s=0", ["tune.trial_timeout_s", "greater than 0"]),
+        ("tune.min_complete_fraction=1.5", ["tune.min_complete_fraction", "1.5"]),
     ],
 )
 def test_bad_values_fail_naming_the_key_and_value(override, expected):
@@ -85,3 +99,57 @@ def test_flat_dict_and_yaml_round_trip():
     import yaml
 
     assert Config.model_validate(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+@pytest.mark.parametrize(
+    ("space", "expected"),
+    [
+        ("dropout: {type: float, low: 0.6, high: 0.2}", ["dropout", "low 0.6 must be <= high 0.2"]),
+        ("l2: {type: float, low: 0.0, high: 0.1, log: true}", ["l2", "log range needs low > 0"]),
+        ("n_layers: {type: int, low: 0, high: 4, log: true}", ["n_layers", "log range"]),
+        ("units: {type: categorical, choices: []}", ["units", "at least 1 item"]),
+        ("n_layers: {type: int, low: 0, high: 5}", ["n_layers", "5", "less than or equal to 3"]),
+        ("dropout: {type: float, low: 0.0, high: 1.2}", ["dropout", "1.2"]),
+        ("batch_size: {type: categorical, choices: [32, 0]}", ["batch_size", "0"]),
+        ("units: {type: float, low: 16, high: 64}", ["units", "not floats"]),
+        ("lr: {type: float, low: 0.1, high: 0.2}", ["lr", "not a head parameter", "dropout"]),
+        ("dropout: {type: float, low: 0.1}", ["dropout", "high", "Field required"]),
+        ("dropout: {type: float, low: 0.1, high: 0.2, spread: 1}", ["spread", "unknown key"]),
+    ],
+)
+def test_search_space_is_validated_when_the_config_loads(tmp_path: Path, space, expected):
+    extra = tmp_path / "space.yaml"
+    extra.write_text(f"tune:\n  search_space:\n    {space}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config([extra])
+    for text in expected:
+        assert text in str(error.value)
+    assert "tune.search_space" in str(error.value)
+
+
+def test_search_space_entries_are_typed_by_their_type_key():
+    space = Config().tune.search_space
+    assert isinstance(space["learning_rate"], FloatSpace) and space["learning_rate"].log
+    assert isinstance(space["n_layers"], IntSpace) and space["n_layers"].high == MAX_HEAD_LAYERS
+    assert isinstance(space["units"], CategoricalSpace) and space["units"].choices == (
+        64,
+        128,
+        256,
+        512,
+    )
+    assert set(space) <= set(HeadParams.model_fields)
+
+
+def test_baseline_is_head_params_and_a_partial_override_keeps_the_rest():
+    cfg = load_config([], ["tune.baseline.units=64"])
+    assert isinstance(cfg.tune.baseline, HeadParams)
+    assert cfg.tune.baseline == HeadParams(units=64)
+    with pytest.raises(ConfigError, match=r"tune\.baseline\.n_layers"):
+        load_config([], ["tune.baseline.n_layers=7"])
+    with pytest.raises(ConfigError, match=r"tune\.baseline\.nope: unknown key"):
+        load_config([], ["tune.baseline.nope=1"])
+
+
+def test_trial_timeout_can_be_switched_off():
+    assert Config().tune.trial_timeout_s == 3600
+    assert load_config([], ["tune.trial_timeout_s=null"]).tune.trial_timeout_s is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from emotr.config import MAX_HEAD_LAYERS, load_config
 from emotr.head import HeadParams, build_head, evaluate_scores, fit_head
 
 BASE = HeadParams(
@@ -47,7 +48,7 @@ def separable(n: int = 400, d: int = 512, noise: float = 0.0, offset: float = 0.
 
 
 def replace(params: HeadParams, **changes) -> HeadParams:
-    return HeadParams(**{**params.__dict__, **changes})
+    return HeadParams(**{**params.model_dump(), **changes})
 
 
 def test_learns_separable_features_with_full_history_and_metrics():
@@ -140,7 +141,7 @@ def test_same_seed_gives_the_same_head():
     np.testing.assert_allclose(first.val_scores, second.val_scores, rtol=1e-6)
 
 
-@pytest.mark.parametrize("n_layers", [0, 3])
+@pytest.mark.parametrize("n_layers", [0, MAX_HEAD_LAYERS])
 def test_build_head_layer_count(n_layers):
     model = build_head(replace(BASE, n_layers=n_layers), n_features=16)
 
@@ -154,5 +155,39 @@ def test_bad_params_name_the_problem():
         build_head(replace(BASE, activation="nonexistent"), n_features=8)
     with pytest.raises(ValueError, match="standardize"):
         build_head(replace(BASE, standardize=True), n_features=8)
-    with pytest.raises(ValueError, match="missing"):
-        HeadParams.from_dict({"n_layers": 1})
+
+
+def test_head_params_are_one_typed_schema_with_the_tutorial_defaults():
+    assert HeadParams() == load_config().tune.baseline
+    assert HeadParams(units="64").units == 64  # YAML and Optuna values are coerced once
+    with pytest.raises(ValueError, match="n_layers"):
+        HeadParams(n_layers=MAX_HEAD_LAYERS + 1)  # deeper than build_head builds
+    with pytest.raises(ValueError, match="dropout"):
+        HeadParams(dropout=1.0)
+    with pytest.raises(ValueError, match="extra"):
+        HeadParams(n_layer=2)
+    with pytest.raises(ValueError, match="frozen"):
+        BASE.units = 8
+
+
+def test_a_trial_head_fits_and_packs_quietly_into_a_loadable_mlflow_model(tmp_path, capfd):
+    import io
+    import tarfile
+
+    import mlflow.pyfunc
+
+    from emotr.registry import keras_model_bytes
+
+    x_train, y_train, x_val, y_val = separable(n=200, d=16)
+    capfd.readouterr()
+
+    result = fit_head(BASE, x_train, y_train, x_val, y_val, epochs=2, patience=2)
+    packed = keras_model_bytes(result.model, x_val[:5])
+
+    assert capfd.readouterr().out == ""  # no Keras progress bars from a trial's fit or packing
+    with tarfile.open(fileobj=io.BytesIO(packed)) as archive:
+        archive.extractall(tmp_path / "model", filter="data")
+    model = mlflow.pyfunc.load_model(str(tmp_path / "model"))
+    assert model.metadata.signature is not None
+    scores = np.asarray(model.predict(x_val[:4])).reshape(-1)
+    np.testing.assert_allclose(scores, result.val_scores[:4], rtol=1e-5, atol=1e-6)
