@@ -86,8 +86,13 @@ def extractor_inputs(cfg: BackboneConfig) -> dict[str, str]:
 
 
 def check_weights(cfg: BackboneConfig) -> None:
-    """Fail fast, on the driver, when the weights cannot be had (before any worker starts)."""
-    if cfg.weights == "imagenet":
+    """Fail fast, on the driver, when the weights cannot be had (before any worker starts).
+
+    Random weights are warned about here too: the workers' own warning stays in their logs.
+    """
+    if cfg.weights == "none":
+        _warn_random_weights()
+    elif cfg.weights == "imagenet":
         # Builds a tiny conv base: downloads into Keras' cache once, or raises WeightsUnavailable.
         _imagenet_conv_base((32, 32, 3))
     else:
@@ -199,14 +204,18 @@ def _build_conv_base(cfg: BackboneConfig) -> keras.Model:
         _set_hed_weights(conv_base, _hed_weights_path())
         return conv_base
     if cfg.weights == "none":
-        log.warning(
-            "backbone.weights=none: VGG16 has random weights, its features are MEANINGLESS; "
-            "use it for plumbing tests only"
-        )
+        _warn_random_weights()
         conv_base = _vgg16(shape, weights=None)
         _set_seeded_weights(conv_base, NONE_SEED)
         return conv_base
     return _file_conv_base(shape, _weights_file(cfg.weights))
+
+
+def _warn_random_weights() -> None:
+    log.warning(
+        "backbone.weights=none: VGG16 has random weights, its features are MEANINGLESS; "
+        "use it for plumbing tests only"
+    )
 
 
 def _vgg16(shape: tuple[int, int, int], weights: str | None) -> keras.Model:

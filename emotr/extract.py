@@ -14,9 +14,7 @@ extracts only what is missing. This module never calls ray.init: the CLI or the 
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
-import io
 import logging
 import math
 import os
@@ -26,21 +24,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from emotr.cache import FeatureCache, compute_fingerprint
-from emotr.config import Config, ExtractConfig, to_yaml
+from emotr.config import Config, ExtractConfig
 from emotr.data import Listing
 from emotr.errors import EmotrError
-from emotr.imageio import DecodeError, decode_image
-from emotr.storage import read_bytes
-
-if TYPE_CHECKING:
-    from emotr.track import Tracker
+from emotr.imageio import decode_batch
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +41,12 @@ FAILURE_COLUMNS = ["path", "sha256", "reason"]
 _MAX_DECODE_BLOCKS = 2000
 # Long enough for an autoscaler to add a GPU node; a pool that cannot be placed fails after it.
 _ACTOR_START_TIMEOUT_S = 900
+# Without a terminal, one progress line at least this often, and at every tenth of the images.
+_PROGRESS_EVERY_S = 30.0
+_PROGRESS_STEPS = 10
+# TensorFlow's start-up lines (oneDNN, CPU features, TensorRT and CUDA probing) fill every
+# actor's log on every start; errors still get through.
+_QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "GRPC_VERBOSITY": "ERROR"}
 
 ModelLoader = Callable[[], Callable[[np.ndarray], np.ndarray]]
 
@@ -85,51 +83,6 @@ class TooManyFailures(EmotrError, RuntimeError):
             f"are cached. Fix or remove the bad files, or raise extract.max_failure_fraction. "
             f"First failures: {examples}"
         )
-
-
-def decode_batch(
-    batch: dict[str, np.ndarray],
-    size: tuple[int, int],
-    max_pixels: int,
-    background: tuple[int, int, int],
-) -> dict[str, np.ndarray]:
-    """Read, re-hash and decode a batch of files; bad files become ok=False rows with a reason."""
-    n = len(batch["path"])
-    pixels = np.zeros((n, size[0], size[1], 3), np.uint8)
-    ok = np.zeros(n, bool)
-    reasons = np.full(n, "", dtype=object)
-    heights, widths = np.zeros(n, np.int32), np.zeros(n, np.int32)
-    for i, (path, expected) in enumerate(zip(batch["path"], batch["sha256"], strict=True)):
-        try:
-            data = read_bytes(path)
-            actual = hashlib.sha256(data).hexdigest()
-            if actual != expected:
-                raise DecodeError(f"file changed since it was listed (sha256 now {actual[:12]})")
-            pixels[i] = decode_image(data, size, max_pixels=max_pixels, background=background)
-            heights[i], widths[i] = _upright_size(data)
-            ok[i] = True
-        except DecodeError as error:
-            reasons[i] = error.reason
-        except OSError as error:
-            reasons[i] = f"cannot read file: {error}"
-    return {
-        "path": batch["path"],
-        "sha256": batch["sha256"],
-        "pixels": pixels,
-        "ok": ok,
-        "reason": reasons,
-        "height": heights,
-        "width": widths,
-    }
-
-
-def _upright_size(data: bytes) -> tuple[int, int]:
-    # decode_image returns resized pixels; the original size is read from the header alone.
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        if image.getexif().get(0x0112) in {5, 6, 7, 8}:  # EXIF orientations that swap the axes
-            width, height = height, width
-    return height, width
 
 
 def _check_backend(backend: str, node: str) -> None:
@@ -278,7 +231,7 @@ def build_dataset(cfg: Config, todo: pd.DataFrame, load_model: ModelLoader, plan
     }
     # Keras reads its backend when first imported: the actors' processes start with it set.
     # Decode tasks get the same environment, or Ray Data could not fuse them into the actors.
-    backend_env = {"env_vars": _backend_env_vars(cfg.extract)}
+    backend_env = {"env_vars": {**_QUIET_ENV, **_backend_env_vars(cfg.extract)}}
     return (
         ray.data.from_pandas(_split_rows(todo[["path", "sha256"]], n_blocks))
         .map_batches(
@@ -345,9 +298,11 @@ class _Committer:
         self.n_pending = self.n_committed = 0
         self.failures: list[tuple[str, str, str]] = []
         self.workers: Counter[str] = Counter()
+        self.n_seen = 0  # rows handed over, good or failed (a retried row may come twice)
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         ok = batch["ok"].astype(bool)
+        self.n_seen += len(ok)
         self.workers.update(str(worker) for worker in batch["worker"])
         self.failures += zip(
             batch["path"][~ok], batch["sha256"][~ok], batch["reason"][~ok], strict=True
@@ -373,6 +328,71 @@ class _Committer:
         self.n_pending -= n_rows
 
 
+class _ProgressLog:
+    """One short log line every `every_s` seconds or every 1/`n_steps` of the images."""
+
+    def __init__(
+        self, total: int, every_s: float = _PROGRESS_EVERY_S, n_steps: int = _PROGRESS_STEPS
+    ):
+        self.total, self.every_s, self.n_steps = total, every_s, n_steps
+        self.start = self.last = time.monotonic()
+        self.next_step = 1
+
+    def update(self, n_done: int, n_failed: int) -> None:
+        """Log a line when a tenth more of the images is done or `every_s` have passed."""
+        n_done = min(n_done, self.total)
+        now = time.monotonic()
+        # Integer arithmetic: 3 of 10 images is exactly the third step.
+        if n_done * self.n_steps < self.next_step * self.total and now - self.last < self.every_s:
+            return
+        elapsed = now - self.start
+        log.info(
+            "extract: %d/%d images (%d%%), %d failed, %.1f images/s",
+            n_done,
+            self.total,
+            100 * n_done // self.total,
+            n_failed,
+            n_done / elapsed if elapsed > 0 else 0.0,
+        )
+        self.last = now
+        self.next_step = n_done * self.n_steps // self.total + 1
+
+
+class _RayProgressNotice(logging.Filter):
+    """Drops Ray Data's "Progress bars disabled" notice: emotr turns them off on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
+def _consume(dataset, committer: _Committer, n_todo: int, progress: bool) -> float | None:
+    """Commit the dataset's output; returns when (perf_counter) the first rows arrived.
+
+    In a terminal Ray Data draws its live progress bars; otherwise (a log file, CI, a pipe)
+    its bars are off and this loop logs a short line every 30 s or 10 %.
+    """
+    live = progress and sys.stdout.isatty()
+    dataset.context.enable_progress_bars = live
+    lines = _ProgressLog(n_todo) if progress and not live else None
+    # Start every actor before dispatching: work is shared by all of them, and a pool the
+    # cluster cannot place fails with a timeout instead of hanging.
+    dataset.context.wait_for_min_actors_s = _ACTOR_START_TIMEOUT_S
+    ray_progress_log = logging.getLogger("ray.data._internal.progress")
+    notice = _RayProgressNotice()
+    ray_progress_log.addFilter(notice)
+    first_rows_at = None
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            first_rows_at = first_rows_at or time.perf_counter()
+            committer.add(batch)
+            if lines:
+                lines.update(committer.n_seen, len(committer.failures))
+    finally:  # keep what was extracted, even when the job fails half-way
+        ray_progress_log.removeFilter(notice)
+        committer.flush()
+    return first_rows_at
+
+
 def extract_features(
     cfg: Config,
     listing: Listing,
@@ -383,7 +403,8 @@ def extract_features(
     """Extract and cache features of the listing's images that the cache does not hold yet.
 
     `load_model` (default: the configured FeatureExtractor) lets tests and benchmarks swap the
-    model; it must produce the features the fingerprint describes.
+    model; it must produce the features the fingerprint describes. `progress` shows Ray Data's
+    live bars in a terminal and logs a line every 30 s or 10 % elsewhere.
     """
     start = time.perf_counter()
     fingerprint, inputs = compute_fingerprint(cfg.backbone, cfg.decode)
@@ -404,21 +425,38 @@ def extract_features(
         log.info(
             "extracting %d images with %d actors into %s", len(todo), plan.n_actors, fingerprint
         )
-        dataset = build_dataset(cfg, todo, load_model, plan)
-        dataset.context.enable_progress_bars = progress
-        # Start every actor before dispatching: work is shared by all of them, and a pool the
-        # cluster cannot place fails with a timeout instead of hanging.
-        dataset.context.wait_for_min_actors_s = _ACTOR_START_TIMEOUT_S
-        try:
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                startup = startup or time.perf_counter() - start
-                committer.add(batch)
-        finally:  # keep what was extracted, even when the job fails half-way
-            committer.flush()
-    wall = time.perf_counter() - start
+        first_rows_at = _consume(
+            build_dataset(cfg, todo, load_model, plan), committer, len(todo), progress
+        )
+        # Until the first features reached the driver: actor start, imports, model load, tracing.
+        startup = first_rows_at - start if first_rows_at else 0.0
+    summary = _summarize(listing, unique, todo, committer, fingerprint, time.perf_counter() - start)
+    summary.n_actors, summary.startup_seconds = (plan.n_actors if plan else 0), startup
+    if summary.n_failed > cfg.extract.max_failure_fraction * summary.n_unique:
+        raise TooManyFailures(summary, cfg.extract.max_failure_fraction)
+    if summary.n_failed:
+        first = summary.failures.iloc[0]
+        log.warning(
+            "%d of %d images could not be decoded and are left out; first: %s: %s",
+            summary.n_failed,
+            summary.n_unique,
+            first["path"],
+            first["reason"],
+        )
+    return summary
+
+
+def _summarize(
+    listing: Listing,
+    unique: pd.DataFrame,
+    todo: pd.DataFrame,
+    committer: _Committer,
+    fingerprint: str,
+    wall: float,
+) -> ExtractSummary:
     # A retried task may hand the same failure over twice; an image fails once.
     failures = pd.DataFrame(committer.failures, columns=FAILURE_COLUMNS).drop_duplicates("sha256")
-    summary = ExtractSummary(
+    return ExtractSummary(
         fingerprint=fingerprint,
         n_images=len(listing.images),
         n_unique=len(unique),
@@ -429,48 +467,4 @@ def extract_features(
         wall_seconds=wall,
         images_per_second=committer.n_committed / wall if wall > 0 else 0.0,
         rows_per_worker=dict(committer.workers),
-        n_actors=plan.n_actors if plan else 0,
-        startup_seconds=startup,
     )
-    if summary.n_failed > cfg.extract.max_failure_fraction * summary.n_unique:
-        raise TooManyFailures(summary, cfg.extract.max_failure_fraction)
-    return summary
-
-
-def run_extract(
-    cfg: Config, listing: Listing, tracker: Tracker, parent_run_id: str | None = None
-) -> ExtractSummary:
-    """extract_features as an MLflow run named `extract`: params, metrics, failures.csv, config."""
-    fingerprint, inputs = compute_fingerprint(cfg.backbone, cfg.decode)
-    with tracker.run("extract", parent_run_id, tags={"fingerprint": fingerprint}) as run_id:
-        params = {
-            **inputs,
-            "fingerprint": fingerprint,
-            "extract.n_actors": cfg.extract.n_actors,
-            "extract.batch_size": cfg.extract.batch_size,
-        }
-        tracker.log_params(run_id, params)
-        tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
-        try:
-            summary = extract_features(cfg, listing)
-        except TooManyFailures as error:
-            _log_summary(tracker, run_id, error.summary)
-            raise
-        _log_summary(tracker, run_id, summary)
-    return summary
-
-
-def _log_summary(tracker: Tracker, run_id: str, summary: ExtractSummary) -> None:
-    metrics = {
-        "n_images": summary.n_images,
-        "n_unique": summary.n_unique,
-        "n_extracted": summary.n_extracted,
-        "n_cached": summary.n_cached,
-        "n_failed": summary.n_failed,
-        "n_actors": summary.n_actors,
-        "images_per_second": summary.images_per_second,
-        "wall_seconds": summary.wall_seconds,
-        "startup_seconds": summary.startup_seconds,
-    }
-    tracker.log_metrics(run_id, metrics)
-    tracker.log_table(run_id, summary.failures, "failures.csv")

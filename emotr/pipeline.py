@@ -8,12 +8,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from emotr.config import Config, to_yaml
 from emotr.data import Listing, list_images
 from emotr.features import load_feature_set
 from emotr.storage import check_writable, is_uri
 from emotr.track import Tracker
+
+if TYPE_CHECKING:
+    from emotr.extract import ExtractSummary
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +100,51 @@ def log_listing(tracker: Tracker, run_id: str, cfg: Config, listing: Listing) ->
     tracker.set_tags(run_id, {"split_digest": listing.digest})
 
 
-def extract(cfg: Config, tracker: Tracker, listing: Listing):
-    """Extract the listing's missing features into the cache (an MLflow `extract` run)."""
-    from emotr.extract import run_extract
+def extract(
+    cfg: Config, tracker: Tracker, listing: Listing, parent_run_id: str | None = None
+) -> ExtractSummary:
+    """Extract the listing's missing features into the cache, as an MLflow run named `extract`.
 
-    return run_extract(cfg, listing, tracker)
+    The run holds the fingerprint's inputs as params, the config, the counts and speeds as
+    metrics and failures.csv; it is FAILED, with all of these, when too many images fail.
+    """
+    from emotr.cache import compute_fingerprint
+    from emotr.extract import TooManyFailures, extract_features
+
+    fingerprint, inputs = compute_fingerprint(cfg.backbone, cfg.decode)
+    with tracker.run("extract", parent_run_id, tags={"fingerprint": fingerprint}) as run_id:
+        params = {
+            **inputs,
+            "fingerprint": fingerprint,
+            "extract.n_actors": cfg.extract.n_actors,
+            "extract.batch_size": cfg.extract.batch_size,
+        }
+        tracker.log_params(run_id, params)
+        tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
+        try:
+            summary = extract_features(cfg, listing)
+        except TooManyFailures as error:
+            log_extract_summary(tracker, run_id, error.summary)
+            raise
+        log_extract_summary(tracker, run_id, summary)
+    return summary
+
+
+def log_extract_summary(tracker: Tracker, run_id: str, summary: ExtractSummary) -> None:
+    """Record an extraction's counts and speeds as metrics and its failures as failures.csv."""
+    metrics = {
+        "n_images": summary.n_images,
+        "n_unique": summary.n_unique,
+        "n_extracted": summary.n_extracted,
+        "n_cached": summary.n_cached,
+        "n_failed": summary.n_failed,
+        "n_actors": summary.n_actors,
+        "images_per_second": summary.images_per_second,
+        "wall_seconds": summary.wall_seconds,
+        "startup_seconds": summary.startup_seconds,
+    }
+    tracker.log_metrics(run_id, metrics)
+    tracker.log_table(run_id, summary.failures, "failures.csv")
 
 
 def tune(cfg: Config, tracker: Tracker, listing: Listing):
@@ -115,13 +159,12 @@ def tune(cfg: Config, tracker: Tracker, listing: Listing):
 
 def run(cfg: Config, tracker: Tracker, listing: Listing) -> RunResult:
     """Extract, tune and register the best head, all nested under one `pipeline` run."""
-    from emotr.extract import run_extract
     from emotr.registry import register_model
     from emotr.tune import run_search
 
     with tracker.run("pipeline") as run_id:
         log_listing(tracker, run_id, cfg, listing)
-        summary = run_extract(cfg, listing, tracker, run_id)
+        summary = extract(cfg, tracker, listing, run_id)
         features = load_feature_set(cfg, listing, summary.fingerprint)
         search = run_search(cfg, features, tracker, run_id)
         version = register_model(cfg, tracker, search.best_run_id)
