@@ -373,6 +373,8 @@ def _consume(dataset, committer: _Committer, n_todo: int, progress: bool) -> flo
     """
     live = progress and sys.stdout.isatty()
     dataset.context.enable_progress_bars = live
+    # Rich, like the CLI's own display (Ray Data's tqdm bars print a notice that asks for it).
+    dataset.context.enable_rich_progress_bars, dataset.context.use_ray_tqdm = live, False
     lines = _ProgressLog(n_todo) if progress and not live else None
     # Start every actor before dispatching: work is shared by all of them, and a pool the
     # cluster cannot place fails with a timeout instead of hanging.

@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -36,7 +37,7 @@ from emotr.cache import FeatureCache, gc_cache, list_caches, verify_cache
 from emotr.config import Config, MlflowConfig, to_yaml
 from emotr.data import Listing, list_images
 from emotr.demo import generate_demo_dataset
-from emotr.extract import TooManyFailures, extract_features
+from emotr.extract import TooManyFailures, _ProgressLog, extract_features
 from emotr.imageio import decode_image
 from emotr.track import Tracker
 from tests.conftest import REPO, smoke_config
@@ -491,6 +492,26 @@ NOISE = re.compile(
     re.IGNORECASE,
 )
 PROGRESS = re.compile(r"extract: (\d+)/24 images")
+
+
+def test_progress_lines_come_every_tenth_or_when_the_interval_has_passed(caplog):
+    caplog.set_level(logging.INFO, logger="emotr.extract")
+    by_fraction = _ProgressLog(total=95, every_s=1e9)
+    for n_done in range(1, 96):
+        by_fraction.update(n_done, n_failed=0)
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 10 and lines[0].startswith("extract: 10/95 images (10%)")
+    assert lines[-1].startswith("extract: 95/95 images (100%)")
+
+    caplog.clear()
+    by_time = _ProgressLog(total=1000, every_s=0.0)
+    for n_done in (1, 2, 3):
+        by_time.update(n_done, n_failed=1)
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == [
+        "extract: 1/1000 images (0%)",
+        "extract: 2/1000 images (0%)",
+        "extract: 3/1000 images (0%)",
+    ]
 
 
 @pytest.fixture(scope="module")
