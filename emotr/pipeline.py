@@ -120,7 +120,10 @@ def extract(
             "extract.batch_size": cfg.extract.batch_size,
         }
         tracker.log_params(run_id, params)
-        tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
+        if parent_run_id is None:  # `emotr extract` alone: the data is recorded on this run
+            log_listing(tracker, run_id, cfg, listing)
+        else:
+            tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
         try:
             summary = extract_features(cfg, listing)
         except TooManyFailures as error:
