@@ -199,7 +199,8 @@ def search_failure(result: SearchResult, tune: TuneConfig) -> str | None:
     n_done = result.n_complete + result.n_pruned
     if n_done >= tune.min_complete_fraction * tune.n_trials:
         return None
-    named = ", ".join(f"trial {trial.number} (MLflow run {trial.run_id})" for trial in lost)
+    named = ", ".join(f"trial {trial.number} (MLflow run {trial.run_id})" for trial in lost[:10])
+    named += f" and {len(lost) - 10} more in trials.csv" if len(lost) > 10 else ""
     text = (
         f"only {n_done} of tune.n_trials={tune.n_trials} trials of study {name!r} completed, "
         f"fewer than tune.min_complete_fraction={tune.min_complete_fraction:g}: "

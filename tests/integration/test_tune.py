@@ -358,38 +358,11 @@ def test_too_many_lost_trials_fail_the_search_naming_them(tmp_path: Path, ray_lo
     assert counts == [1, 0, 1] and sum(counts) == parent.data.metrics["n_trials_made"]
 
 
-def test_a_hanging_trial_is_cancelled_and_the_search_goes_on(tmp_path: Path, ray_local):
-    # Trials that would train for hours: each is cancelled at tune.trial_timeout_s.
-    cfg = smoke_config(
-        tmp_path,
-        "tune.n_trials=3",
-        "tune.concurrency=2",
-        "tune.trial_timeout_s=3",
-        "tune.epochs=1000000",
-        "tune.early_stopping_patience=1000000",
-    )
-    tracker = Tracker(cfg.mlflow)
-
-    with pytest.raises(EmotrError) as error:
-        run_search(cfg, make_features(), tracker, progress=False)
-
-    study = optuna.load_study(study_name=cfg.tune.study_name, storage=cfg.tune.storage)
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 3
-    assert {t.user_attrs["failure"] for t in study.trials} == {"timeout"}
-    runs = tracker.find_all_runs("tags.`emotr.role` = 'trial'")
-    assert len(runs) == 3
-    for run in runs:
-        assert run.info.status == "FAILED"
-        assert "longer than tune.trial_timeout_s=3 s" in run.data.tags["error"]
-    message = str(error.value)
-    assert message.startswith("no trial of study 'emotr' completed (3 failed, 0 lost")
-    assert any(f"(MLflow run {run.info.run_id}): timeout" in message for run in runs)
-
-
 def test_a_failed_baseline_is_reported_and_all_failed_is_one_clear_error(tmp_path: Path, ray_local):
     broken = ("tune.baseline.activation=nonexistent_activation", "tune.epochs=2")
     space = "tune.search_space={activation: {type: categorical, choices: [relu]}}"
-    cfg = smoke_config(tmp_path, *broken, space, "tune.n_trials=2", "tune.min_complete_fraction=0")
+    overrides = ("tune.n_trials=2", "tune.concurrency=1", "tune.min_complete_fraction=0")
+    cfg = smoke_config(tmp_path, *broken, space, *overrides)
     tracker = Tracker(cfg.mlflow)
 
     result = run_search(cfg, make_features(), tracker, progress=True)
@@ -478,3 +451,32 @@ def test_a_trial_logged_but_not_told_is_settled_from_mlflow(tmp_path: Path, ray_
     assert [t.state for t in settled.trials][trial.number] == optuna.trial.TrialState.COMPLETE
     assert settled.trials[trial.number].value == pytest.approx(0.75)
     assert result.n_complete == 1 and result.best_run_id == run_id
+
+
+def test_a_hanging_trial_is_cancelled_and_the_search_goes_on(tmp_path: Path, ray_local):
+    # Trials that would train for hours: each is cancelled at tune.trial_timeout_s. Last in this
+    # file: cancelling kills the workers, and the next test would wait for new ones.
+    cfg = smoke_config(
+        tmp_path,
+        "tune.n_trials=3",
+        "tune.concurrency=2",
+        "tune.trial_timeout_s=3",
+        "tune.epochs=1000000",
+        "tune.early_stopping_patience=1000000",
+    )
+    tracker = Tracker(cfg.mlflow)
+
+    with pytest.raises(EmotrError) as error:
+        run_search(cfg, make_features(), tracker, progress=False)
+
+    study = optuna.load_study(study_name=cfg.tune.study_name, storage=cfg.tune.storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 3
+    assert {t.user_attrs["failure"] for t in study.trials} == {"timeout"}
+    runs = tracker.find_all_runs("tags.`emotr.role` = 'trial'")
+    assert len(runs) == 3
+    for run in runs:
+        assert run.info.status == "FAILED"
+        assert "longer than tune.trial_timeout_s=3 s" in run.data.tags["error"]
+    message = str(error.value)
+    assert message.startswith("no trial of study 'emotr' completed (3 failed, 0 lost")
+    assert any(f"(MLflow run {run.info.run_id}): timeout" in message for run in runs)
