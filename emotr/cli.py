@@ -60,7 +60,15 @@ def main_options(
 _settings = {"debug": False}
 
 
+def _quiet_native_logs() -> None:
+    """Keep TensorFlow's and gRPC's start-up lines off the console; set before either loads."""
+    if not _settings["debug"]:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # CPU-feature and TensorRT notices
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
 def _load(config: Path, overrides: list[str] | None) -> Config:
+    _quiet_native_logs()
     logging.basicConfig(
         level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=errors)]
     )
