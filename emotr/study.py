@@ -110,9 +110,17 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
 def open_study(tune: TuneConfig) -> optuna.Study:
     """Create or load the study (a local SQLite file gets its folder)."""
     _make_sqlite_folder(tune.storage)
-    study = optuna.create_study(
-        study_name=tune.study_name, storage=tune.storage, direction="maximize", load_if_exists=True
-    )
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in RDB"
+    try:
+        study = optuna.create_study(
+            study_name=tune.study_name,
+            storage=tune.storage,
+            direction="maximize",
+            load_if_exists=True,
+        )
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise StudyError(
             f"study {tune.study_name!r} in {_redacted(tune.storage)} minimizes; "

@@ -107,11 +107,12 @@ def run_search(
         raise
     finally:
         search.live = None
+    if progress:
+        console.print()  # the live status line ends without a newline off a terminal
     result = summarize_search(cfg, study, tracker, parent_id, search.timings, started)
     failure = search_failure(result, cfg.tune)
     tracker.end_run(parent_id, "FAILED" if failure else "FINISHED", failure)
     if progress:
-        console.print()  # the live status line ends without a newline off a terminal
         console.print(top_table(result))
     if failure:
         raise SearchError(failure)
