@@ -24,6 +24,15 @@ from emotr.features import FeatureSet
 from emotr.head import HeadParams, fit_head
 from emotr.registry import keras_model_bytes
 
+# A task that died with its worker or node, as opposed to one whose code raised.
+_LOST_ERRORS = (
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.LocalRayletDiedError,
+    ray.exceptions.OutOfMemoryError,
+    ray.exceptions.ObjectLostError,
+)
+
 
 @dataclass(frozen=True)
 class TrialJob:
@@ -49,6 +58,13 @@ def submit_trial(
         num_cpus=cpus, runtime_env=_worker_env(cpus), name=f"trial-{number}"
     )
     return task.remote(features_ref, job)
+
+
+def task_failure(error: ray.exceptions.RayError) -> tuple[bool, str]:
+    """(lost, text) of a failed trial task: lost when its worker or node died, not its code."""
+    cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
+    lost = isinstance(error, _LOST_ERRORS) or isinstance(cause, _LOST_ERRORS)
+    return lost, f"{type(cause).__name__}: {cause}".strip()
 
 
 def _worker_env(cpus: float) -> dict[str, Any]:

@@ -47,22 +47,13 @@ from emotr.study import (
     suggest_params,
 )
 from emotr.track import MLFLOW_PARENT_RUN_ID, Tracker
-from emotr.trial import TrialJob, TrialOutcome, submit_trial
+from emotr.trial import TrialJob, TrialOutcome, submit_trial, task_failure
 from emotr.tune_report import (
     SearchResult,
     search_failure,
     status_line,
     summarize_search,
     top_table,
-)
-
-# A task that died with its worker or node, as opposed to one whose code raised.
-_LOST_ERRORS = (
-    ray.exceptions.WorkerCrashedError,
-    ray.exceptions.NodeDiedError,
-    ray.exceptions.LocalRayletDiedError,
-    ray.exceptions.OutOfMemoryError,
-    ray.exceptions.ObjectLostError,
 )
 
 
@@ -327,9 +318,7 @@ class _Search:
 
     def _fail(self, running: _Running, error: ray.exceptions.RayError) -> None:
         self._refill()
-        cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
-        lost = isinstance(error, _LOST_ERRORS) or isinstance(cause, _LOST_ERRORS)
-        text = f"{type(cause).__name__}: {cause}".strip()
+        lost, text = task_failure(error)
         self.tracker.log_text(running.run_id, str(error), "error.txt")
         if lost:
             self._end_failed(running, f"{LOST_PREFIX}{text}")
