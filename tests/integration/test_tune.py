@@ -1,4 +1,4 @@
-"""run_search on real Ray and a real MLflow server: runs, histories, models, failures, resume."""
+"""run_search on real Ray and a real MLflow server: runs, failures, timeouts, leases, resume."""
 
 from __future__ import annotations
 
