@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,6 +15,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from emotr.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+from emotr.redaction import RedactingFilter, redact
 
 app = typer.Typer(
     help="Image emotion recognition by transfer learning: VGG16 features on Ray, heads tuned "
@@ -25,8 +26,17 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Inspect, verify and export the feature cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
-console = Console()
-errors = Console(stderr=True, soft_wrap=True)
+
+
+class _RedactingConsole(Console):
+    """A console that masks the password of any URI in the strings it prints (config values)."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(redact(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+console = _RedactingConsole()
+errors = _RedactingConsole(stderr=True, soft_wrap=True)
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="YAML config: defaults <- this file <- overrides.")
@@ -69,9 +79,9 @@ def _quiet_native_logs() -> None:
 
 def _load(config: Path, overrides: list[str] | None) -> Config:
     _quiet_native_logs()
-    logging.basicConfig(
-        level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=errors)]
-    )
+    handler = RichHandler(console=errors)
+    handler.addFilter(RedactingFilter())  # on the handler: Ray's, MLflow's and Optuna's lines too
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
     try:
         return load_config([config], overrides or [])
     except ConfigError as error:

@@ -1,7 +1,9 @@
 """Everything that talks to MLflow tracking: experiments, (nested) runs, params, metrics, artifacts.
 
 Runs are addressed by id through one MlflowClient, so that a driver can keep several runs open at
-once (one per in-flight trial) without MLflow's fluent active-run stack.
+once (one per in-flight trial) without MLflow's fluent active-run stack. Every text the tracker
+records (params, tags, text and table artifacts) passes through `redact` first: a password written
+into a URI of the config never reaches the tracking server.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from emotr.config import MlflowConfig
+from emotr.redaction import redact
 from emotr.storage import is_uri
 
 _MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
@@ -64,7 +67,7 @@ class Tracker:
         self, name: str, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
     ) -> str:
         """Create a RUNNING run (nested under parent_run_id when given) and return its id."""
-        all_tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
+        all_tags = {MLFLOW_RUN_NAME: name, **{k: redact(str(v)) for k, v in (tags or {}).items()}}
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
@@ -73,7 +76,7 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
         """Close a run as FINISHED, FAILED or KILLED; an error text is kept as the `error` tag."""
         if error:
-            self.client.set_tag(run_id, "error", error[:5000])
+            self.client.set_tag(run_id, "error", redact(error)[:5000])
         self.client.set_terminated(run_id, status=status)
 
     @contextmanager
@@ -124,15 +127,15 @@ class Tracker:
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         """Set string tags on a run."""
         for key, value in tags.items():
-            self.client.set_tag(run_id, key, str(value))
+            self.client.set_tag(run_id, key, redact(str(value)))
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         """Store text (YAML, CSV, JSON) as an artifact file."""
-        self.client.log_text(run_id, text, artifact_file)
+        self.client.log_text(run_id, redact(text), artifact_file)
 
     def log_table(self, run_id: str, table: Any, artifact_file: str) -> None:
         """Store a pandas DataFrame as a CSV artifact."""
-        self.client.log_text(run_id, table.to_csv(index=False), artifact_file)
+        self.client.log_text(run_id, redact(table.to_csv(index=False)), artifact_file)
 
     def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
         """Store a matplotlib figure as PNG and close it."""
@@ -194,7 +197,7 @@ def pack_dir(local_dir: str | Path) -> bytes:
 
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, list | dict | tuple) else str(value)
-    return text[:_MAX_PARAM_LENGTH]
+    return redact(text)[:_MAX_PARAM_LENGTH]
 
 
 def ui_command(cfg: MlflowConfig) -> str:
