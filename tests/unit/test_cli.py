@@ -1,23 +1,11 @@
 """The `emotr` command as a user runs it: a real subprocess, real files, exit codes and messages."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def emotr(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "emotr.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+from tests.run_cli import emotr
 
 
 @pytest.mark.parametrize(
