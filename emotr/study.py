@@ -24,7 +24,6 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.engine import make_url
 
 from emotr.config import (
     CategoricalSpace,
@@ -35,6 +34,7 @@ from emotr.config import (
     TuneConfig,
 )
 from emotr.errors import EmotrError
+from emotr.redaction import redact
 from emotr.track import Tracker
 
 STUDY_TAG = "optuna.study_name"
@@ -73,26 +73,11 @@ def check_storage(tune: TuneConfig) -> None:
         kwargs = _engine_kwargs(tune.storage)
         storage = optuna.storages.RDBStorage(tune.storage, engine_kwargs=kwargs)
     except Exception as error:  # any driver, network or file error: all mean the same to a user
-        cause = _hide_password(f"{type(error).__name__}: {error}", tune.storage)
+        cause = redact(f"{type(error).__name__}: {error}")
         raise StorageError(
-            f"tune.storage {_redacted(tune.storage)} cannot be opened: {cause}"
+            f"tune.storage {redact(tune.storage)} cannot be opened: {cause}"
         ) from None
     storage.engine.dispose()
-
-
-def _redacted(url: str) -> str:
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy parses: there is no password to find in it
-        return url
-
-
-def _hide_password(text: str, url: str) -> str:
-    try:
-        password = make_url(url).password
-    except Exception:
-        password = None
-    return text.replace(url, _redacted(url)).replace(password, "***") if password else text
 
 
 def _make_sqlite_folder(url: str) -> None:
@@ -123,7 +108,7 @@ def open_study(tune: TuneConfig) -> optuna.Study:
         optuna.logging.set_verbosity(verbosity)
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise StudyError(
-            f"study {tune.study_name!r} in {_redacted(tune.storage)} minimizes; "
+            f"study {tune.study_name!r} in {redact(tune.storage)} minimizes; "
             "pick another tune.study_name"
         )
     # Offset the seed by the trials already there: a resumed study must not replay the random
