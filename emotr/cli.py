@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
 
 from emotr.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 from emotr.redaction import RedactingFilter, redact
@@ -133,6 +134,12 @@ def _run_guarded(action, cfg: Config | None = None):
 def describe_os_error(error: OSError, cfg: Config | None) -> str:
     """An OSError as one line naming the path or URI and the config key it came from."""
     reason = error.strerror or str(error) or type(error).__name__
+    if not error.filename and _working_dir_gone():
+        # Checked first: resolving the config's relative paths below would fail the same way.
+        from emotr.storage import WORKING_DIR_GONE
+
+        where = os.environ.get("PWD", "")
+        return f"{reason}: the working directory {where} no longer exists. {WORKING_DIR_GONE}"
     if error.filename:
         where = str(error.filename)
         key = _config_key_of(where, cfg) if cfg is not None else None
@@ -142,6 +149,14 @@ def describe_os_error(error: OSError, cfg: Config | None) -> str:
         text = f"{type(error).__name__}: {reason}"
     source = f" (from {key}={_config_value(cfg, key)})" if key and cfg is not None else ""
     return f"{text}{source}; check that it exists and that this user may use it"
+
+
+def _working_dir_gone() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
 
 
 # Config keys that name files or folders, most specific first.
@@ -194,10 +209,33 @@ def _load_with_listing(config: Path, overrides: list[str] | None):
     from emotr import pipeline
 
     cfg = _load(config, overrides)
+    _check_before_work(cfg)
     _run_guarded(lambda: pipeline.check_stores(cfg), cfg)
     listing = _run_guarded(lambda: pipeline.prepare_listing(cfg), cfg)
     _connect_ray(cfg)
     return cfg, listing
+
+
+def _on_cluster(cfg: Config) -> bool:
+    """Whether this run joins a Ray cluster: ray.address set, or started by `ray job submit`."""
+    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
+def _check_before_work(cfg: Config) -> None:
+    """The doctor's checks a job runs first; red ones are printed and end the job (exit 1)."""
+    from emotr import doctor
+
+    _require_green([doctor.check_paths(cfg, _on_cluster(cfg))])
+
+
+def _require_green(checks: list) -> None:
+    red = [check for check in checks if not check.ok]
+    for check in red:
+        errors.print(Text.assemble(("✗ " + check.name, "bold red"), " ", check.text()))
+    if red and _settings["debug"] and red[0].error is not None:
+        raise red[0].error
+    if red:
+        raise _fail(f"{len(red)} check(s) failed; `emotr doctor -c FILE` runs them all")
 
 
 @app.command("demo-data")

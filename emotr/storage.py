@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from emotr.errors import EmotrError
+
 
 def is_uri(location: str) -> bool:
     """True for scheme://... locations that are not plain local paths."""
@@ -18,6 +20,31 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(location) or location.startswith("file://"):
         return pafs.FileSystem.from_uri(location)
     return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+
+
+def is_relative_path(location: str) -> bool:
+    """True for a local path that depends on the working directory (no URI, not absolute)."""
+    return "://" not in location and not Path(location).expanduser().is_absolute()
+
+
+def absolute_path(location: str, key: str) -> Path:
+    """A local path made absolute; `key` names the config key in the error a lost cwd raises."""
+    try:
+        return Path(location).expanduser().resolve()
+    except FileNotFoundError:
+        # resolve() (not strict) raises this only from os.getcwd(): the working directory is gone.
+        raise EmotrError(
+            f"{key}={location} is a relative path, and this process's working directory no longer "
+            f"exists. {WORKING_DIR_GONE}"
+        ) from None
+
+
+# Why a job's working directory vanishes, and what to do about it (measured with Ray 2.60).
+WORKING_DIR_GONE = (
+    "Under `ray job submit` it is Ray's copy of --working-dir, which a second `ray start` node "
+    "on the same host deletes when it shares the head's --temp-dir: start each node on one host "
+    "with its own --temp-dir, and give store paths as URIs or absolute paths."
+)
 
 
 def read_bytes(location: str) -> bytes:

@@ -25,7 +25,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from emotr.config import MlflowConfig
 from emotr.redaction import redact
-from emotr.storage import is_uri
+from emotr.storage import absolute_path, is_uri
 
 _MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
@@ -34,7 +34,7 @@ def tracking_uri(cfg: MlflowConfig) -> str:
     """The tracking URI with a local SQLite file made absolute (workers may run elsewhere)."""
     uri = cfg.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path = Path(uri.removeprefix("sqlite:///")).resolve()
+        path = absolute_path(uri.removeprefix("sqlite:///"), "mlflow.tracking_uri")
         path.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{path}"
     return uri
@@ -46,7 +46,7 @@ def artifact_location(cfg: MlflowConfig) -> str:
     location = cfg.artifact_location
     if is_uri(location) or location.startswith(("file://", "mlflow-artifacts:")):
         return location
-    return Path(location).resolve().as_uri()
+    return absolute_path(location, "mlflow.artifact_location").as_uri()
 
 
 class Tracker:

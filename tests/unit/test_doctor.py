@@ -1,0 +1,82 @@
+"""emotr doctor's checks on local stores: green with what they found, red with the fix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from emotr.config import load_config
+from emotr.doctor import check_paths
+from emotr.errors import EmotrError
+from emotr.storage import absolute_path
+from tests.conftest import SMOKE, smoke_config
+
+
+def test_relative_store_paths_are_refused_on_a_cluster_with_the_fix():
+    cfg = load_config([SMOKE])  # the defaults: .emotr/... under the working directory
+    check = check_paths(cfg, on_cluster=True)
+    assert not check.ok
+    text = check.text()
+    for named in (
+        "cache.root=.emotr/cache",
+        "tune.storage=sqlite:///.emotr/optuna.db",
+        "mlflow.tracking_uri=sqlite:///.emotr/mlflow.db",
+        "mlflow.artifact_location=.emotr/mlartifacts",
+        "data.root=.emotr/data/demo",
+    ):
+        assert named in text
+    assert "ray job submit" in text and "fix: give each an s3://" in text
+
+
+def test_relative_paths_are_fine_off_a_cluster_and_absolute_ones_everywhere(tmp_path: Path):
+    assert check_paths(load_config([SMOKE]), on_cluster=False).ok
+    absolute = smoke_config(tmp_path, "mlflow.artifact_location=mlflow-artifacts:/emotr")
+    assert check_paths(absolute, on_cluster=True).ok
+    remote = load_config(
+        [SMOKE],
+        [
+            "data.root=s3://emotr/images",
+            "cache.root=s3://emotr/cache",
+            "tune.storage=postgresql://emotr@postgres:5432/optuna",
+            "mlflow.tracking_uri=http://mlflow:5000",
+            "mlflow.artifact_location=mlflow-artifacts:/emotr",
+        ],
+    )
+    assert check_paths(remote, on_cluster=True).ok
+
+
+@pytest.fixture
+def vanished_cwd(tmp_path: Path):
+    """The process's working directory deleted under it, as a job's was (Ray's working_dir)."""
+    before = os.getcwd()
+    gone = tmp_path / "working_dir"
+    gone.mkdir()
+    os.chdir(gone)
+    gone.rmdir()
+    yield
+    os.chdir(before)
+
+
+def test_a_relative_path_in_a_vanished_working_dir_names_the_key_and_the_cause(vanished_cwd):
+    with pytest.raises(EmotrError) as error:
+        absolute_path(".emotr/mlartifacts", "mlflow.artifact_location")
+    message = str(error.value)
+    assert "mlflow.artifact_location=.emotr/mlartifacts is a relative path" in message
+    assert "own --temp-dir" in message
+    assert absolute_path("/abs/mlartifacts", "mlflow.artifact_location") == Path("/abs/mlartifacts")
+
+
+def test_errors_from_a_vanished_working_dir_say_why_it_vanished(vanished_cwd, tmp_path: Path):
+    from emotr.cli import describe_os_error
+    from emotr.config import MlflowConfig
+    from emotr.track import artifact_location
+
+    with pytest.raises(EmotrError, match="own --temp-dir"):
+        artifact_location(MlflowConfig(artifact_location=".emotr/mlartifacts"))
+    # What MLflow's own os.getcwd() raised in the job: no path, so the CLI says what is gone.
+    bare = FileNotFoundError(2, "No such file or directory")
+    message = describe_os_error(bare, smoke_config(tmp_path))
+    assert "the working directory" in message and "no longer exists" in message
+    assert "own --temp-dir" in message
