@@ -207,21 +207,36 @@ class FeatureCache:
         self._put(path, lambda stream: stream.write(text.encode()))
 
     def _put(self, final: str, write: Callable[[pa.NativeFile], object]) -> None:
-        """Write a file under a `_tmp-*` name that readers ignore, then publish it whole."""
-        temporary = f"{self.folder}/_tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[-1]}"
-        try:
-            # On S3/GCS, closing the stream completes the upload even when `write` raised, so
-            # a failed write must never go straight to the final key.
-            with self.filesystem.open_output_stream(temporary) as stream:
-                write(stream)
-            if not is_uri(self.location):
-                self.filesystem.move(temporary, final)  # a rename: atomic on local filesystems
-                return
-            self.filesystem.copy_file(temporary, final)  # server-side copy: the key appears whole
-        except BaseException:
-            _delete_leftover(self.filesystem, temporary)
-            raise
-        self.filesystem.delete_file(temporary)
+        put_atomically(self.filesystem, final, write, remote=is_uri(self.location))
+
+
+def put_atomically(
+    filesystem: pafs.FileSystem,
+    final: str,
+    write: Callable[[pa.NativeFile], object],
+    *,
+    remote: bool,
+) -> None:
+    """Write a file under a `_tmp-*` name beside `final` that readers ignore, then publish it whole.
+
+    `remote`: an object store, where the temporary key is copied server-side to `final` (a rename
+    there is a copy too, and not atomic); locally it is renamed.
+    """
+    folder, name = final.rsplit("/", 1)
+    temporary = f"{folder}/_tmp-{uuid.uuid4().hex}-{name}"
+    try:
+        # On S3/GCS, closing the stream completes the upload even when `write` raised, so
+        # a failed write must never go straight to the final key.
+        with filesystem.open_output_stream(temporary) as stream:
+            write(stream)
+        if not remote:
+            filesystem.move(temporary, final)  # a rename: atomic on local filesystems
+            return
+        filesystem.copy_file(temporary, final)  # server-side copy: the key appears whole
+    except BaseException:
+        _delete_leftover(filesystem, temporary)
+        raise
+    filesystem.delete_file(temporary)
 
 
 def _delete_leftover(filesystem: pafs.FileSystem, path: str) -> None:
@@ -248,10 +263,11 @@ def locate(location: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.File
 
 
 def list_fingerprints(root: str, filesystem: pafs.FileSystem | None = None) -> list[str]:
-    """The fingerprint folders under `root`, sorted."""
+    """The fingerprint folders under `root`, sorted (`_*` folders, such as _listings, are not)."""
     filesystem, path = locate(root, filesystem)
     infos = filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    folders = (i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    return sorted(name for name in folders if not name.startswith("_"))
 
 
 def read_inputs(

@@ -30,6 +30,7 @@ from emotr.cache import (
     read_inputs,
 )
 from emotr.errors import EmotrError
+from emotr.listing import INDEX_FOLDER
 from emotr.storage import join, resolve
 
 
@@ -187,12 +188,15 @@ def gc_cache(
 ) -> GcResult:
     """Delete `_tmp-*` leftovers older than min_age_s and parts proven corrupt.
 
+    Without `fingerprint`, listing indexes' leftovers (`_listings/_tmp-*`) go too.
+
     A part is deleted only when all its bytes were read and they are not a valid part; a part
     that cannot be read now (permissions, network, timeouts) is kept and listed as skipped.
     `filesystem` replaces the one `root` names (e.g. one built with explicit credentials).
     """
     removed, skipped = [], []
-    for name in [fingerprint] if fingerprint else list_fingerprints(root, filesystem):
+    names = [fingerprint] if fingerprint else [*list_fingerprints(root, filesystem), INDEX_FOLDER]
+    for name in names:
         folder_fs, folder = locate(join(root, name), filesystem)
         for info in list_files(folder_fs, folder):
             try:

@@ -204,15 +204,23 @@ def _config_key_of(path: str, cfg: Config) -> str | None:
     return None
 
 
-def _load_with_listing(config: Path, overrides: list[str] | None):
-    """Validate config and data before Ray starts, so bad input fails in a second."""
+def _load_with_listing(
+    config: Path, overrides: list[str] | None, *, scan: bool = False, connect: bool = True
+):
+    """Validate config and data before Ray starts, so bad input fails in a second.
+
+    scan: leave hashes the listing index lacks for the extraction's workers (a Scan).
+    connect: start Ray now; without it the action connects only when it has work.
+    """
     from emotr import pipeline
 
     cfg = _load(config, overrides)
     _check_before_work(cfg)
     _run_guarded(lambda: pipeline.check_stores(cfg), cfg)
-    listing = _run_guarded(lambda: pipeline.prepare_listing(cfg), cfg)
-    _connect_ray(cfg)
+    prepare = pipeline.prepare_scan if scan else pipeline.prepare_listing
+    listing = _run_guarded(lambda: prepare(cfg), cfg)
+    if connect:
+        _connect_ray(cfg)
     return cfg, listing
 
 
@@ -272,8 +280,10 @@ def extract(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) 
     """Extract VGG16 features of every image not yet in the cache (Ray job)."""
     from emotr import pipeline
 
-    cfg, listing = _load_with_listing(config, overrides)
-    summary = _run_guarded(lambda: pipeline.extract(cfg, _tracker(cfg), listing), cfg)
+    cfg, scan = _load_with_listing(config, overrides, scan=True, connect=False)
+    summary = _run_guarded(
+        lambda: pipeline.extract(cfg, _tracker(cfg), scan, connect=lambda: _connect_ray(cfg)), cfg
+    )
     console.print(
         f"cache {cfg.cache.root}/{summary.fingerprint}: {summary.n_extracted} extracted, "
         f"{summary.n_cached} already cached, {summary.n_failed} failed "
@@ -300,8 +310,8 @@ def run(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> N
     from emotr import pipeline
     from emotr.track import ui_command
 
-    cfg, listing = _load_with_listing(config, overrides)
-    result = _run_guarded(lambda: pipeline.run(cfg, _tracker(cfg), listing), cfg)
+    cfg, scan = _load_with_listing(config, overrides, scan=True)
+    result = _run_guarded(lambda: pipeline.run(cfg, _tracker(cfg), scan), cfg)
     console.print(
         f"\n[bold]best validation AUC {result.best_val_auc:.4f}[/] (trial "
         f"{result.best_trial_number}; the tutorial's recipe: {result.baseline_val_auc:.4f})"

@@ -1,7 +1,10 @@
 """Find the images (class folders or a manifest), hash their bytes and split them train/val.
 
-Each image's split is decided by a keyed hash of its content, so it is the same on every machine,
-does not depend on listing order and does not move when other images are added or removed.
+Finding reads metadata only (name, size, mtime): `list_files`. Hashes come from the listing index
+(emotr.listing), from the extraction's workers, or from `hash_files` here; `complete_listing` then
+drops label conflicts and splits. Each image's split is decided by a keyed hash of its content,
+so it is the same on every machine, does not depend on listing order and does not move when
+other images are added or removed.
 """
 
 from __future__ import annotations
@@ -55,23 +58,49 @@ class Listing:
 class _Source(NamedTuple):
     location: str  # what users see: an absolute local path or a URI
     label: int
-    filesystem: pafs.FileSystem | None  # None: resolve `location` in the hashing thread
+    filesystem: pafs.FileSystem | None  # None: resolve `location` in a worker thread
     fs_path: str
+    size: int = -1  # bytes and modification time from the filesystem's metadata; -1 unknown
+    mtime_ns: int = -1
+
+
+@dataclass(frozen=True, eq=False)
+class FileList:
+    """Every image file of the data set with its label, size and mtime; no byte read yet."""
+
+    files: pd.DataFrame  # path, label, class_name, size, mtime_ns; sorted by path, label
+    sources: list[_Source]  # one per row of `files`, in the same order: how to read it
+    where: dict[int, str]  # label -> where its images were found, for error messages
 
 
 def list_images(cfg: DataConfig) -> Listing:
     """All images of the data set with sha256 of their bytes and a deterministic train/val split."""
+    found = list_files(cfg)
+    return complete_listing(cfg, found, hash_files(found.sources))
+
+
+def list_files(cfg: DataConfig) -> FileList:
+    """The data set's image files (class folders or manifest) from metadata alone."""
     if cfg.manifest:
-        sources = _read_manifest(cfg.manifest, cfg.classes)
+        sources = _stat_sources(_read_manifest(cfg.manifest, cfg.classes))
         where = dict.fromkeys(range(len(cfg.classes)), f"manifest {cfg.manifest}")
     else:
         sources, where = _walk_root(cfg.root, cfg.classes)
-    rows = [(src.location, src.label, cfg.classes[src.label]) for src in sources]
-    frame = pd.DataFrame(rows, columns=["path", "label", "class_name"]).astype({"label": np.int64})
-    frame["sha256"] = _hash_all(sources)
-    frame = frame.sort_values(["path", "label"], kind="stable").reset_index(drop=True)
+    sources = sorted(sources, key=lambda src: (src.location, src.label))
+    rows = [(s.location, s.label, cfg.classes[s.label], s.size, s.mtime_ns) for s in sources]
+    columns = ["path", "label", "class_name", "size", "mtime_ns"]
+    files = pd.DataFrame(rows, columns=columns).astype(
+        {"label": np.int64, "size": np.int64, "mtime_ns": np.int64}
+    )
+    return FileList(files=files, sources=sources, where=where)
+
+
+def complete_listing(cfg: DataConfig, found: FileList, sha256s: Sequence[str]) -> Listing:
+    """The Listing of `found` given each file's sha256 (in its order): conflicts out, split."""
+    frame = found.files[["path", "label", "class_name"]].copy()
+    frame["sha256"] = list(sha256s)
     images, conflicts = _drop_conflicts(frame)
-    _check_splittable(images, cfg.classes, where)
+    _check_splittable(images, cfg.classes, found.where)
     images["split"] = assign_split(
         images["sha256"].tolist(), images["label"].tolist(), cfg.val_fraction, cfg.seed
     )
@@ -127,10 +156,18 @@ def _walk_root(root: str, classes: Sequence[str]) -> tuple[list[_Source], dict[i
     for label, name in enumerate(classes):
         folder = f"{base.rstrip('/')}/{name}"
         where[label] = join(root, name) if is_uri(root) else folder
-        for path in _list_class_folder(filesystem, folder, where[label], classes):
-            location = join(root, name, path[len(folder) + 1 :]) if is_uri(root) else path
-            sources.append(_Source(location, label, filesystem, path))
+        for info in _list_class_folder(filesystem, folder, where[label], classes):
+            relative = info.path[len(folder) + 1 :]
+            location = join(root, name, relative) if is_uri(root) else info.path
+            sources.append(_source_of(location, label, filesystem, info))
     return sources, where
+
+
+def _source_of(
+    location: str, label: int, filesystem: pafs.FileSystem, info: pafs.FileInfo
+) -> _Source:
+    mtime_ns = info.mtime_ns if info.mtime_ns is not None else -1
+    return _Source(location, label, filesystem, info.path, info.size, mtime_ns)
 
 
 def _require_folder(fs: pafs.FileSystem, path: str, shown: str, classes: Sequence[str]) -> None:
@@ -145,11 +182,11 @@ def _require_folder(fs: pafs.FileSystem, path: str, shown: str, classes: Sequenc
 
 def _list_class_folder(
     filesystem: pafs.FileSystem, folder: str, shown: str, classes: Sequence[str]
-) -> list[str]:
+) -> list[pafs.FileInfo]:
     _require_folder(filesystem, folder, f"class folder {shown}", classes)
     entries = filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
     found = [
-        entry.path
+        entry
         for entry in entries
         if entry.type == pafs.FileType.File and _is_image(entry.path[len(folder) + 1 :])
     ]
@@ -164,8 +201,10 @@ def _list_class_folder(
 
 def _is_image(relative: str) -> bool:
     # Only names below the class folder count: the root itself may sit under .emotr/.
-    hidden = any(part.startswith(".") for part in relative.split("/"))
-    return not hidden and PurePosixPath(relative).suffix.lower() in IMAGE_EXTENSIONS
+    if relative.startswith(".") or "/." in relative:
+        return False
+    # splitext, not PurePosixPath: that took 0.5 of the 1.3 s walk over 20,000 files (measured).
+    return os.path.splitext(relative)[1].lower() in IMAGE_EXTENSIONS
 
 
 def _read_manifest(manifest: str, classes: Sequence[str]) -> list[_Source]:
@@ -178,11 +217,12 @@ def _read_manifest(manifest: str, classes: Sequence[str]) -> list[_Source]:
             f"(class name or index), found {list(table.columns)}"
         )
     sources = []
+    local = pafs.LocalFileSystem()  # one instance: _stat_sources asks it once for every file
     for row, (entry, value) in enumerate(zip(table["path"], table["label"], strict=True), 1):
         if not isinstance(entry, str) or not entry.strip():
             raise DataError(f"manifest {manifest} row {row}: empty path; give every image a path")
         label = _label_index(value, classes, f"manifest {manifest} row {row} ({entry})")
-        sources.append(_manifest_source(entry.strip(), label, manifest, filesystem, fs_path))
+        sources.append(_manifest_source(entry.strip(), label, manifest, filesystem, fs_path, local))
     return sources
 
 
@@ -204,7 +244,12 @@ def _read_table(manifest: str, filesystem: pafs.FileSystem, fs_path: str) -> pd.
 
 
 def _manifest_source(
-    entry: str, label: int, manifest: str, filesystem: pafs.FileSystem, fs_path: str
+    entry: str,
+    label: int,
+    manifest: str,
+    filesystem: pafs.FileSystem,
+    fs_path: str,
+    local_fs: pafs.LocalFileSystem,
 ) -> _Source:
     if is_uri(entry):
         return _Source(entry, label, None, entry)
@@ -213,7 +258,7 @@ def _manifest_source(
         location = join(manifest.rsplit("/", 1)[0], entry)
         return _Source(location, label, filesystem, join(fs_path.rsplit("/", 1)[0], entry))
     local = resolve(entry if absolute else os.path.join(os.path.dirname(fs_path), entry))[1]
-    return _Source(local, label, pafs.LocalFileSystem(), local)
+    return _Source(local, label, local_fs, local)
 
 
 def _label_index(value: Any, classes: Sequence[str], where: str) -> int:
@@ -234,16 +279,59 @@ def _label_index(value: Any, classes: Sequence[str], where: str) -> int:
     )
 
 
-def _hash_all(sources: Sequence[_Source]) -> list[str]:
-    # hashlib releases the GIL on large buffers and reads wait on I/O, so threads overlap both.
+def _stat_sources(sources: Sequence[_Source]) -> list[_Source]:
+    """The manifest's sources with size and mtime; a missing file is a DataError naming it."""
+    infos: list[pafs.FileInfo | None] = [None] * len(sources)
+    groups: dict[int, list[int]] = {}
+    for index, src in enumerate(sources):
+        if src.filesystem is not None:
+            groups.setdefault(id(src.filesystem), []).append(index)
+    for indexes in groups.values():  # one metadata call per filesystem
+        filesystem = sources[indexes[0]].filesystem
+        assert filesystem is not None
+        paths = [sources[i].fs_path for i in indexes]
+        for index, info in zip(indexes, filesystem.get_file_info(paths), strict=True):
+            infos[index] = info
+    remote = [i for i, src in enumerate(sources) if src.filesystem is None]
+    # Manifest URIs are resolved in parallel: from_uri may ask the network (S3 region).
     with ThreadPoolExecutor() as pool:
-        digests = list(pool.map(_hash_source, sources))
-    missing = [src.location for src, digest in zip(sources, digests, strict=True) if not digest]
+        resolved = pool.map(_stat_uri, [sources[i].location for i in remote])
+        for index, info in zip(remote, resolved, strict=True):
+            infos[index] = info
+    missing = [
+        src.location
+        for src, info in zip(sources, infos, strict=True)
+        if info is None or info.type != pafs.FileType.File
+    ]
+    _require_found(missing)
+    return [
+        src._replace(size=info.size, mtime_ns=info.mtime_ns if info.mtime_ns is not None else -1)
+        for src, info in zip(sources, infos, strict=True)
+        if info is not None
+    ]
+
+
+def _stat_uri(location: str) -> pafs.FileInfo:
+    filesystem, path = resolve(location)
+    return filesystem.get_file_info(path)
+
+
+def _require_found(missing: Sequence[str]) -> None:
     if missing:
         raise DataError(
             f"{len(missing)} image(s) not found or not a file: {_named(missing)}; "
             "fix the paths (data.manifest) or restore the files"
         )
+
+
+def hash_files(sources: Sequence[_Source]) -> list[str]:
+    """The sha256 of each source's bytes, read here (threads); a missing file is a DataError."""
+    # hashlib releases the GIL on large buffers and reads wait on I/O, so threads overlap both.
+    with ThreadPoolExecutor() as pool:
+        digests = list(pool.map(_hash_source, sources))
+    _require_found(
+        [src.location for src, digest in zip(sources, digests, strict=True) if not digest]
+    )
     return [digest for digest in digests if digest]
 
 

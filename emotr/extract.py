@@ -1,5 +1,9 @@
-"""The Ray Data pipeline: images not cached yet -> read, re-hash, decode -> VGG16 features
+"""The Ray Data pipeline: images not cached yet -> read, hash, decode -> VGG16 features
 (actors, one model each) -> the driver commits them to the Parquet cache.
+
+Files the listing index does not know are hashed by the task that reads them (the driver never
+reads an image): one whose bytes turn out to be cached (a renamed file) is not decoded, and the
+driver completes the Listing from the hashes the tasks hand back (emotr.listing.Scan).
 
 With GPUs, decoding runs in CPU tasks across the cluster and only uint8 pixels travel to the GPU
 actors. Without GPUs the two stages ask for the same resources and Ray Data fuses them into the
@@ -32,7 +36,8 @@ from emotr.cache import FeatureCache, compute_fingerprint
 from emotr.config import Config, ExtractConfig
 from emotr.data import Listing
 from emotr.errors import EmotrError
-from emotr.imageio import decode_batch
+from emotr.imageio import decode_batch, hash_keys
+from emotr.listing import Scan
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,8 @@ class ExtractSummary:
     n_actors: int = 0  # extractor actors started (0 when everything was cached)
     # Until the first features reached the driver: actor start, TF import, model load, tracing.
     startup_seconds: float = 0.0
+    # The completed listing: every hash known, including those the workers learned.
+    listing: Listing | None = None
 
 
 class TooManyFailures(EmotrError, RuntimeError):
@@ -152,6 +159,7 @@ class Extractor:
             "sha256": batch["sha256"],
             "features": features,
             "ok": ok,
+            "cached": batch["cached"],
             "reason": batch["reason"],
             "height": batch["height"],
             "width": batch["width"],
@@ -216,8 +224,18 @@ def plan_actors(cfg: ExtractConfig) -> ActorPlan:
     return plan
 
 
-def build_dataset(cfg: Config, todo: pd.DataFrame, load_model: ModelLoader, plan: ActorPlan):
-    """The lazy Ray Dataset from (path, sha256) rows to features."""
+def build_dataset(
+    cfg: Config,
+    todo: pd.DataFrame,
+    load_model: ModelLoader,
+    plan: ActorPlan,
+    skip: np.ndarray | None = None,
+):
+    """The lazy Ray Dataset from (path, sha256) rows to features.
+
+    A row with an empty sha256 is hashed where it is read; `skip` (imageio.hash_keys) names
+    the hashes not to decode (already cached).
+    """
     import ray
 
     from emotr.backbone import feature_dim
@@ -228,6 +246,7 @@ def build_dataset(cfg: Config, todo: pd.DataFrame, load_model: ModelLoader, plan
         "size": tuple(cfg.backbone.input_size),
         "max_pixels": cfg.decode.max_pixels,
         "background": tuple(cfg.decode.background),
+        "skip": skip,
     }
     # Keras reads its backend when first imported: the actors' processes start with it set.
     # Decode tasks get the same environment, or Ray Data could not fuse them into the actors.
@@ -297,15 +316,20 @@ class _Committer:
         self.pending: list[dict[str, np.ndarray]] = []
         self.n_pending = self.n_committed = 0
         self.failures: list[tuple[str, str, str]] = []
+        self.learned: dict[str, str] = {}  # path -> sha256 of every file read, good or bad
         self.workers: Counter[str] = Counter()
         self.n_seen = 0  # rows handed over, good or failed (a retried row may come twice)
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         ok = batch["ok"].astype(bool)
+        failed = ~ok & ~batch["cached"].astype(bool)
         self.n_seen += len(ok)
         self.workers.update(str(worker) for worker in batch["worker"])
+        self.learned.update(
+            (str(path), str(key)) for path, key in zip(batch["path"], batch["sha256"], strict=True)
+        )
         self.failures += zip(
-            batch["path"][~ok], batch["sha256"][~ok], batch["reason"][~ok], strict=True
+            batch["path"][failed], batch["sha256"][failed], batch["reason"][failed], strict=True
         )
         good = {key: batch[key][ok] for key in ("sha256", "features", "height", "width")}
         self.pending.append(good)
@@ -397,25 +421,37 @@ def _consume(dataset, committer: _Committer, n_todo: int, progress: bool) -> flo
 
 def extract_features(
     cfg: Config,
-    listing: Listing,
+    listing: Listing | Scan,
     *,
     progress: bool = True,
     load_model: ModelLoader | None = None,
+    connect: Callable[[], None] | None = None,
 ) -> ExtractSummary:
     """Extract and cache features of the listing's images that the cache does not hold yet.
 
-    `load_model` (default: the configured FeatureExtractor) lets tests and benchmarks swap the
-    model; it must produce the features the fingerprint describes. `progress` shows Ray Data's
-    live bars in a terminal and logs a line every 30 s or 10 % elsewhere.
+    A Scan's files of unknown hash are read and hashed by the pipeline's tasks; the completed
+    Listing is `summary.listing`. `load_model` (default: the configured FeatureExtractor) lets
+    tests and benchmarks swap the model; it must produce the features the fingerprint
+    describes. `connect` is called before the first use of Ray, only when there is work.
+    `progress` shows Ray Data's live bars in a terminal and logs a line every 30 s or 10 %
+    elsewhere.
     """
     start = time.perf_counter()
     fingerprint, inputs = compute_fingerprint(cfg.backbone, cfg.decode)
     cache = FeatureCache(cfg.cache.root, fingerprint, inputs)
-    unique = listing.images.drop_duplicates("sha256")[["path", "sha256"]]
-    todo = unique[~unique["sha256"].isin(cache.cached_hashes())].reset_index(drop=True)
+    cached_before = cache.cached_hashes()
+    known = listing.images[["path", "sha256"]] if isinstance(listing, Listing) else listing.known()
+    unique = known.drop_duplicates("sha256")
+    unknown = listing.unknown() if isinstance(listing, Scan) else known.iloc[:0, :1]
+    todo = pd.concat(
+        [unique[~unique["sha256"].isin(cached_before)], unknown.assign(sha256="")],
+        ignore_index=True,
+    )
     committer = _Committer(cache, cfg.extract.commit_every)
     plan, startup = None, 0.0
     if len(todo):
+        if connect is not None:
+            connect()
         if load_model is None:
             from emotr.backbone import FeatureExtractor, check_weights
 
@@ -427,12 +463,18 @@ def extract_features(
         log.info(
             "extracting %d images with %d actors into %s", len(todo), plan.n_actors, fingerprint
         )
+        # Only files of unknown hash may turn out cached (renamed or copied ones).
+        skip = hash_keys(cached_before) if len(unknown) else None
         first_rows_at = _consume(
-            build_dataset(cfg, todo, load_model, plan), committer, len(todo), progress
+            build_dataset(cfg, todo, load_model, plan, skip), committer, len(todo), progress
         )
         # Until the first features reached the driver: actor start, imports, model load, tracing.
         startup = first_rows_at - start if first_rows_at else 0.0
-    summary = _summarize(listing, unique, todo, committer, fingerprint, time.perf_counter() - start)
+    if isinstance(listing, Scan):
+        listing = listing.complete(committer.learned)
+    summary = _summarize(
+        listing, cached_before, committer, fingerprint, time.perf_counter() - start
+    )
     summary.n_actors, summary.startup_seconds = (plan.n_actors if plan else 0), startup
     if summary.n_failed > cfg.extract.max_failure_fraction * summary.n_unique:
         raise TooManyFailures(summary, cfg.extract.max_failure_fraction)
@@ -450,23 +492,30 @@ def extract_features(
 
 def _summarize(
     listing: Listing,
-    unique: pd.DataFrame,
-    todo: pd.DataFrame,
+    cached_before: set[str],
     committer: _Committer,
     fingerprint: str,
     wall: float,
 ) -> ExtractSummary:
-    # A retried task may hand the same failure over twice; an image fails once.
-    failures = pd.DataFrame(committer.failures, columns=FAILURE_COLUMNS).drop_duplicates("sha256")
+    # A retried task may hand the same failure over twice; an image fails once. A file that
+    # could not be read has no hash: its path names it.
+    failures = pd.DataFrame(committer.failures, columns=FAILURE_COLUMNS)
+    failures = failures.assign(
+        key=failures["sha256"].where(failures["sha256"] != "", failures["path"])
+    )
+    failures = failures.drop_duplicates("key").drop(columns="key").reset_index(drop=True)
+    unique = set(listing.images["sha256"])
+    n_unreadable = int((failures["sha256"] == "").sum())
     return ExtractSummary(
         fingerprint=fingerprint,
         n_images=len(listing.images),
-        n_unique=len(unique),
-        n_cached=len(unique) - len(todo),
+        n_unique=len(unique) + n_unreadable,
+        n_cached=len(unique & cached_before),
         n_extracted=committer.n_committed,
         n_failed=len(failures),
-        failures=failures.reset_index(drop=True),
+        failures=failures,
         wall_seconds=wall,
         images_per_second=committer.n_committed / wall if wall > 0 else 0.0,
         rows_per_worker=dict(committer.workers),
+        listing=listing,
     )

@@ -12,6 +12,7 @@ import io
 import re
 import struct
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,25 +109,51 @@ def decode_image_with_size(
     return DecodedImage(np.array(rgb, dtype=np.uint8), height, width)
 
 
+def hash_keys(sha256s: Iterable[str]) -> np.ndarray:
+    """A compact sorted set of sha256 hex digests for `decode_batch(skip=...)`.
+
+    The first 16 bytes of each digest: 16 MB for a million images, where a set of the hex
+    strings would cost ten times that on every decode task; a false match needs 2**128 luck.
+    """
+    keys = np.array([bytes.fromhex(digest[:32]) for digest in sha256s], dtype="S16")
+    return np.unique(keys)
+
+
+def _in_keys(keys: np.ndarray, sha256: str) -> bool:
+    key = np.array([bytes.fromhex(sha256[:32])], dtype="S16")
+    position = int(np.searchsorted(keys, key)[0])
+    return position < len(keys) and keys[position] == key[0]
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     size: tuple[int, int],
     max_pixels: int,
     background: tuple[int, int, int],
+    skip: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Read, re-hash and decode a batch of files; bad files become ok=False rows with a reason.
+    """Read, hash and decode a batch of files; bad files become ok=False rows with a reason.
 
     `batch` holds "path" and "sha256" columns (a Ray Data numpy batch); each file is read once
-    and opened once.
+    and opened once. An empty sha256 is a file the listing did not hash: the bytes read here
+    give it (the output's sha256). Files whose hash is in `skip` (`hash_keys`: features already
+    cached) are hashed but not decoded: cached=True, ok=False, no reason.
     """
     n = len(batch["path"])
     pixels = np.zeros((n, size[0], size[1], 3), np.uint8)
-    ok = np.zeros(n, bool)
+    ok, cached = np.zeros(n, bool), np.zeros(n, bool)
     reasons = np.full(n, "", dtype=object)
+    sha256s = np.array(batch["sha256"], dtype=object)
     heights, widths = np.zeros(n, np.int32), np.zeros(n, np.int32)
     for i, (path, expected) in enumerate(zip(batch["path"], batch["sha256"], strict=True)):
         try:
-            decoded = _decode_file(path, expected, size, max_pixels, background)
+            data, sha256s[i] = _read_checked(path, expected)
+            if skip is not None and _in_keys(skip, sha256s[i]):
+                cached[i] = True
+                continue
+            decoded = decode_image_with_size(
+                data, size, max_pixels=max_pixels, background=background
+            )
         except DecodeError as error:
             reasons[i] = error.reason
             continue
@@ -137,28 +164,24 @@ def decode_batch(
         ok[i] = True
     return {
         "path": batch["path"],
-        "sha256": batch["sha256"],
+        "sha256": sha256s,
         "pixels": pixels,
         "ok": ok,
+        "cached": cached,
         "reason": reasons,
         "height": heights,
         "width": widths,
     }
 
 
-def _decode_file(
-    path: str,
-    expected_sha256: str,
-    size: tuple[int, int],
-    max_pixels: int,
-    background: tuple[int, int, int],
-) -> DecodedImage:
+def _read_checked(path: str, expected_sha256: str) -> tuple[bytes, str]:
+    """A file's bytes and sha256; DecodeError when the listing hashed other bytes."""
     data = read_bytes(path)
-    # The listing hashed the file earlier; features must belong to the bytes that were listed.
     actual = hashlib.sha256(data).hexdigest()
-    if actual != expected_sha256:
+    # Features must belong to the bytes that were listed (an index or an earlier read).
+    if expected_sha256 and actual != expected_sha256:
         raise DecodeError(f"file changed since it was listed (sha256 now {actual[:12]})")
-    return decode_image_with_size(data, size, max_pixels=max_pixels, background=background)
+    return data, actual
 
 
 def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:

@@ -1,18 +1,21 @@
 """The lifecycle verbs that the CLI and jobs call: prepare data, extract, tune, run them all.
 
-Each verb takes the validated Config; the caller (cli.py) has already connected to Ray.
+Each verb takes the validated Config; the caller (cli.py) has already connected to Ray, or, for
+`extract`, passes how to connect when there is work.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from emotr.config import Config, to_yaml
-from emotr.data import Listing, list_images
+from emotr.data import Listing
 from emotr.features import load_feature_set
+from emotr.listing import Scan, scan_images
 from emotr.storage import check_writable, is_uri
 from emotr.track import Tracker
 
@@ -37,10 +40,16 @@ class RunResult:
 
 
 def prepare_listing(cfg: Config) -> Listing:
-    """List the data set, generating the demo set first when configured and absent."""
+    """List the data set with every hash (the listing index spares reading unchanged files)."""
+    return prepare_scan(cfg).complete_here()
+
+
+def prepare_scan(cfg: Config) -> Scan:
+    """List the data set from metadata and the listing index, generating the demo set first
+    when configured and absent; files of unknown hash are left for the extraction to read."""
     if cfg.data.generate_demo and cfg.data.manifest is None:
         ensure_demo_data(cfg)
-    return list_images(cfg.data)
+    return scan_images(cfg.data, cfg.cache.root)
 
 
 def check_stores(cfg: Config) -> None:
@@ -101,12 +110,18 @@ def log_listing(tracker: Tracker, run_id: str, cfg: Config, listing: Listing) ->
 
 
 def extract(
-    cfg: Config, tracker: Tracker, listing: Listing, parent_run_id: str | None = None
+    cfg: Config,
+    tracker: Tracker,
+    listing: Listing | Scan,
+    parent_run_id: str | None = None,
+    connect: Callable[[], None] | None = None,
 ) -> ExtractSummary:
     """Extract the listing's missing features into the cache, as an MLflow run named `extract`.
 
     The run holds the fingerprint's inputs as params, the config, the counts and speeds as
     metrics and failures.csv; it is FAILED, with all of these, when too many images fail.
+    A Scan is completed by the extraction (`summary.listing`); `connect` starts Ray, called
+    only when there is something to extract.
     """
     from emotr.cache import compute_fingerprint
     from emotr.extract import TooManyFailures, extract_features
@@ -120,17 +135,27 @@ def extract(
             "extract.batch_size": cfg.extract.batch_size,
         }
         tracker.log_params(run_id, params)
-        if parent_run_id is None:  # `emotr extract` alone: the data is recorded on this run
-            log_listing(tracker, run_id, cfg, listing)
-        else:
-            tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
+        tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
         try:
-            summary = extract_features(cfg, listing)
+            summary = extract_features(cfg, listing, connect=connect)
         except TooManyFailures as error:
-            log_extract_summary(tracker, run_id, error.summary)
+            _log_extraction(tracker, run_id, cfg, error.summary, parent_run_id)
             raise
-        log_extract_summary(tracker, run_id, summary)
+        _log_extraction(tracker, run_id, cfg, summary, parent_run_id)
     return summary
+
+
+def _log_extraction(
+    tracker: Tracker,
+    run_id: str,
+    cfg: Config,
+    summary: ExtractSummary,
+    parent_run_id: str | None,
+) -> None:
+    # The listing is complete only now: hashes of new files came from the extraction.
+    if parent_run_id is None and summary.listing is not None:
+        log_listing(tracker, run_id, cfg, summary.listing)  # `emotr extract` alone
+    log_extract_summary(tracker, run_id, summary)
 
 
 def log_extract_summary(tracker: Tracker, run_id: str, summary: ExtractSummary) -> None:
@@ -160,15 +185,16 @@ def tune(cfg: Config, tracker: Tracker, listing: Listing):
     return run_search(cfg, features, tracker)
 
 
-def run(cfg: Config, tracker: Tracker, listing: Listing) -> RunResult:
+def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
     """Extract, tune and register the best head, all nested under one `pipeline` run."""
     from emotr.registry import register_model
     from emotr.tune import run_search
 
     with tracker.run("pipeline") as run_id:
-        log_listing(tracker, run_id, cfg, listing)
         summary = extract(cfg, tracker, listing, run_id)
-        features = load_feature_set(cfg, listing, summary.fingerprint)
+        assert summary.listing is not None
+        log_listing(tracker, run_id, cfg, summary.listing)
+        features = load_feature_set(cfg, summary.listing, summary.fingerprint)
         search = run_search(cfg, features, tracker, run_id)
         version = register_model(cfg, tracker, search.best_run_id)
         tracker.log_metrics(

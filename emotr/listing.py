@@ -1,0 +1,150 @@
+"""The listing index: each data file's (size, mtime) and sha256, kept beside the feature cache.
+
+A file whose size and mtime match its index row takes its sha256 from the index without being
+read. New or changed files are hashed where their bytes are read anyway: by the extraction's
+workers (emotr.extract), or here on the driver for commands that extract nothing (tune).
+
+The index of a data root (or manifest) is one Parquet file,
+`<cache.root>/_listings/<digest of the root's URI>.parquet`: emotr never writes into a data root.
+It is published whole (a `_tmp-*` name, then a rename or a server-side copy, as cache parts are),
+so a reader never sees half of one; an index that cannot be read is ignored (files are hashed
+again), never trusted in part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from emotr.cache import put_atomically
+from emotr.config import DataConfig
+from emotr.data import FileList, Listing, complete_listing, hash_files, list_files
+from emotr.storage import is_uri, join, resolve
+
+log = logging.getLogger(__name__)
+
+INDEX_FOLDER = "_listings"
+INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("location", pa.string(), nullable=False),
+        pa.field("size", pa.int64(), nullable=False),
+        pa.field("mtime_ns", pa.int64(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+    ]
+)
+_COLUMNS = INDEX_SCHEMA.names
+
+
+def index_location(cache_root: str, data: DataConfig) -> str:
+    """Where the index of `data`'s root (or manifest) lives under `cache_root`."""
+    source = data.manifest or data.root
+    # One name for one place: "./x", "x/" and "file:///abs/x" are the same local folder.
+    canonical = source.rstrip("/") if is_uri(source) else resolve(source)[1]
+    kind = "manifest" if data.manifest else "root"
+    digest = hashlib.sha256(f"{kind}:{canonical}".encode()).hexdigest()[:16]
+    return join(cache_root, INDEX_FOLDER, f"{digest}.parquet")
+
+
+def read_index(location: str) -> pd.DataFrame:
+    """The index at `location` (location, size, mtime_ns, sha256); empty when there is none."""
+    filesystem, path = resolve(location)
+    try:
+        table = pq.read_table(path, filesystem=filesystem, schema=INDEX_SCHEMA)
+    except FileNotFoundError:
+        return INDEX_SCHEMA.empty_table().to_pandas()
+    except (OSError, pa.ArrowInvalid) as error:
+        # Published whole, an index can only be unreadable through outside damage: hashing the
+        # files again is slow but right, trusting part of one is not.
+        log.warning(
+            "listing index %s cannot be read (%s); hashing the files again", location, error
+        )
+        return INDEX_SCHEMA.empty_table().to_pandas()
+    return table.to_pandas().drop_duplicates("location", keep="last")
+
+
+def write_index(location: str, index: pd.DataFrame) -> None:
+    """Publish `index` at `location` atomically (readers see the old index or the new one)."""
+    filesystem, path = resolve(location)
+    table = pa.Table.from_pandas(index[_COLUMNS], schema=INDEX_SCHEMA, preserve_index=False)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    put_atomically(
+        filesystem, path, lambda stream: pq.write_table(table, stream), remote=is_uri(location)
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class Scan:
+    """The data set's files with the hashes the index knows; `complete` makes the Listing."""
+
+    data: DataConfig
+    found: FileList
+    sha256: pd.Series  # aligned with found.files; "" where the file must be read to know it
+    index: str | None  # where the index is kept; None: nowhere
+    index_is_current: bool  # the index holds exactly these files with these hashes
+
+    def unknown(self) -> pd.DataFrame:
+        """Files (path, once each) whose sha256 is not known without reading them."""
+        files = self.found.files[self.sha256.to_numpy() == ""]
+        return files[["path"]].drop_duplicates().reset_index(drop=True)
+
+    def known(self) -> pd.DataFrame:
+        """Files (path, sha256) whose hash the index gave."""
+        known = self.sha256.to_numpy() != ""
+        frame = self.found.files.loc[known, ["path"]].copy()
+        frame["sha256"] = self.sha256[known].to_numpy()
+        return frame.reset_index(drop=True)
+
+    def complete(self, learned: Mapping[str, str]) -> Listing:
+        """The Listing, given the hashes of unknown files by path; updates the index.
+
+        A file with no hash known or learned (unreadable: the extraction reported it) is left
+        out. The index is written before the listing's own checks, so that a data set those
+        checks refuse does not lose the hashes that cost a read of every file.
+        """
+        hashes = self.sha256.where(self.sha256 != "", self.found.files["path"].map(learned))
+        hashes = hashes.fillna("")
+        keep = (hashes != "").to_numpy()
+        if self.index is not None and not (self.index_is_current and keep.all()):
+            frame = self.found.files.loc[keep, ["path", "size", "mtime_ns"]]
+            frame = frame.rename(columns={"path": "location"}).assign(sha256=hashes[keep])
+            write_index(self.index, frame.drop_duplicates("location"))
+        found = FileList(
+            files=self.found.files[keep].reset_index(drop=True),
+            sources=[src for src, kept in zip(self.found.sources, keep, strict=True) if kept],
+            where=self.found.where,
+        )
+        return complete_listing(self.data, found, hashes[keep].tolist())
+
+    def complete_here(self) -> Listing:
+        """The Listing, hashing unknown files in this process (commands that extract nothing)."""
+        unknown = self.sha256.to_numpy() == ""
+        sources = [src for src, todo in zip(self.found.sources, unknown, strict=True) if todo]
+        learned = dict(zip((src.location for src in sources), hash_files(sources), strict=True))
+        return self.complete(learned)
+
+
+def scan_images(data: DataConfig, cache_root: str | None) -> Scan:
+    """List the data set from metadata; sha256 from the index under `cache_root` where unchanged.
+
+    `cache_root` None keeps no index: every file is unknown.
+    """
+    found = list_files(data)
+    location = index_location(cache_root, data) if cache_root is not None else None
+    index = read_index(location) if location is not None else INDEX_SCHEMA.empty_table().to_pandas()
+    files = found.files[["path", "size", "mtime_ns"]].rename(columns={"path": "location"})
+    matched = files.merge(index, on=["location", "size", "mtime_ns"], how="left")
+    sha256 = matched["sha256"].fillna("").astype(str)
+    sha256.index = found.files.index
+    current = len(index) == files["location"].nunique() and (sha256 != "").all()
+    return Scan(data, found, sha256, location, bool(current))
+
+
+def list_images_indexed(data: DataConfig, cache_root: str | None) -> Listing:
+    """The Listing with every hash, reading only the files the index does not know."""
+    return scan_images(data, cache_root).complete_here()

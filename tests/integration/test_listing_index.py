@@ -1,0 +1,213 @@
+"""Extraction with the listing index: each image read once, on a worker; warm runs read nothing.
+
+Reads are counted by a pyarrow filesystem over the real local one (tests/counting_fs.py), in the
+driver and, through a Ray worker_process_setup_hook, in every worker of a driver process of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from emotr.config import Config, to_yaml
+from emotr.demo import generate_demo_dataset
+from emotr.listing import read_index, write_index
+from tests.conftest import REPO, smoke_config
+
+pytestmark = pytest.mark.slow
+
+N_IMAGES = 24
+
+# Four runs in one driver with its own Ray: cold, warm, one file's content changed, one renamed.
+RUNS = """
+    import json, shutil, sys
+    from pathlib import Path
+    import ray
+    from PIL import Image
+    import tests.counting_fs as counting
+    from emotr import pipeline
+    from emotr.config import load_config
+    from emotr.extract import extract_features
+
+    cfg, log, out = load_config([sys.argv[1]]), sys.argv[2], Path(sys.argv[3])
+    ray.cloudpickle.register_pickle_by_value(counting)
+    counting.install(log)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": lambda: counting.install(log)})
+    root = Path(cfg.data.root)
+    images = sorted(root.rglob("*.jpg"))
+    touched, renamed = images[3], images[7]
+
+    def touch():
+        Image.new("RGB", (80, 64), (1, 2, 3)).save(touched, "JPEG")
+
+    def rename():
+        renamed.rename(renamed.with_name("renamed.jpg"))
+
+    results = {}
+    for name, change in [("cold", None), ("warm", None), ("touch", touch), ("rename", rename)]:
+        if change:
+            change()
+        Path(log).write_text("")
+        scan = pipeline.prepare_scan(cfg)
+        summary = extract_features(cfg, scan, progress=False)
+        results[name] = {
+            "unknown": scan.unknown()["path"].tolist(),
+            "opened": counting.opened(log, root),
+            "n_extracted": summary.n_extracted,
+            "n_cached": summary.n_cached,
+            "n_actors": summary.n_actors,
+            "listing": summary.listing.images.to_dict("list"),
+        }
+    results["touched"], results["renamed"] = str(touched), str(renamed)
+    out.write_text(json.dumps(results))
+"""
+
+
+def run_python(script: str, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def demo_config(tmp_path: Path, *overrides: str) -> Config:
+    cfg = smoke_config(tmp_path, f"data.demo_n={N_IMAGES}", *overrides)
+    generate_demo_dataset(Path(cfg.data.root), n=N_IMAGES, size=tuple(cfg.data.demo_size))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """What the four runs of RUNS did: hashes unknown, files opened, counts, the listing."""
+    tmp_path = tmp_path_factory.mktemp("index-runs")
+    cfg = demo_config(tmp_path)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(to_yaml(cfg))
+    out = tmp_path / "runs.json"
+    process = run_python(RUNS, str(config), str(tmp_path / "opens.log"), str(out))
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    return {**json.loads(out.read_text()), "config": str(config)}
+
+
+def hashes_by_path(listing: dict) -> dict[str, str]:
+    return dict(zip(listing["path"], listing["sha256"], strict=True))
+
+
+def test_a_cold_run_reads_each_image_once_on_a_worker(runs):
+    cold = runs["cold"]
+    listed = cold["listing"]["path"]
+    assert len(listed) == N_IMAGES and sorted(cold["unknown"]) == sorted(listed)
+    assert sorted(cold["opened"]) == sorted(listed)  # once each: hashed where decoded
+    assert cold["n_extracted"] == N_IMAGES
+
+
+def test_a_warm_rerun_reads_no_image_bytes_and_starts_no_actor(runs):
+    warm = runs["warm"]
+    assert warm["unknown"] == [] and warm["opened"] == []
+    assert (warm["n_extracted"], warm["n_cached"], warm["n_actors"]) == (0, N_IMAGES, 0)
+    assert warm["listing"] == runs["cold"]["listing"]
+
+
+def test_touching_one_file_rehashes_and_reextracts_exactly_that_file(runs):
+    touch = runs["touch"]
+    assert touch["unknown"] == [runs["touched"]]
+    assert touch["opened"] == [runs["touched"]]
+    assert (touch["n_extracted"], touch["n_cached"]) == (1, N_IMAGES - 1)
+    before = hashes_by_path(runs["cold"]["listing"])
+    after = hashes_by_path(touch["listing"])
+    changed = {path for path in after if after[path] != before[path]}
+    assert changed == {runs["touched"]}
+
+
+def test_a_renamed_file_reuses_its_features_and_keeps_its_split(runs):
+    rename = runs["rename"]
+    new_path = str(Path(runs["renamed"]).with_name("renamed.jpg"))
+    assert rename["unknown"] == [new_path]
+    assert rename["opened"] == [new_path]  # read to hash it, then not decoded: it is cached
+    assert (rename["n_extracted"], rename["n_cached"]) == (0, N_IMAGES)
+    old = pd.DataFrame(runs["touch"]["listing"]).set_index("path").loc[runs["renamed"]]
+    new = pd.DataFrame(rename["listing"]).set_index("path").loc[new_path]
+    assert (new["sha256"], new["split"]) == (old["sha256"], old["split"])
+
+
+WARM_CLI = """
+    import atexit, json, sys
+
+    def report():
+        ray = sys.modules.get("ray")
+        started = {"tensorflow": "tensorflow" in sys.modules,
+                   "ray": bool(ray and ray.is_initialized())}
+        print("STARTED", json.dumps(started), flush=True)
+
+    atexit.register(report)
+    sys.argv = ["emotr", "extract", "-c", sys.argv[1]]
+    from emotr.cli import app
+    app()
+"""
+
+
+def test_extract_command_with_nothing_to_do_starts_neither_ray_nor_tensorflow(runs):
+    process = run_python(WARM_CLI, runs["config"])
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    said = " ".join(output.split())  # the console wraps long lines
+    assert f"0 extracted, {N_IMAGES} already cached, 0 failed" in said
+    started = json.loads(output.split("STARTED", 1)[1].splitlines()[0])
+    assert started == {"tensorflow": False, "ray": False}
+
+
+WRITER = """
+    import sys
+    import pandas as pd
+    from emotr.listing import write_index
+
+    n = 1_000_000
+    frame = pd.DataFrame({"location": [f"/data/img_{i:08d}.jpg" for i in range(n)],
+                          "size": range(n), "mtime_ns": range(n),
+                          "sha256": [f"{i:064x}" for i in range(n)]})
+    print("WRITING", flush=True)
+    while True:
+        write_index(sys.argv[1], frame)
+"""
+
+
+def test_an_index_written_by_a_killed_driver_is_never_half_read(tmp_path):
+    location = tmp_path / "cache" / "_listings" / "index.parquet"
+    old = pd.DataFrame(
+        {"location": ["/data/a.jpg"], "size": [1], "mtime_ns": [2], "sha256": ["f" * 64]}
+    )
+    write_index(str(location), old)
+    writer = run_python(WRITER, str(location))
+    try:
+        assert writer.stdout.readline().strip() == "WRITING"
+        deadline = time.monotonic() + 120
+        while not list(location.parent.glob("_tmp-*")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        writer.send_signal(signal.SIGKILL)  # mid-write: its _tmp file is there
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    assert list(location.parent.glob("_tmp-*")), "the writer was not killed mid-write"
+
+    index = read_index(str(location))
+
+    # The old index, or a whole new one if a rename finished before the kill; never a part.
+    assert len(index) in (1, 1_000_000)
+    if len(index) == 1:
+        pd.testing.assert_frame_equal(index, old)
