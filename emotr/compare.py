@@ -1,0 +1,97 @@
+"""The promotion gate's statistics: paired bootstrap of an AUC difference, and the decision.
+
+Pure numpy + scikit-learn: no MLflow, no Keras. Both models are scored on the same images, so the
+resamples draw image indices once and score both models on them (paired): what the two models get
+right or wrong together cancels out, and the interval is much tighter than two separate ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """AUC of a challenger and a champion on the same images, and the interval of their gap."""
+
+    auc_challenger: float
+    auc_champion: float
+    low: float  # of the 95 % interval of auc_challenger - auc_champion
+    high: float
+    n_images: int
+    n_resamples: int  # resamples holding both classes (the others have no AUC)
+
+    @property
+    def delta(self) -> float:
+        """AUC(challenger) - AUC(champion) on all the images."""
+        return self.auc_challenger - self.auc_champion
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether the champion alias moves to the challenger, and why, in one sentence."""
+
+    promote: bool
+    reason: str
+
+
+def compare_auc(
+    y_true: np.ndarray,
+    challenger: np.ndarray,
+    champion: np.ndarray,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Comparison:
+    """Paired bootstrap (percentile) interval of AUC(challenger) - AUC(champion)."""
+    y_true, challenger, champion = (np.asarray(a) for a in (y_true, challenger, champion))
+    if not len(y_true) == len(challenger) == len(champion):
+        raise ValueError(
+            f"labels and scores differ in length: {len(y_true)}, {len(challenger)}, {len(champion)}"
+        )
+    if len(np.unique(y_true)) < 2:
+        raise ValueError("AUC needs images of both classes; the comparison set has one class")
+    rng = np.random.default_rng(seed)
+    deltas = []
+    for _ in range(n_resamples):
+        rows = rng.integers(0, len(y_true), len(y_true))
+        y = y_true[rows]
+        if y.min() == y.max():  # one class drawn: no AUC; skipped, not redrawn (stays seeded)
+            continue
+        deltas.append(roc_auc_score(y, challenger[rows]) - roc_auc_score(y, champion[rows]))
+    if not deltas:
+        raise ValueError(f"no bootstrap resample of {len(y_true)} images held both classes")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(deltas, [tail, 100 - tail])
+    return Comparison(
+        auc_challenger=float(roc_auc_score(y_true, challenger)),
+        auc_champion=float(roc_auc_score(y_true, champion)),
+        low=float(low),
+        high=float(high),
+        n_images=len(y_true),
+        n_resamples=len(deltas),
+    )
+
+
+def decide(comparison: Comparison | None, min_delta: float, force: bool = False) -> Decision:
+    """Promote when there is no champion, when forced, or when the interval lies above min_delta."""
+    if comparison is None:
+        return Decision(True, "no champion yet: the challenger becomes the champion")
+    gap = (
+        f"AUC challenger {comparison.auc_challenger:.4f} vs champion "
+        f"{comparison.auc_champion:.4f}, difference {comparison.delta:+.4f}, 95 % interval "
+        f"[{comparison.low:+.4f}, {comparison.high:+.4f}] on {comparison.n_images} images"
+    )
+    if comparison.low > min_delta:
+        return Decision(True, f"{gap}: its lower end is above min_delta {min_delta:g}")
+    if force:
+        return Decision(True, f"{gap}: promoted anyway (--force)")
+    return Decision(
+        False,
+        f"{gap}: its lower end is not above min_delta {min_delta:g}, so the champion stays "
+        "(--force promotes anyway)",
+    )

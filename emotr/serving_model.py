@@ -1,0 +1,41 @@
+"""The file MLflow logs as the deployable model's code (models-from-code, no pickle).
+
+`mlflow.pyfunc.load_model` and `mlflow models serve` run this file, which rebuilds the classifier
+from the version's artifacts with emotr's own code (emotr.serving). Like track.py and registry.py
+it imports MLflow: it is the MLflow side of the deployable model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow.pyfunc
+import pandas as pd
+from mlflow.models import set_model
+
+from emotr.serving import ImageScorer, ServingSpec
+
+# Names of the artifacts in the logged model, set by emotr.registry.
+SPEC = "spec"
+BACKBONE_WEIGHTS = "backbone_weights"
+HEAD_WEIGHTS = "head_weights"
+
+
+class EmotrImageModel(mlflow.pyfunc.PythonModel):
+    """pyfunc: DataFrame with `image` (bytes) or `path` -> p_positive, label, error."""
+
+    scorer: ImageScorer
+
+    def load_context(self, context) -> None:
+        """Rebuild the backbone and head from the native Keras weight files."""
+        spec = ServingSpec.model_validate_json(Path(context.artifacts[SPEC]).read_text())
+        self.scorer = ImageScorer(
+            spec, context.artifacts[BACKBONE_WEIGHTS], context.artifacts[HEAD_WEIGHTS]
+        )
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        """One row per image; a bad image is a row with its reason in `error`."""
+        return self.scorer.score(pd.DataFrame(model_input))
+
+
+set_model(EmotrImageModel())
