@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import operator
 import os
 import warnings
 from collections.abc import Sequence
@@ -86,13 +87,25 @@ def list_files(cfg: DataConfig) -> FileList:
         where = dict.fromkeys(range(len(cfg.classes)), f"manifest {cfg.manifest}")
     else:
         sources, where = _walk_root(cfg.root, cfg.classes)
-    sources = sorted(sources, key=lambda src: (src.location, src.label))
+    sources = sorted(sources, key=operator.attrgetter("location", "label"))
     rows = [(s.location, s.label, cfg.classes[s.label], s.size, s.mtime_ns) for s in sources]
     columns = ["path", "label", "class_name", "size", "mtime_ns"]
     files = pd.DataFrame(rows, columns=columns).astype(
         {"label": np.int64, "size": np.int64, "mtime_ns": np.int64}
     )
+    _check_enough_files(files, cfg.classes, where)
     return FileList(files=files, sources=sources, where=where)
+
+
+def _check_enough_files(files: pd.DataFrame, classes: Sequence[str], where: dict[int, str]) -> None:
+    # Before any byte is read: hashes may come only after an extraction, this check at once.
+    for label, name in enumerate(classes):
+        n_files = files.loc[files["label"] == label, "path"].nunique()
+        if n_files < 2:
+            raise DataError(
+                f"class {name!r} has {n_files} distinct image(s) in {where[label]}; train and "
+                "val need one each: add images"
+            )
 
 
 def complete_listing(cfg: DataConfig, found: FileList, sha256s: Sequence[str]) -> Listing:

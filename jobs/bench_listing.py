@@ -1,12 +1,14 @@
 """Benchmark listing with the index, and a warm `emotr extract` that has nothing to do.
 
-    python jobs/bench_listing.py --n-listing 100000 --n-extract 20000
+    python jobs/bench_listing.py --n-listing 100000 --n-extract 20000 --before f0fc25c^
 
 (1) Listing N small local files: today's way (`data.list_images`: the driver reads and hashes
 every file), then with the listing index: cold (no index: every file hashed), warm (nothing new)
 and +1 % new files. (2) `emotr extract` in a fresh process over M unchanged files whose features
 are cached and whose index is written: what a warm re-run costs end to end, MLflow run included.
 The features are placeholders committed straight to the cache: the warm path reads none.
+--before REV also times that warm run with the code of commit REV (a `git archive` of it), in
+the same run, on the same files, cache and MLflow store.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 from benchlib import REPO, add_output_arguments, publish
 
 from emotr.backbone import feature_dim
 from emotr.cache import FeatureCache, compute_fingerprint
-from emotr.config import load_config, to_yaml
+from emotr.config import load_config
 from emotr.data import list_images
 from emotr.listing import list_images_indexed
 
@@ -58,7 +61,44 @@ def bench_listing(work: Path, n: int) -> list[list[str]]:
     return [[f"{n:,} local", name, f"{s:.2f}", f"{s / today:.3f}"] for name, s in rows]
 
 
-def bench_warm_extract(work: Path, n: int, repeats: int) -> list[float]:
+def time_extract(command: list[str], cwd: Path, n_cached: int, repeats: int) -> list[float]:
+    """Wall seconds of `repeats` runs of an `emotr extract` that finds all n_cached cached."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(cwd)  # this tree's emotr, whatever the venv installed
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+        seconds.append(time.perf_counter() - start)
+        said = " ".join(done.stdout.split())  # the console wraps long lines
+        assert done.returncode == 0 and f"0 extracted, {n_cached} already" in said, (
+            done.stdout + done.stderr
+        )[-2000:]
+    return seconds
+
+
+def overrides_as_yaml(overrides: list[str]) -> dict:
+    """{"a": {"b": value}} for overrides ["a.b=value"]."""
+    tree: dict = {}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        tree.setdefault(section, {})[name] = value
+    return tree
+
+
+def checkout(rev: str, folder: Path) -> Path:
+    """The files of commit `rev` in `folder` (git archive: the repository is not touched)."""
+    folder.mkdir()
+    archive = subprocess.run(["git", "archive", rev], cwd=REPO, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
+
+
+def bench_warm_extract(
+    work: Path, n: int, repeats: int, before: str | None
+) -> tuple[list[float], list[float]]:
+    """Warm `emotr extract` seconds now, and with the code of commit `before` (or none)."""
     root = work / "extract"
     write_files(root, 0, n)
     overrides = [
@@ -77,37 +117,46 @@ def bench_warm_extract(work: Path, n: int, repeats: int) -> list[float]:
         hashes, features, [1] * len(hashes), [1] * len(hashes)
     )
     config = work / "extract.yaml"
-    config.write_text(to_yaml(cfg))
+    # Only these keys: the code of another commit may not know every key of today's config.
+    config.write_text(yaml.safe_dump(overrides_as_yaml(overrides)))
     command = [sys.executable, "-m", "emotr.cli", "extract", "-c", str(config)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    seconds = []
-    for _ in range(repeats + 1):  # the first run creates the MLflow store: not a warm run
-        start = time.perf_counter()
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-        seconds.append(time.perf_counter() - start)
-        said = " ".join(done.stdout.split())  # the console wraps long lines
-        assert done.returncode == 0 and f"0 extracted, {len(hashes)} already" in said, (
-            done.stdout + done.stderr
-        )[-2000:]
-    return seconds[1:]
+    # The first run creates the MLflow store: not a warm run.
+    now = time_extract(command, REPO, len(hashes), repeats + 1)[1:]
+    if before is None:
+        return now, []
+    old = checkout(before, work / "before")
+    return now, time_extract(command, old, len(hashes), max(1, repeats - 1))
 
 
-def markdown(args: argparse.Namespace, listing: list[list[str]], extract: list[float]) -> str:
+def markdown(
+    args: argparse.Namespace, listing: list[list[str]], extract: list[float], old: list[float]
+) -> str:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     table = "| files | listing | seconds | / today |\n|---|---|---|---|\n"
     table += "".join(f"| {' | '.join(row)} |\n" for row in listing)
     runs = ", ".join(f"{s:.2f}" for s in extract)
+    option = f" --before {args.before}" if args.before else ""
+    before = (
+        f" With the code of {args.before} (driver hashes every file, then starts Ray and "
+        f"TensorFlow): {', '.join(f'{s:.2f}' for s in old)} s; now / before "
+        f"{np.median(extract) / np.median(old):.2f}."
+        if old
+        else ""
+    )
+    command = (
+        f"python jobs/bench_listing.py --n-listing {args.n_listing} --n-extract "
+        f"{args.n_extract} --repeats {args.repeats}{option}"
+    )
     return (
         f"\n### Listing index and a warm extract, {datetime.date.today().isoformat()}\n\n"
-        f"`python jobs/bench_listing.py --n-listing {args.n_listing} --n-extract "
-        f"{args.n_extract} --repeats {args.repeats}` on {machine} (load average at the end "
-        f"{load}). Small local files; today = `data.list_images`, the driver hashing every "
-        f"file; cold/warm/+1 % = `listing.list_images_indexed` (hashes of new files on the "
-        f"driver here; `emotr extract` hashes them on its workers).\n\n{table}\n"
-        f"Warm `emotr extract` (a fresh process, nothing to extract, MLflow run on SQLite) over "
+        f"`{command}` on {machine} (load average at the end {load}). Small local files; "
+        "today = `data.list_images`, the driver hashing every file; cold/warm/+1 % = "
+        "`listing.list_images_indexed` (hashes of new files on the driver here; `emotr "
+        f"extract` hashes them on its workers).\n\n{table}\n"
+        "Warm `emotr extract` (a fresh process, nothing to extract, MLflow run on SQLite) over "
         f"{args.n_extract:,} unchanged files: {runs} s (median {np.median(extract):.2f} s); "
-        f"neither Ray nor TensorFlow started.\n"
+        f"neither Ray nor TensorFlow started.{before}\n"
     )
 
 
@@ -116,12 +165,13 @@ def main() -> None:
     parser.add_argument("--n-listing", type=int, default=100_000, help="files to list")
     parser.add_argument("--n-extract", type=int, default=20_000, help="files of the warm extract")
     parser.add_argument("--repeats", type=int, default=3, help="warm extract runs timed")
+    parser.add_argument("--before", help="also time the warm extract at this commit")
     add_output_arguments(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-listing-") as work:
         listing = bench_listing(Path(work), args.n_listing)
-        extract = bench_warm_extract(Path(work), args.n_extract, args.repeats)
-    publish(args, markdown(args, listing, extract))
+        extract, old = bench_warm_extract(Path(work), args.n_extract, args.repeats, args.before)
+    publish(args, markdown(args, listing, extract, old))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 import pytest
 
-from emotr.config import Config, to_yaml
+from emotr.config import Config, DataConfig, to_yaml
 from emotr.demo import generate_demo_dataset
-from emotr.listing import read_index, write_index
+from emotr.listing import index_location, read_index, scan_images, write_index
 from tests.conftest import REPO, smoke_config
 
 pytestmark = pytest.mark.slow
@@ -211,3 +212,33 @@ def test_an_index_written_by_a_killed_driver_is_never_half_read(tmp_path):
     assert len(index) in (1, 1_000_000)
     if len(index) == 1:
         pd.testing.assert_frame_equal(index, old)
+
+
+def test_an_s3_data_root_is_listed_from_metadata_with_its_index_in_an_s3_cache(s3_bucket):
+    filesystem, bucket = pafs.FileSystem.from_uri(s3_bucket)
+    for index, name in enumerate(["negative/a.jpg", "negative/b.jpg", "positive/c.jpg"]):
+        with filesystem.open_output_stream(f"{bucket}/data/{name}") as stream:
+            stream.write(f"image {index}".encode())
+    with filesystem.open_output_stream(f"{bucket}/data/positive/d.jpg") as stream:
+        stream.write(b"image 3")
+    data, cache = DataConfig(root=f"{s3_bucket}/data"), f"{s3_bucket}/cache"
+
+    cold = scan_images(data, cache)
+    assert len(cold.unknown()) == 4
+    listing = cold.complete_here()
+    warm = scan_images(data, cache)
+
+    assert warm.unknown().empty and warm.index_is_current
+    assert warm.complete_here().digest == listing.digest
+    assert listing.images["path"].str.startswith(f"{s3_bucket}/data/").all()
+    index = index_location(cache, data).removeprefix("s3://")
+    names = [
+        info.base_name
+        for info in filesystem.get_file_info(pafs.FileSelector(index.rsplit("/", 1)[0]))
+    ]
+    assert names == [index.rsplit("/", 1)[1]]  # published by copy; no _tmp key left
+
+    with filesystem.open_output_stream(f"{bucket}/data/negative/b.jpg") as stream:
+        stream.write(b"changed")  # a new object: new size or LastModified
+    changed = scan_images(data, cache).unknown()["path"].tolist()
+    assert changed == [f"{s3_bucket}/data/negative/b.jpg"]

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from emotr.config import DataConfig
-from emotr.data import list_images
+from emotr.data import DataError, list_images
 from emotr.listing import (
     index_location,
     list_images_indexed,
@@ -87,6 +87,17 @@ def test_a_renamed_file_keeps_its_hash_and_split(tmp_path, ids):
     assert str(paths[1]) not in after.index
     assert after.loc[str(renamed), "sha256"] == old["sha256"]
     assert after.loc[str(renamed), "split"] == old["split"]
+
+
+def test_a_class_with_one_file_fails_before_any_image_is_read(tmp_path, ids, counted):
+    root = tmp_path / "data"
+    for name in ("negative/a.png", "negative/b.png", "positive/c.png"):
+        write_image(root / name, next(ids))
+
+    with pytest.raises(DataError, match=r"class 'positive' has 1 distinct image"):
+        scan_images(DataConfig(root=str(root)), str(tmp_path / "cache"))
+
+    assert counting_fs.opened(counted, root) == []
 
 
 def test_the_index_lives_under_the_cache_and_nothing_is_written_to_the_data_root(tmp_path, ids):
