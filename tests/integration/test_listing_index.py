@@ -6,8 +6,10 @@ driver and, through a Ray worker_process_setup_hook, in every worker of a driver
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +20,13 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.fs as pafs
 import pytest
+from mlflow.tracking import MlflowClient
 
+from emotr import pipeline
 from emotr.config import Config, DataConfig, to_yaml
 from emotr.demo import generate_demo_dataset
 from emotr.listing import index_location, read_index, scan_images, write_index
+from emotr.track import Tracker
 from tests.conftest import REPO, smoke_config
 
 pytestmark = pytest.mark.slow
@@ -242,3 +247,37 @@ def test_an_s3_data_root_is_listed_from_metadata_with_its_index_in_an_s3_cache(s
         stream.write(b"changed")  # a new object: new size or LastModified
     changed = scan_images(data, cache).unknown()["path"].tolist()
     assert changed == [f"{s3_bucket}/data/negative/b.jpg"]
+
+
+def test_conflicts_and_bad_files_hashed_on_workers_are_artifacts_of_the_run(
+    tmp_path, ray_local, mlflow_server
+):
+    cfg = demo_config(
+        tmp_path,
+        "extract.max_failure_fraction=1.0",
+        f"mlflow.tracking_uri={mlflow_server}",
+        "mlflow.experiment=index-conflicts",
+    )
+    root = Path(cfg.data.root)
+    original = sorted((root / "negative").glob("*.jpg"))[0]
+    copy = root / "positive" / "copy.jpg"
+    shutil.copy(original, copy)
+    broken = root / "negative" / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    tracker = Tracker(cfg.mlflow)
+
+    with pytest.warns(UserWarning, match="identical bytes"):
+        summary = pipeline.extract(cfg, tracker, pipeline.prepare_scan(cfg))
+
+    assert sorted(summary.listing.conflicts["path"]) == sorted([str(original), str(copy)])
+    [failure] = summary.failures.itertuples()
+    assert failure.path == str(broken)
+    assert failure.sha256 == hashlib.sha256(b"not an image").hexdigest()
+    assert "not an image" in failure.reason
+    [run] = tracker.find_runs("attributes.run_name = 'extract'")
+    client = MlflowClient(mlflow_server)
+    out = tmp_path / "out"
+    conflicts = pd.read_csv(client.download_artifacts(run.info.run_id, "data/conflicts.csv", out))
+    assert sorted(conflicts["path"]) == sorted([str(original), str(copy)])
+    failures = pd.read_csv(client.download_artifacts(run.info.run_id, "failures.csv", out))
+    assert failures["sha256"].tolist() == [failure.sha256]
