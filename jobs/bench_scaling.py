@@ -103,16 +103,19 @@ def main() -> None:
     )
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    command = (
+        f"python jobs/bench_scaling.py --n {args.n} --seconds-per-batch "
+        f"{args.seconds_per_batch} --batch-size {args.batch_size} --actors {args.actors}"
+    )
+    rate = args.batch_size / args.seconds_per_batch
     publish(
         args,
         f"\n### Scaling out on a multi-node test cluster, {datetime.date.today().isoformat()}\n\n"
-        f"`python jobs/bench_scaling.py --n {args.n} --seconds-per-batch "
-        f"{args.seconds_per_batch} --batch-size {args.batch_size} --actors {args.actors}` on "
-        f"{machine} (load average at the end {load}), Ray {ray.__version__}: one `ray.cluster_utils.Cluster` node (2 logical "
-        f"CPUs) per actor, a model of fixed cost ({args.seconds_per_batch} s per batch of "
-        f"{args.batch_size}, so {args.batch_size / args.seconds_per_batch:.0f} img/s per actor "
-        f"at best). Efficiency = steady img/s / (actors x steady img/s of one actor).\n\n"
-        f"{table}",
+        f"`{command}` on {machine} (load average at the end {load}), Ray {ray.__version__}: "
+        "one `ray.cluster_utils.Cluster` node (2 logical CPUs) per actor, a model of fixed "
+        f"cost ({args.seconds_per_batch} s per batch of {args.batch_size}, so {rate:.0f} img/s "
+        "per actor at best). Efficiency = steady img/s / (actors x steady img/s of one "
+        f"actor).\n\n{table}",
     )
 
 
