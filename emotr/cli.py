@@ -90,10 +90,28 @@ def _load(config: Path, overrides: list[str] | None) -> Config:
 
 
 def _connect_ray(cfg: Config) -> None:
+    """Connect once, then check the cluster (nodes, temp dirs, the backend on every node)."""
     import ray
+
+    from emotr import doctor
 
     if ray.is_initialized():
         return
+    where, backend = _ray_where(cfg), cfg.extract.keras_backend
+    _require_green([doctor.check_ray(where, backend, lambda: _init_ray(cfg), cfg.ray.address)])
+
+
+def _ray_where(cfg: Config) -> str:
+    if cfg.ray.address:
+        return f"ray.address={cfg.ray.address}"
+    if os.environ.get("RAY_ADDRESS"):
+        return f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} (the job's cluster)"
+    return "a private local Ray (ray.address null)"
+
+
+def _init_ray(cfg: Config) -> None:
+    import ray
+
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=False)
     elif os.environ.get("RAY_ADDRESS"):
@@ -216,7 +234,6 @@ def _load_with_listing(
 
     cfg = _load(config, overrides)
     _check_before_work(cfg)
-    _run_guarded(lambda: pipeline.check_stores(cfg), cfg)
     prepare = pipeline.prepare_scan if scan else pipeline.prepare_listing
     listing = _run_guarded(lambda: prepare(cfg), cfg)
     if connect:
@@ -233,7 +250,7 @@ def _check_before_work(cfg: Config) -> None:
     """The doctor's checks a job runs first; red ones are printed and end the job (exit 1)."""
     from emotr import doctor
 
-    _require_green([doctor.check_paths(cfg, _on_cluster(cfg))])
+    _require_green(list(doctor.check_stores(cfg, _on_cluster(cfg))))
 
 
 def _require_green(checks: list) -> None:
@@ -361,6 +378,30 @@ def predict(
     for row in rows:
         table.add_row(str(row.path), row.class_name, "-" if row.error else f"{row.score:.3f}")
     console.print(table)
+
+
+@app.command()
+def doctor(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
+    """Check, in seconds, everything a job needs; one line per check, exit 1 on any red.
+
+    Weights, data, cache and artifact roots (written and deleted), tracking server and Optuna
+    storage (reachable, schema), Ray (nodes, CPUs/GPUs, the Keras backend on every node) and,
+    on a cluster, relative paths that a submitted job would resolve in a temporary folder.
+    """
+    from emotr import doctor as checks
+
+    cfg = _load(config, overrides)
+    results = []
+    on_cluster = _on_cluster(cfg)
+    for check in checks.check_all(cfg, on_cluster, _ray_where(cfg), lambda: _init_ray(cfg)):
+        mark, style = ("✓", "bold green") if check.ok else ("✗", "bold red")
+        line = Text.assemble((f"{mark} {check.name:<9}", style), " ", check.text())
+        console.print(line, soft_wrap=True)  # one line per check, whatever the width
+        results.append(check)
+    n_red = sum(not check.ok for check in results)
+    if n_red:
+        raise _fail(f"{n_red} of {len(results)} checks failed")
+    console.print(f"all {len(results)} checks passed")
 
 
 @cache_app.command("ls")

@@ -16,7 +16,7 @@ from emotr.config import Config, to_yaml
 from emotr.data import Listing
 from emotr.features import load_feature_set
 from emotr.listing import Scan, scan_images
-from emotr.storage import check_writable, is_uri
+from emotr.storage import is_uri
 from emotr.track import Tracker
 
 if TYPE_CHECKING:
@@ -50,11 +50,6 @@ def prepare_scan(cfg: Config) -> Scan:
     if cfg.data.generate_demo and cfg.data.manifest is None:
         ensure_demo_data(cfg)
     return scan_images(cfg.data, cfg.cache.root)
-
-
-def check_stores(cfg: Config) -> None:
-    """Fail before any work when the feature cache cannot be written (an OSError naming it)."""
-    check_writable(cfg.cache.root)
 
 
 def ensure_demo_data(cfg: Config) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
 import tarfile
 import tempfile
 import time
@@ -198,6 +200,73 @@ def pack_dir(local_dir: str | Path) -> bytes:
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, list | dict | tuple) else str(value)
     return redact(text)[:_MAX_PARAM_LENGTH]
+
+
+@contextmanager
+def quick_http(timeout_s: int = 5) -> Iterator[None]:
+    """MLflow HTTP calls with one retry and a short timeout, for checks that answer in seconds.
+
+    MLflow's defaults (7 retries, exponential backoff) take minutes against a server that is down.
+    """
+    # MLflow reads these on every request; there is no per-client setting.
+    settings = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s),
+    }
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    # The check reports the failure; urllib3's "Retrying ..." warnings would only repeat it.
+    retries = logging.getLogger("urllib3.connectionpool")
+    level = retries.level
+    retries.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        retries.setLevel(level)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def describe_tracking(cfg: MlflowConfig) -> str:
+    """What the tracking store says: the server's MLflow version and the experiment, if any."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    uri = tracking_uri(cfg)
+    with quick_http():
+        experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(cfg.experiment)
+        if uri.startswith(("http://", "https://")):
+            response = http_request(get_default_host_creds(uri), "/version", "GET")
+            found = f"MLflow {response.text.strip()} server"
+        else:
+            found = f"MLflow {mlflow.__version__} store"
+    if experiment is None:
+        return f"{found}; experiment {cfg.experiment!r} is created on the first run"
+    return f"{found}; experiment {cfg.experiment!r} (id {experiment.experiment_id})"
+
+
+def probe_artifact_root(cfg: MlflowConfig) -> str:
+    """Write and delete a probe file where the experiment's runs store artifacts; returns where.
+
+    An existing experiment keeps the location it was created with, whatever the config says now.
+    """
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    uri = tracking_uri(cfg)
+    with quick_http():
+        experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(cfg.experiment)
+        location = experiment.artifact_location if experiment else artifact_location(cfg)
+        repository = get_artifact_repository(location, tracking_uri=uri)
+        probe = f".emotr-probe-{os.getpid()}-{time.time_ns()}"
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "probe.txt").write_text("probe")
+            repository.log_artifact(str(Path(folder) / "probe.txt"), probe)
+        repository.delete_artifacts(probe)
+    return location
 
 
 def ui_command(cfg: MlflowConfig) -> str:

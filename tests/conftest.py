@@ -292,7 +292,7 @@ class Postgres:
 
     @property
     def env(self) -> dict[str, str]:
-        """What libpq (psycopg2, SQLAlchemy, Optuna, MLflow) reads the password from."""
+        """What libpq (psycopg, SQLAlchemy, Optuna, MLflow) reads the password from."""
         return {"PGPASSWORD": self.password}
 
     def url(self, database: str, password: bool = False) -> str:
@@ -302,23 +302,20 @@ class Postgres:
 
     def new_database(self) -> str:
         """Create an empty database with a unique name; returns the name."""
-        import psycopg2
+        import psycopg
 
         name = f"emotr_{uuid.uuid4().hex[:12]}"
-        connection = psycopg2.connect(
-            host=self.host,
-            port=self.port,
-            user=self.user,
-            password=self.password,
-            dbname="postgres",
-        )
-        try:
-            connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
-            with connection.cursor() as cursor:
-                cursor.execute(f"CREATE DATABASE {name}")
-        finally:
-            connection.close()
+        # autocommit: CREATE DATABASE cannot run in a transaction
+        with psycopg.connect(self.dsn("postgres"), autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")
         return name
+
+    def dsn(self, database: str) -> str:
+        """A libpq connection string with the password, for the tests' own connections."""
+        return (
+            f"host={self.host} port={self.port} user={self.user} password={self.password} "
+            f"dbname={database} connect_timeout=5"
+        )
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import psycopg2
+import psycopg
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -11,11 +11,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 def test_postgres_server_needs_its_password_and_can_be_stopped(postgres_server):
     name = postgres_server.new_database()
-    where = {"host": postgres_server.host, "port": postgres_server.port, "dbname": name}
-    with psycopg2.connect(user="emotr", password=postgres_server.password, **where) as connection:
-        assert connection.server_version >= 150000
-    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
-        psycopg2.connect(user="emotr", password="wrong", **where)
-    with postgres_server.stopped(), pytest.raises(psycopg2.OperationalError):
-        psycopg2.connect(user="emotr", password=postgres_server.password, **where)
-    psycopg2.connect(user="emotr", password=postgres_server.password, **where).close()
+    with psycopg.connect(postgres_server.dsn(name)) as connection:
+        assert connection.info.server_version >= 150000
+    wrong = postgres_server.dsn(name).replace(postgres_server.password, "wrong")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(wrong)
+    with postgres_server.stopped(), pytest.raises(psycopg.OperationalError):
+        psycopg.connect(postgres_server.dsn(name))
+    psycopg.connect(postgres_server.dsn(name)).close()

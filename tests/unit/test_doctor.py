@@ -80,3 +80,44 @@ def test_errors_from_a_vanished_working_dir_say_why_it_vanished(vanished_cwd, tm
     message = describe_os_error(bare, smoke_config(tmp_path))
     assert "the working directory" in message and "no longer exists" in message
     assert "own --temp-dir" in message
+
+
+def test_nodes_of_one_host_sharing_a_temp_dir_are_named():
+    from emotr.cluster import shared_session_dirs
+
+    def node(node_id: str, ip: str, socket: str) -> dict[str, str]:
+        return {"NodeID": node_id, "NodeManagerAddress": ip, "RayletSocketName": socket}
+
+    nodes = [
+        node("head", "10.0.0.1", "/tmp/ray/session_1/sockets/raylet"),
+        node("second", "10.0.0.1", "/tmp/ray/session_1/sockets/raylet.1"),  # no --temp-dir
+        node("own", "10.0.0.1", "/tmp/ray-worker/session_1/sockets/raylet"),
+        node("other-host", "10.0.0.2", "/tmp/ray/session_1/sockets/raylet"),
+    ]
+    assert shared_session_dirs(nodes) == {"10.0.0.1:/tmp/ray/session_1": ["head", "second"]}
+
+
+def test_the_study_check_reports_the_schema_and_the_trials_of_the_study(tmp_path: Path):
+    import optuna
+
+    from emotr.doctor import check_optuna
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cfg = load_config([SMOKE], [f"tune.storage={url}", "tune.study_name=s"])
+    assert "a new SQLite file" in check_optuna(cfg.tune).text()
+    study = optuna.create_study(study_name="s", storage=url)
+    study.tell(study.ask(), 0.5)
+    check = check_optuna(cfg.tune)
+    assert check.ok and "Optuna schema v" in check.text() and "study 's': 1 trials" in check.text()
+
+
+def test_an_unwritable_cache_is_red_with_the_key_the_path_and_the_fix(tmp_path: Path):
+    from emotr.doctor import check_cache
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    check = check_cache(load_config([SMOKE], [f"cache.root={blocker}/cache"]).cache)
+    assert not check.ok
+    assert check.text().startswith(f"cache.root={blocker}/cache: ")
+    assert "fix: make cache.root writable" in check.text()
+    assert isinstance(check.error, OSError)
