@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -317,7 +320,7 @@ def tune(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> 
     result = _run_guarded(lambda: pipeline.tune(cfg, _tracker(cfg), listing), cfg)
     console.print(
         f"best val AUC {result.best_value:.4f} (trial {result.best_trial_number}); "
-        f"tutorial recipe {result.baseline_value:.4f}"
+        f"tutorial recipe {result.baseline_text()}"
     )
 
 
@@ -331,12 +334,16 @@ def run(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> N
     result = _run_guarded(lambda: pipeline.run(cfg, _tracker(cfg), scan), cfg)
     console.print(
         f"\n[bold]best validation AUC {result.best_val_auc:.4f}[/] (trial "
-        f"{result.best_trial_number}; the tutorial's recipe: {result.baseline_val_auc:.4f})"
+        f"{result.best_trial_number}; the tutorial's recipe: {result.baseline})"
     )
     console.print(
         f"registered model [bold]{result.model_name}[/] version {result.model_version} "
-        f"(alias {cfg.registry.candidate_alias}); promote it with: emotr promote -c {config}"
+        f"(alias {cfg.registry.challenger_alias})"
     )
+    if result.promotion is None:
+        console.print(f"run the promotion gate with: emotr promote -c {config}")
+    else:
+        console.print(f"promotion gate: {result.promotion}", highlight=False, soft_wrap=True)
     console.print(f"open the MLflow UI: make ui   (or: {ui_command(cfg.mlflow)})")
 
 
@@ -344,40 +351,143 @@ def run(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> N
 def promote(
     config: ConfigOption = DEFAULT_CONFIG,
     overrides: Overrides = None,
+    min_delta: Annotated[
+        float | None,
+        typer.Option(help="Promote when the 95 % interval of the AUC gain lies above this."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Promote the challenger whatever the gate says.")
+    ] = False,
     version: Annotated[
-        str | None, typer.Option(help="Version number or alias to promote (default: candidate).")
+        str | None,
+        typer.Option(help="Point the champion at this version, without the gate (rollback)."),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Compare on this ROOT folder or MANIFEST instead of the validation split."
+        ),
     ] = None,
 ) -> None:
-    """Point the champion alias at a registered model version."""
-    from emotr.registry import promote_model
-
+    """Gate: score challenger and champion on the same images; move the champion if better."""
     cfg = _load(config, overrides)
-    promoted = _run_guarded(lambda: promote_model(cfg, _tracker(cfg), version), cfg)
-    console.print(
-        f"{cfg.registry.model_name}@{cfg.registry.champion_alias} -> version {promoted.version}"
+    name, champion = cfg.registry.model_name, cfg.registry.champion_alias
+    if version is not None:
+        from emotr.promote import point_champion
+
+        target = _run_guarded(lambda: point_champion(cfg, _tracker(cfg), version), cfg)
+        console.print(f"{name}@{champion} -> version {target.version}")
+        return
+    from emotr.promote import promote_challenger
+
+    images = _comparison_images(cfg, data) if data is not None else None
+    result = _run_guarded(
+        lambda: promote_challenger(
+            cfg, _tracker(cfg), min_delta=min_delta, force=force, images=images
+        ),
+        cfg,
     )
+    verb = "promoted" if result.decision.promote else "not promoted"
+    console.print(
+        f"challenger version {result.challenger.version} {verb}: {result.decision.reason}",
+        highlight=False,
+        soft_wrap=True,  # one line per decision, whatever the terminal's width
+    )
+    console.print(f"{name}@{champion} -> version {result.champion_version}")
+
+
+def _comparison_images(cfg: Config, data: Path):
+    """path, sha256, label of every image under a folder or in a manifest (for --data)."""
+    from emotr import pipeline
+
+    section = {"manifest": str(data)} if data.is_file() else {"root": str(data), "manifest": None}
+    other = cfg.model_copy(
+        update={"data": cfg.data.model_copy(update={**section, "generate_demo": False})}
+    )
+    listing = _run_guarded(lambda: pipeline.prepare_listing(other), other)
+    return listing.images[["path", "sha256", "label"]].reset_index(drop=True)
 
 
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Image files to classify.")],
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Image files, folders (every image below) or manifests.")
+    ],
     config: ConfigOption = DEFAULT_CONFIG,
     model: Annotated[
-        str | None, typer.Option(help="Version number or alias (default: the champion).")
+        str | None,
+        typer.Option(help="models:/NAME@ALIAS, models:/NAME/N, or a version or alias."),
     ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Write every row to this .parquet or .csv file.")
+    ] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 64,
 ) -> None:
-    """Classify image files with a registered model (backbone + head)."""
-    from emotr.predict import predict_files
+    """Classify images with a registered model; a bad file is a row with its reason."""
+    from emotr import predict as batch_predict
 
     cfg = _load(config, [])
-    rows = _run_guarded(
-        lambda: predict_files(cfg, _tracker(cfg), images, model or cfg.registry.champion_alias),
-        cfg,
-    )
-    table = Table("image", "class", "P(positive)")
-    for row in rows:
-        table.add_row(str(row.path), row.class_name, "-" if row.error else f"{row.score:.3f}")
-    console.print(table)
+    # MLflow's download bars would interleave with the table.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = batch_predict.model_uri(cfg, model)
+    paths = _run_guarded(lambda: batch_predict.list_inputs(inputs), cfg)
+    with _native_stderr_held():
+        predictor = _run_guarded(lambda: batch_predict.load_predictor(cfg, _tracker(cfg), uri), cfg)
+        chunks = batch_predict.predict_chunks(predictor, paths, batch)
+        if output is not None:
+            summary = _run_guarded(lambda: batch_predict.write_predictions(chunks, output), cfg)
+            n_images, n_failed = summary.n_images, summary.n_failed
+        else:
+            table, n_images, n_failed = _prediction_table(chunks)
+    if output is not None:
+        console.print(f"{n_images} images, {n_failed} could not be read; wrote {output}")
+    else:
+        console.print(table)
+    if n_images and n_failed == n_images:
+        raise _fail(f"none of the {n_images} images could be read")
+
+
+def _prediction_table(chunks) -> tuple[Table, int, int]:
+    """Rows of whole file names (two files must be told apart), label, P(positive), error."""
+    table = Table("image", "label", "P(positive)", "error")
+    for column in table.columns:
+        column.overflow = "fold"
+    n_images = n_failed = 0
+    for frame in chunks:
+        for row in frame.itertuples(index=False):
+            bad = isinstance(row.error, str)
+            probability = "-" if bad else f"{row.p_positive:.3f}"
+            table.add_row(row.path, row.label or "-", probability, row.error or "")
+            n_images, n_failed = n_images + 1, n_failed + bad
+    return table, n_images, n_failed
+
+
+@contextmanager
+def _native_stderr_held() -> Iterator[None]:
+    """TensorFlow's C++ start-up lines go to a file, shown only if the block fails (or --debug).
+
+    TensorFlow 2.21 logs them through absl before TF_CPP_MIN_LOG_LEVEL applies, straight to
+    file descriptor 2, so only redirecting the descriptor keeps them off the console.
+    """
+    if _settings["debug"]:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 @app.command()

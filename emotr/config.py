@@ -258,8 +258,16 @@ class MlflowConfig(_Section):
 class RegistryConfig(_Section):
     model_name: str = "emotr"
     # Alias set on the version that `emotr run` registers; `emotr promote` moves `champion`.
-    candidate_alias: str = "candidate"
+    challenger_alias: str = "challenger"
     champion_alias: str = "champion"
+    # `emotr run` ends with the promotion gate (the same as `emotr promote`).
+    auto_promote: bool = True
+    # Promote only when the lower end of the 95 % interval of AUC(challenger) - AUC(champion)
+    # exceeds this.
+    min_delta: float = Field(0.0, ge=-1.0, le=1.0)
+    # Paired bootstrap resamples of the gate, and their seed (the decision is reproducible).
+    bootstrap_samples: int = Field(1000, ge=100)
+    bootstrap_seed: int = 0
 
 
 class RayConfig(_Section):

@@ -21,6 +21,9 @@ from emotr.track import Tracker
 
 if TYPE_CHECKING:
     from emotr.extract import ExtractSummary
+    from emotr.features import FeatureSet
+    from emotr.registry import Candidate
+    from emotr.tune_report import SearchResult
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +34,13 @@ class RunResult:
 
     pipeline_run_id: str
     best_val_auc: float
-    baseline_val_auc: float
+    baseline: str  # the tutorial recipe's val AUC, or that it failed and where to look
     best_trial_number: int
     model_name: str
     model_version: str
     n_images: int
     n_failed: int
+    promotion: str | None = None  # the gate's decision and why; None with auto_promote off
 
 
 def prepare_listing(cfg: Config) -> Listing:
@@ -173,36 +177,70 @@ def log_extract_summary(tracker: Tracker, run_id: str, summary: ExtractSummary) 
 def tune(cfg: Config, tracker: Tracker, listing: Listing):
     """Search heads on the listing's cached features (an EmotrError names what is not cached)."""
     from emotr.cache import compute_fingerprint
+    from emotr.study import check_storage
     from emotr.tune import run_search
 
+    check_storage(cfg.tune)
     fingerprint, _ = compute_fingerprint(cfg.backbone, cfg.decode)
     features = load_feature_set(cfg, listing, fingerprint)
     return run_search(cfg, features, tracker)
 
 
 def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
-    """Extract, tune and register the best head, all nested under one `pipeline` run."""
+    """Extract, tune and register the best head, all nested under one `pipeline` run; then the
+    promotion gate (registry.auto_promote) decides whether it becomes the champion."""
+    from emotr.promote import promote_challenger
     from emotr.registry import register_model
+    from emotr.study import check_storage
     from emotr.tune import run_search
 
+    check_storage(cfg.tune)  # before the extraction, not after an hour of it
     with tracker.run("pipeline") as run_id:
         summary = extract(cfg, tracker, listing, run_id)
         assert summary.listing is not None
         log_listing(tracker, run_id, cfg, summary.listing)
-        features = load_feature_set(cfg, summary.listing, summary.fingerprint)
-        search = run_search(cfg, features, tracker, run_id)
-        version = register_model(cfg, tracker, search.best_run_id)
-        tracker.log_metrics(
-            run_id, {"best_val_auc": search.best_value, "baseline_val_auc": search.baseline_value}
+        features = load_feature_set(
+            cfg, summary.listing, summary.fingerprint, failed=summary.failures["sha256"]
         )
+        search = run_search(cfg, features, tracker, run_id)
+        version = register_model(cfg, tracker, _candidate(search, features, summary))
+        promotion = promote_challenger(cfg, tracker) if cfg.registry.auto_promote else None
+        metrics = {"best_val_auc": search.best_value}
+        if search.baseline_value is not None:  # a failed baseline is a tag of the tune run
+            metrics["baseline_val_auc"] = search.baseline_value
+        tracker.log_metrics(run_id, metrics)
         tracker.set_tags(run_id, {"model_version": version.version})
+        if promotion is not None:
+            tracker.set_tags(run_id, {"promotion": promotion.decision.reason})
     return RunResult(
         pipeline_run_id=run_id,
         best_val_auc=search.best_value,
-        baseline_val_auc=search.baseline_value,
+        baseline=search.baseline_text(),
         best_trial_number=search.best_trial_number,
         model_name=cfg.registry.model_name,
         model_version=str(version.version),
         n_images=summary.n_images,
         n_failed=summary.n_failed,
+        promotion=promotion.decision.reason if promotion is not None else None,
+    )
+
+
+def _candidate(search: SearchResult, features: FeatureSet, summary: ExtractSummary) -> Candidate:
+    """The search's best trial as a registry.Candidate, with the images it was validated on."""
+    from emotr.config import HeadParams
+    from emotr.registry import Candidate
+
+    assert summary.listing is not None and search.best_run_id is not None
+    val = summary.listing.val()
+    val = val[~val["sha256"].isin(summary.failures["sha256"])]
+    return Candidate(
+        run_id=search.best_run_id,
+        head=HeadParams.model_validate(search.best_params),
+        n_features=features.x_val.shape[1],
+        feature_fingerprint=features.fingerprint,
+        split_digest=features.split_digest,
+        study=search.study_name,
+        trial=search.best_trial_number,
+        val_auc=search.best_value,
+        validation=val[["path", "sha256", "label"]].reset_index(drop=True),
     )

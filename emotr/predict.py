@@ -1,53 +1,128 @@
-"""Classify image files with a registered model: decode, extract features, apply the head."""
+"""Batch prediction with a registered (image-in) model: files, folders or manifests -> rows.
+
+The model is loaded once and called on bounded chunks of paths, so memory stays flat however many
+images there are; rows go to the output file chunk by chunk. Bad files are rows with a reason.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from emotr.config import Config
-from emotr.imageio import DecodeError, decode_image
-from emotr.registry import load_deployed
+from emotr.data import IMAGE_EXTENSIONS, MANIFEST_EXTENSIONS
+from emotr.errors import EmotrError
+from emotr.registry import get_version, load_model
 from emotr.track import Tracker
+
+OUTPUT_COLUMNS = ("path", "p_positive", "label", "error")
+DEFAULT_CHUNK = 64
+
+
+class PredictError(EmotrError, ValueError):
+    """An input or output that prediction cannot use; the message names it."""
 
 
 @dataclass(frozen=True)
-class Prediction:
-    """One image's result; `error` is set (and score NaN) when it could not be decoded."""
+class PredictSummary:
+    """Counts of a batch prediction."""
 
-    path: Path
-    score: float
-    class_name: str
-    error: str | None = None
+    n_images: int
+    n_failed: int
 
 
-def predict_files(
-    cfg: Config, tracker: Tracker, paths: Sequence[Path], version_or_alias: str
-) -> list[Prediction]:
-    """P(positive) for each file with the registered version or alias of cfg.registry.model_name."""
-    from emotr.backbone import FeatureExtractor
+def model_uri(cfg: Config, model: str | None) -> str:
+    """A models:/ URI from --model: a URI as given, else a version number or an alias."""
+    name = cfg.registry.model_name
+    if model is None:
+        return f"models:/{name}@{cfg.registry.champion_alias}"
+    if ":/" in model:
+        return model
+    return f"models:/{name}/{model}" if model.isdigit() else f"models:/{name}@{model}"
 
-    deployed = load_deployed(tracker, cfg.registry.model_name, version_or_alias)
-    decoded, results = {}, {}
-    for path in paths:
-        try:
-            decoded[path] = decode_image(
-                Path(path).read_bytes(),
-                deployed.backbone.input_size,
-                max_pixels=deployed.decode.max_pixels,
-                background=deployed.decode.background,
-            )
-        except (OSError, DecodeError) as error:
-            results[path] = Prediction(Path(path), float("nan"), "-", str(error))
-    if decoded:
-        features = FeatureExtractor(deployed.backbone)(np.stack(list(decoded.values())))
-        frame = pd.DataFrame(features, columns=[str(i) for i in range(features.shape[1])])
-        scores = np.asarray(deployed.head.predict(frame), dtype=np.float64).reshape(-1)
-        for path, score in zip(decoded, scores, strict=True):
-            label = int(score >= 0.5)
-            results[path] = Prediction(Path(path), float(score), deployed.classes[label])
-    return [results[path] for path in paths]
+
+def load_predictor(cfg: Config, tracker: Tracker, uri: str) -> Any:
+    """The pyfunc model at `uri`; a registry URI that names nothing is a RegistryError."""
+    if uri.startswith("models:/"):
+        name, _, ref = uri.removeprefix("models:/").replace("@", "/").partition("/")
+        get_version(tracker, name, ref)  # names the missing alias or version clearly
+    return load_model(tracker, uri)
+
+
+def list_inputs(items: Sequence[str | Path]) -> list[str]:
+    """Image paths from files, folders (every image below, sorted) and manifests (`path`)."""
+    paths: list[str] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            paths += [str(p) for p in found if p.is_file()]
+        elif item.suffix.lower() in MANIFEST_EXTENSIONS:
+            paths += _manifest_paths(item)
+        else:
+            paths.append(str(item))  # a missing file becomes a row with its reason
+    return paths
+
+
+def _manifest_paths(manifest: Path) -> list[str]:
+    table = pd.read_csv(manifest) if manifest.suffix == ".csv" else pd.read_parquet(manifest)
+    if "path" not in table:
+        raise PredictError(f"manifest {manifest} has no `path` column; found {list(table)}")
+    # Relative paths in a manifest are relative to the manifest's folder, as in data.manifest.
+    return [str(p if Path(p).is_absolute() else manifest.parent / p) for p in table["path"]]
+
+
+def predict_chunks(
+    model: Any, paths: Sequence[str], chunk: int = DEFAULT_CHUNK
+) -> Iterator[pd.DataFrame]:
+    """path, p_positive, label, error for each path, `chunk` images per model call."""
+    for start in range(0, len(paths), chunk):
+        part = list(paths[start : start + chunk])
+        scored = model.predict(pd.DataFrame({"path": part}))
+        yield pd.DataFrame(
+            {
+                "path": part,
+                "p_positive": scored["p_positive"].to_numpy(dtype=float),
+                "label": scored["label"].where(scored["error"].isna(), None).to_numpy(),
+                "error": scored["error"].to_numpy(),
+            }
+        )
+
+
+def write_predictions(chunks: Iterator[pd.DataFrame], output: Path) -> PredictSummary:
+    """Write chunks to a .parquet or .csv file as they come; returns the counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if output.suffix.lower() not in {".parquet", ".csv"}:
+        raise PredictError(f"--output {output} must end with .parquet or .csv")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema(
+        [
+            ("path", pa.string()),
+            ("p_positive", pa.float64()),
+            ("label", pa.string()),
+            ("error", pa.string()),
+        ]
+    )
+    n_images = n_failed = 0
+    writer = pq.ParquetWriter(output, schema) if output.suffix.lower() == ".parquet" else None
+    try:
+        for index, frame in enumerate(chunks):
+            n_images += len(frame)
+            n_failed += int(frame["error"].notna().sum())
+            if writer is not None:
+                writer.write_table(pa.Table.from_pandas(frame, schema, preserve_index=False))
+            else:
+                frame.to_csv(
+                    output, mode="w" if index == 0 else "a", header=index == 0, index=False
+                )
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None and n_images == 0:
+        pd.DataFrame(columns=list(OUTPUT_COLUMNS)).to_csv(output, index=False)
+    return PredictSummary(n_images, n_failed)

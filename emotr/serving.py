@@ -68,7 +68,8 @@ class ImageScorer:
         return predict_scores(self.head, np.asarray(features, dtype=np.float32))
 
     def score(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """One output row per input row; a row that cannot be read or decoded carries the reason."""
+        """One output row per input row; a row that cannot be read or decoded has p_positive and
+        label None and the reason in `error` (None on good rows)."""
         n_rows = len(frame)
         images = frame[IMAGE_COLUMN].tolist() if IMAGE_COLUMN in frame else [None] * n_rows
         paths = frame[PATH_COLUMN].tolist() if PATH_COLUMN in frame else [None] * n_rows
@@ -91,7 +92,15 @@ class ImageScorer:
             None if error else self.spec.classes[int(p >= self.spec.threshold)]
             for p, error in zip(probabilities, errors, strict=True)
         ]
-        return pd.DataFrame({"p_positive": probabilities, "label": labels, "error": errors})
+        scores = [
+            None if error else float(p) for p, error in zip(probabilities, errors, strict=True)
+        ]
+        # Object columns holding None: pandas would store NaN (float, or its str dtype), which
+        # MLflow's scoring server writes as a bare NaN, not JSON; None is written as null.
+        columns = {"p_positive": scores, "label": labels, "error": errors}
+        return pd.DataFrame(
+            {name: pd.Series(values, dtype=object) for name, values in columns.items()}
+        )
 
     def _decode(self, data: bytes) -> np.ndarray:
         decode = self.spec.decode

@@ -139,6 +139,33 @@ class Tracker:
         """Store a pandas DataFrame as a CSV artifact."""
         self.client.log_text(run_id, redact(table.to_csv(index=False)), artifact_file)
 
+    def log_dataset(
+        self,
+        run_id: str,
+        *,
+        name: str,
+        digest: str,
+        source: str,
+        profile: Mapping[str, Any],
+        context: str = "training",
+    ) -> None:
+        """Record a run's input data set (the runs table's Dataset column); no data is uploaded.
+
+        MLflow stores at most 36 characters of a digest: a sha256 is cut to its first 32.
+        """
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        dataset = Dataset(
+            name=name,
+            digest=digest[:32],
+            source_type="local" if not is_uri(source) else source.split("://")[0],
+            source=json.dumps({"uri": redact(source)}),
+            profile=json.dumps(dict(profile)),
+        )
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+
     def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
         """Store a matplotlib figure as PNG and close it."""
         import matplotlib.pyplot as plt

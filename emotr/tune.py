@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -246,6 +247,7 @@ class _Search:
         self.tracker.log_params(
             run_id, {**params.model_dump(), **self.features.identity, "trial_number": trial.number}
         )
+        self._log_dataset(run_id)
         job = TrialJob(
             params=params,
             epochs=self.tune.epochs,
@@ -258,6 +260,24 @@ class _Search:
         )
         ref = submit_trial(self.features_ref, job, trial.number, self.tune.cpus_per_trial)
         self.running[ref] = _Running(trial, run_id)
+
+    def _log_dataset(self, run_id: str) -> None:
+        """The split a trial trains on, as the run's MLflow dataset (digest = split digest)."""
+        data = self.cfg.data
+        source = data.manifest or data.root
+        features = self.features
+        self.tracker.log_dataset(
+            run_id,
+            name=Path(source.rstrip("/")).name or "images",
+            digest=features.split_digest,
+            source=source,
+            profile={
+                "split_digest": features.split_digest,
+                "feature_fingerprint": features.fingerprint,
+                "n_train": len(features.y_train),
+                "n_val": len(features.y_val),
+            },
+        )
 
     def _trial_run(self, number: int) -> str:
         existing = self.runs.get(number)

@@ -1,0 +1,170 @@
+"""The promotion gate: score challenger and champion on the same images, move `champion` or not.
+
+The images are the challenger's recorded validation split (or any listing given). A model whose
+feature fingerprint has every image in the cache is scored from the cached features (seconds);
+otherwise its own pyfunc decodes the files. Images that either model cannot score are left out
+for both, so the comparison stays paired.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from emotr.compare import Comparison, Decision, compare_auc, decide
+from emotr.config import Config
+from emotr.errors import EmotrError
+from emotr.registry import (
+    find_version,
+    get_version,
+    load_scorer,
+    load_validation_set,
+    set_alias,
+    tag_version,
+)
+from emotr.track import Tracker
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
+log = logging.getLogger(__name__)
+
+# Images per pyfunc call when a model decodes the files itself: bounds memory.
+_CHUNK = 64
+
+
+class PromotionError(EmotrError, RuntimeError):
+    """The gate cannot compare the models (no images both could score, one class only)."""
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What the gate did: the versions it compared, the numbers and the decision."""
+
+    challenger: ModelVersion
+    champion: ModelVersion | None  # the champion before the gate ran
+    comparison: Comparison | None
+    decision: Decision
+
+    @property
+    def champion_version(self) -> str | None:
+        """The version the champion alias points at after the gate."""
+        if self.decision.promote:
+            return str(self.challenger.version)
+        return str(self.champion.version) if self.champion else None
+
+
+def promote_challenger(
+    cfg: Config,
+    tracker: Tracker,
+    *,
+    min_delta: float | None = None,
+    force: bool = False,
+    images: pd.DataFrame | None = None,
+) -> Promotion:
+    """Run the gate on the challenger; `images` (path, sha256, label) replace its validation set."""
+    registry, name = cfg.registry, cfg.registry.model_name
+    challenger = get_version(tracker, name, registry.challenger_alias)
+    champion = find_version(tracker, name, registry.champion_alias)
+    min_delta = registry.min_delta if min_delta is None else min_delta
+    if champion is not None and champion.version == challenger.version:
+        decision = Decision(False, f"version {challenger.version} is already the champion")
+        return Promotion(challenger, champion, None, decision)
+    comparison = None
+    if champion is not None:
+        if images is None:
+            images = load_validation_set(tracker, challenger)
+        comparison = _compare(cfg, tracker, challenger, champion, images)
+    decision = decide(comparison, min_delta, force)
+    if decision.promote:
+        set_alias(tracker, name, registry.champion_alias, str(challenger.version))
+    tag_version(tracker, challenger, _decision_tags(champion, comparison, decision))
+    return Promotion(challenger, champion, comparison, decision)
+
+
+def point_champion(cfg: Config, tracker: Tracker, version: str) -> ModelVersion:
+    """Point the champion alias at `version` without the gate (rollback, or a chosen version)."""
+    target = get_version(tracker, cfg.registry.model_name, version)
+    set_alias(tracker, cfg.registry.model_name, cfg.registry.champion_alias, str(target.version))
+    tag_version(tracker, target, {"promotion.decision": "set by --version"})
+    return target
+
+
+def _compare(
+    cfg: Config,
+    tracker: Tracker,
+    challenger: ModelVersion,
+    champion: ModelVersion,
+    images: pd.DataFrame,
+) -> Comparison:
+    scores = [score_images(cfg, tracker, version, images) for version in (challenger, champion)]
+    usable = np.isfinite(scores[0]) & np.isfinite(scores[1])
+    labels = images["label"].to_numpy()[usable]
+    if len(np.unique(labels)) < 2:
+        raise PromotionError(
+            f"{int(usable.sum())} of {len(images)} images could be scored by both versions and "
+            "they do not hold both classes; pass --data with images of both classes"
+        )
+    return compare_auc(
+        labels,
+        scores[0][usable],
+        scores[1][usable],
+        n_resamples=cfg.registry.bootstrap_samples,
+        seed=cfg.registry.bootstrap_seed,
+    )
+
+
+def score_images(
+    cfg: Config, tracker: Tracker, version: ModelVersion, images: pd.DataFrame
+) -> np.ndarray:
+    """P(positive) of each image by a version (NaN where it cannot decode the file)."""
+    scorer = load_scorer(tracker, version)
+    features = _cached_features(cfg, version, images["sha256"].tolist())
+    if features is not None:
+        return scorer.score_features(features)
+    log.info("version %s: features not in the cache, decoding the images", version.version)
+    paths = images["path"].tolist()
+    chunks = [
+        scorer.score(pd.DataFrame({"path": paths[start : start + _CHUNK]}))["p_positive"]
+        for start in range(0, len(paths), _CHUNK)
+    ]
+    return np.concatenate([np.asarray(chunk, dtype=np.float64) for chunk in chunks])
+
+
+def _cached_features(cfg: Config, version: ModelVersion, sha256s: list[str]) -> np.ndarray | None:
+    """The images' features from the cache of the version's fingerprint, if it holds them all."""
+    from emotr.cache import FeatureCache
+
+    fingerprint = version.tags.get("feature_fingerprint")
+    if not fingerprint:
+        return None
+    try:
+        cache = FeatureCache.open(cfg.cache.root, fingerprint)
+        if not set(sha256s) <= cache.cached_hashes():
+            return None
+        return cache.load(sha256s)
+    except (EmotrError, OSError, ValueError):  # no such cache here: decode instead
+        return None
+
+
+def _decision_tags(
+    champion: ModelVersion | None, comparison: Comparison | None, decision: Decision
+) -> dict[str, str]:
+    tags = {
+        "promotion.decision": "promoted" if decision.promote else "not promoted",
+        "promotion.reason": decision.reason[:5000],
+        "promotion.compared_with": str(champion.version) if champion else "none",
+    }
+    if comparison is not None:
+        tags |= {
+            "promotion.auc_challenger": f"{comparison.auc_challenger:.6f}",
+            "promotion.auc_champion": f"{comparison.auc_champion:.6f}",
+            "promotion.delta_low": f"{comparison.low:.6f}",
+            "promotion.delta_high": f"{comparison.high:.6f}",
+            "promotion.n_images": str(comparison.n_images),
+        }
+    return tags

@@ -1,0 +1,187 @@
+"""The registered model as users deploy it: the promotion gate, `emotr predict`, `mlflow models
+serve` over HTTP. One smoke `emotr run` on the session's mlflow server feeds every test."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+import yaml
+from mlflow.tracking import MlflowClient
+
+from emotr import pipeline
+from emotr.features import load_feature_set
+from emotr.head import fit_head
+from emotr.promote import promote_challenger
+from emotr.registry import Candidate, keras_model_bytes, load_validation_set, register_model
+from emotr.track import Tracker
+from tests.conftest import smoke_config
+from tests.run_cli import emotr
+
+pytestmark = pytest.mark.slow
+
+MODEL = "emotr-deploy"
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, ray_local, mlflow_server):
+    """A smoke `emotr run` (its version: challenger and champion) and a config file for the CLI."""
+    root = tmp_path_factory.mktemp("deploy")
+    overrides = [
+        f"mlflow.tracking_uri={mlflow_server}",
+        "mlflow.experiment=deploy",
+        f"registry.model_name={MODEL}",
+        "data.demo_n=40",  # 8 validation images: enough for a bootstrap of both classes
+    ]
+    cfg = smoke_config(root, *overrides)
+    tracker = Tracker(cfg.mlflow)
+    listing = pipeline.prepare_listing(cfg)
+    result = pipeline.run(cfg, tracker, listing)
+    config_file = root / "deploy.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return cfg, tracker, listing, result, config_file
+
+
+def _worse_candidate(cfg, tracker, listing, first) -> Candidate:
+    """A head trained on shuffled labels, logged on a run of its own."""
+    version = MlflowClient(tracker.uri).get_model_version(MODEL, first.model_version)
+    features = load_feature_set(cfg, listing, version.tags["feature_fingerprint"])
+    shuffled = np.random.default_rng(0).permutation(features.y_train)
+    params = cfg.tune.baseline
+    fitted = fit_head(
+        params, features.x_train, shuffled, features.x_val, features.y_val, epochs=3, patience=3
+    )
+    run_id = tracker.start_run("shuffled-labels")
+    tracker.log_dir_bytes(run_id, keras_model_bytes(fitted.model, features.x_val[:2]), "model")
+    tracker.end_run(run_id)
+    return Candidate(
+        run_id=run_id,
+        head=params,
+        n_features=features.x_val.shape[1],
+        feature_fingerprint=features.fingerprint,
+        split_digest=features.split_digest,
+        study="shuffled",
+        trial=0,
+        val_auc=fitted.metrics["val_auc"],
+        validation=load_validation_set(tracker, version),
+    )
+
+
+def test_gate_keeps_the_champion_force_promotes_version_rolls_back(deployed):
+    cfg, tracker, listing, first, config_file = deployed
+    client = MlflowClient(tracker.uri)
+    candidate = _worse_candidate(cfg, tracker, listing, first)
+    second = register_model(cfg, tracker, candidate)
+    # A retried registration of the same run makes no second version.
+    assert register_model(cfg, tracker, candidate).version == second.version
+    assert client.get_model_version_by_alias(MODEL, "challenger").version == second.version
+
+    gate = promote_challenger(cfg, tracker, min_delta=0.0)
+
+    assert not gate.decision.promote
+    assert "not above min_delta 0" in gate.decision.reason
+    assert client.get_model_version_by_alias(MODEL, "champion").version == first.model_version
+    tags = client.get_model_version(MODEL, second.version).tags
+    assert tags["promotion.decision"] == "not promoted"
+    assert float(tags["promotion.delta_low"]) <= 0.0
+
+    forced = emotr("promote", "-c", str(config_file), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "AUC challenger" in forced.stdout and "95 % interval" in forced.stdout
+    assert "promoted anyway (--force)" in forced.stdout
+    assert client.get_model_version_by_alias(MODEL, "champion").version == second.version
+
+    rollback = emotr("promote", "-c", str(config_file), "--version", first.model_version)
+    assert rollback.returncode == 0, rollback.stderr
+    assert f"-> version {first.model_version}" in rollback.stdout
+    assert client.get_model_version_by_alias(MODEL, "champion").version == first.model_version
+
+
+def test_predict_a_folder_with_a_corrupt_file(deployed, tmp_path: Path):
+    cfg, _, _, _, config_file = deployed
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for image in sorted(Path(cfg.data.root).rglob("*.jpg"))[:3]:
+        shutil.copy(image, folder / f"{image.parent.name}-{image.name}")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    output = tmp_path / "out" / "predictions.parquet"
+
+    done = emotr(
+        "predict", str(folder), "-c", str(config_file), "--model", f"models:/{MODEL}@champion",
+        "--output", str(output), "--batch", "2",
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    rows = pd.read_parquet(output)
+    assert len(rows) == 4 and rows["path"].tolist() == sorted(map(str, folder.iterdir()))
+    bad = rows[rows["path"].str.endswith("corrupt.jpg")].iloc[0]
+    assert bad["error"] and np.isnan(bad["p_positive"])
+    good = rows[rows["error"].isna()]
+    assert good["p_positive"].between(0, 1).all() and set(good["label"]) <= set(cfg.data.classes)
+    console = done.stdout + done.stderr
+    for noise in ("Epoch", "oneDNN", "Downloading artifacts", "cuda"):
+        assert noise not in console
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_mlflow_models_serve_answers_base64_images(deployed, tmp_path: Path):
+    cfg, tracker, _, _, _ = deployed
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion"]
+    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    # MLflow starts `uvicorn` by name: the venv's bin folder first, as in an activated venv.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracker.uri, "PATH": path}
+    # Its own session: the server's workers are stopped with it, and only they.
+    server = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/ping", server, tmp_path / "serve.log")
+        jpegs = sorted(Path(cfg.data.root).rglob("*.jpg"))[:2]
+        images = [base64.b64encode(path.read_bytes()).decode() for path in jpegs]
+        images.append(base64.b64encode(b"\xff\xd8\xff truncated").decode())
+        body = {"dataframe_split": {"columns": ["image"], "data": [[image] for image in images]}}
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+
+    assert response.status_code == 200, response.text
+    rows = response.json()["predictions"]
+    assert len(rows) == 3
+    assert all(0.0 <= row["p_positive"] <= 1.0 and not row.get("error") for row in rows[:2])
+    assert rows[2]["error"] and rows[2].get("p_positive") is None
+
+
+def _wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if server.poll() is not None:
+            break
+        time.sleep(0.5)
+    raise AssertionError(f"mlflow models serve did not answer {url}:\n{log.read_text()[-3000:]}")
