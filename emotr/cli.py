@@ -79,6 +79,8 @@ def _quiet_native_logs() -> None:
     if not _settings["debug"]:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # CPU-feature and TensorRT notices
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    # MLflow's artifact download bars (registering and loading models) would cut into the output.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _load(config: Path, overrides: list[str] | None) -> Config:
@@ -427,8 +429,6 @@ def predict(
     from emotr import predict as batch_predict
 
     cfg = _load(config, [])
-    # MLflow's download bars would interleave with the table.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = batch_predict.model_uri(cfg, model)
     paths = _run_guarded(lambda: batch_predict.list_inputs(inputs), cfg)
     with _native_stderr_held():
