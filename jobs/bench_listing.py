@@ -1,11 +1,13 @@
 """Benchmark listing with the index, and a warm `emotr extract` that has nothing to do.
 
-    python jobs/bench_listing.py --n-listing 100000 --n-extract 20000 --before f0fc25c^
+    python jobs/bench_listing.py --n-listing 100000 --n-extract 20000 --before f0fc25c^ \\
+        --n-s3 10000
 
-(1) Listing N small local files: today's way (`data.list_images`: the driver reads and hashes
-every file), then with the listing index: cold (no index: every file hashed), warm (nothing new)
-and +1 % new files. (2) `emotr extract` in a fresh process over M unchanged files whose features
-are cached and whose index is written: what a warm re-run costs end to end, MLflow run included.
+(1) Listing N small local files (with --n-s3, also objects on moto's S3 server on 127.0.0.1):
+today's way (`data.list_images`: the driver reads and hashes every file), then with the listing
+index: cold (no index: every file hashed), warm (nothing new) and +1 % new files.
+(2) `emotr extract` in a fresh process over M unchanged files whose features are cached and
+whose index is written: what a warm re-run costs end to end, MLflow run included.
 The features are placeholders committed straight to the cache: the warm path reads none.
 --before REV also times that warm run with the code of commit REV (a `git archive` of it), in
 the same run, on the same files, cache and MLflow store.
@@ -14,16 +16,23 @@ the same run, on the same files, cache and MLflow store.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import functools
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import yaml
 from benchlib import REPO, add_output_arguments, publish
 
@@ -48,17 +57,72 @@ def timed(action) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def bench_listing(work: Path, n: int) -> list[list[str]]:
-    root, cache = work / "listing", str(work / "listing-cache")
-    write_files(root, 0, n)
+def bench_listing(
+    root: str, cache: str, write: Callable[[int, int], None], n: int, where: str
+) -> list[list[str]]:
+    """Seconds of today's listing and of the indexed one cold, warm and after +1 % files."""
+    write(0, n)
     cfg = load_config([], [f"data.root={root}"]).data
     today, _ = timed(lambda: list_images(cfg))
     cold, _ = timed(lambda: list_images_indexed(cfg, cache))
     warm, _ = timed(lambda: list_images_indexed(cfg, cache))
-    write_files(root, n, n + n // 100)
+    write(n, n + n // 100)
     added, _ = timed(lambda: list_images_indexed(cfg, cache))
     rows = [("today (no index)", today), ("cold", cold), ("warm", warm), ("+1 %", added)]
-    return [[f"{n:,} local", name, f"{s:.2f}", f"{s / today:.3f}"] for name, s in rows]
+    return [[f"{n:,} {where}", name, f"{s:.2f}", f"{s / today:.3f}"] for name, s in rows]
+
+
+@contextlib.contextmanager
+def moto_bucket() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 (AWS_* set in this process); yields a new bucket's URI."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        admin = pafs.S3FileSystem(
+            endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True
+        )
+        admin.create_dir("bench")
+        yield "s3://bench"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def object_writer(prefix: str) -> Callable[[int, int], None]:
+    """Writes small distinct objects start..stop-1 under prefix/{negative,positive}/."""
+    filesystem, base = pafs.FileSystem.from_uri(prefix)
+
+    def put(index: int) -> None:
+        name = f"{base}/{('negative', 'positive')[index % 2]}/image_{index:07d}.jpg"
+        with filesystem.open_output_stream(name) as stream:
+            stream.write(f"emotr-bench-{index}".encode() * 64)
+
+    def write(start: int, stop: int) -> None:
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(put, range(start, stop)))
+
+    return write
 
 
 def time_extract(command: list[str], cwd: Path, n_cached: int, repeats: int) -> list[float]:
@@ -146,11 +210,11 @@ def markdown(
     )
     command = (
         f"python jobs/bench_listing.py --n-listing {args.n_listing} --n-extract "
-        f"{args.n_extract} --repeats {args.repeats}{option}"
+        f"{args.n_extract} --repeats {args.repeats}{option} --n-s3 {args.n_s3}"
     )
     return (
         f"\n### Listing index and a warm extract, {datetime.date.today().isoformat()}\n\n"
-        f"`{command}` on {machine} (load average at the end {load}). Small local files; "
+        f"`{command}` on {machine} (load average at the end {load}). Small files; "
         "today = `data.list_images`, the driver hashing every file; cold/warm/+1 % = "
         "`listing.list_images_indexed` (hashes of new files on the driver here; `emotr "
         f"extract` hashes them on its workers).\n\n{table}\n"
@@ -166,10 +230,20 @@ def main() -> None:
     parser.add_argument("--n-extract", type=int, default=20_000, help="files of the warm extract")
     parser.add_argument("--repeats", type=int, default=3, help="warm extract runs timed")
     parser.add_argument("--before", help="also time the warm extract at this commit")
+    parser.add_argument("--n-s3", type=int, default=0, help="objects to list on moto's S3")
     add_output_arguments(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-listing-") as work:
-        listing = bench_listing(Path(work), args.n_listing)
+        local = Path(work) / "listing"
+        write = functools.partial(write_files, local)
+        listing = bench_listing(str(local), f"{work}/listing-cache", write, args.n_listing, "local")
+        if args.n_s3:
+            with moto_bucket() as bucket:
+                where = "S3 (moto)"
+                writer = object_writer(f"{bucket}/data")
+                listing += bench_listing(
+                    f"{bucket}/data", f"{bucket}/cache", writer, args.n_s3, where
+                )
         extract, old = bench_warm_extract(Path(work), args.n_extract, args.repeats, args.before)
     publish(args, markdown(args, listing, extract, old))
 
