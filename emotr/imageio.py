@@ -112,8 +112,8 @@ def decode_image_with_size(
 def hash_keys(sha256s: Iterable[str]) -> np.ndarray:
     """A compact sorted set of sha256 hex digests for `decode_batch(skip=...)`.
 
-    The first 16 bytes of each digest: 16 MB for a million images, where a set of the hex
-    strings would cost ten times that on every decode task; a false match needs 2**128 luck.
+    The first 16 bytes of each digest: 16 MB for a million images, where a Python set of the
+    hex strings takes about ten times that; a false match needs 2**128 luck.
     """
     keys = np.array([bytes.fromhex(digest[:32]) for digest in sha256s], dtype="S16")
     return np.unique(keys)

@@ -16,10 +16,12 @@ from emotr.config import DecodeConfig
 from emotr.imageio import (
     DECODE_RULES_VERSION,
     DecodeError,
+    _in_keys,
     decode_batch,
     decode_image,
     decode_image_with_size,
     decode_rules,
+    hash_keys,
 )
 
 MAX_PIXELS = DecodeConfig().max_pixels
@@ -253,6 +255,37 @@ def test_decode_batch_turns_bad_and_changed_files_into_reasons(tmp_path):
     assert out["reason"][1].startswith("not an image")
     assert "changed since it was listed" in out["reason"][2]
     assert out["height"][1] == 0 and not out["pixels"][1].any()
+
+
+def test_decode_batch_learns_unknown_hashes_and_does_not_decode_cached_images(
+    tmp_path, monkeypatch
+):
+    new, cached, broken = tmp_path / "new.png", tmp_path / "cached.png", tmp_path / "broken.jpg"
+    new.write_bytes(encode(Image.new("RGB", (8, 8), RED), "PNG"))
+    cached.write_bytes(encode(Image.new("RGB", (8, 8), (0, 0, 255)), "PNG"))
+    broken.write_bytes(b"not an image")
+    expected = batch_of([new, cached, broken])["sha256"].tolist()
+    unknown = {"path": np.array([str(new), str(cached), str(broken)], object)}
+    unknown["sha256"] = np.array(["", "", ""], object)
+    opened: list[str] = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda file, *a, **k: opened.append(1) or real_open(file))
+
+    out = decode_batch(unknown, (8, 8), MAX_PIXELS, (255, 255, 255), skip=hash_keys([expected[1]]))
+
+    assert out["sha256"].tolist() == expected  # hashed from the bytes read, bad ones too
+    assert out["ok"].tolist() == [True, False, False]
+    assert out["cached"].tolist() == [False, True, False]
+    assert out["reason"][1] == "" and out["reason"][2].startswith("not an image")
+    assert len(opened) == 2  # the cached image was read and hashed, never decoded
+
+
+def test_hash_keys_match_only_the_hashes_given():
+    hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(1000)]
+    keys = hash_keys(hashes[:500])
+    assert all(_in_keys(keys, h) for h in hashes[:500])
+    assert not any(_in_keys(keys, h) for h in hashes[500:])
+    assert not _in_keys(hash_keys([]), hashes[0])
 
 
 def test_decode_image_with_size_gives_the_upright_original_size():
