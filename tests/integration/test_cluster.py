@@ -1,12 +1,37 @@
-"""The cluster path for real: PostgreSQL, an S3 endpoint, `mlflow server`, `ray start` nodes and
-`ray job submit`, each a real process started (and stopped) by the tests."""
+"""The cluster path for real: PostgreSQL, an S3 endpoint, `mlflow server`, two `ray start` nodes
+and `ray job submit` of jobs/run.py with conf/cluster.yaml, each a real process that the tests
+start and stop (only their own: by pid, by process group, or pg_ctl on their own data folder)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psutil
 import psycopg
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
+import requests
+
+from emotr.demo import generate_demo_dataset
+from tests.conftest import REPO, _free_port
+from tests.integration.test_doctor import check_lines
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+BIN = Path(sys.executable).parent  # the venv whose `python`, `ray` and `mlflow` the cluster runs
+CLUSTER = REPO / "conf" / "cluster.yaml"
+N_IMAGES = 24
 
 
 def test_postgres_server_needs_its_password_and_can_be_stopped(postgres_server):
@@ -19,3 +44,404 @@ def test_postgres_server_needs_its_password_and_can_be_stopped(postgres_server):
     with postgres_server.stopped(), pytest.raises(psycopg.OperationalError):
         psycopg.connect(postgres_server.dsn(name))
     psycopg.connect(postgres_server.dsn(name)).close()
+
+
+def wait_for(what: str, ready, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    """Poll `ready()` until true; fail naming `what` on timeout or when `process` exits."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready after {timeout_s} s")
+        time.sleep(0.5)
+
+
+def answers(url: str, headers: dict[str, str] | None = None) -> bool:
+    try:
+        return requests.get(url, headers=headers, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def stop_processes(roots: list[psutil.Process], marker: str | None = None) -> None:
+    """Terminate these processes and all their descendants (and any naming `marker`), then wait."""
+    found: set[psutil.Process] = set()
+    for root in roots:
+        try:
+            found |= {root, *root.children(recursive=True)}
+        except psutil.NoSuchProcess:
+            continue
+    if marker:  # a Ray process whose parent already exited still names its --temp-dir
+        for process in psutil.process_iter(["cmdline"]):
+            if any(marker in part for part in process.info["cmdline"] or []):
+                found.add(process)
+    for process in found:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(list(found), timeout=5)
+    for process in alive:
+        process.kill()
+    psutil.wait_procs(alive, timeout=10)
+
+
+class RayCluster:
+    """`ray start --head` and a second `ray start --address` node, each with its own temp dir."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.token = env["RAY_AUTH_TOKEN"]
+        # Short folders: Ray's socket paths below them must fit in 107 bytes.
+        self.temp = Path(tempfile.mkdtemp(prefix="emotr-ray-", dir="/tmp"))
+        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.processes: list[subprocess.Popen] = []
+
+    def _ray_start(self, name: str, *args: str) -> subprocess.Popen:
+        # Every port of its own: other Ray instances may run on this machine.
+        ports = [
+            "--dashboard-agent-listen-port", str(_free_port()),
+            "--dashboard-agent-grpc-port", str(_free_port()),
+            "--runtime-env-agent-port", str(_free_port()),
+            "--metrics-export-port", str(_free_port()),
+        ]  # fmt: skip
+        log = open(self.temp / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(
+            [str(BIN / "ray"), "start", *args, *ports, "--block", "--disable-usage-stats"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        self.processes.append(process)
+        return process
+
+    def start(self) -> None:
+        head = self._ray_start(
+            "head", "--head", "--port", str(self.gcs_port), "--num-cpus", "2",
+            "--object-store-memory", str(200 * 2**20), "--temp-dir", str(self.temp / "head"),
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+            "--ray-client-server-port", str(_free_port()),
+        )  # fmt: skip
+        wait_for("ray head", lambda: answers(f"{self.dashboard}/api/version", self.auth), 90, head)
+        # Its own --temp-dir: sharing the head's lets this node delete the job's working_dir.
+        worker = self._ray_start(
+            "worker", "--address", self.address, "--num-cpus", "1",
+            "--object-store-memory", str(200 * 2**20), "--temp-dir", str(self.temp / "worker"),
+        )  # fmt: skip
+        wait_for("second ray node", lambda: self.n_nodes() == 2, 90, worker)
+
+    def add_node_without_temp_dir(self) -> None:
+        """A third node as users started it: no --temp-dir, so it takes the head's."""
+        node = self._ray_start(
+            "third", "--address", self.address, "--num-cpus", "0",
+            "--object-store-memory", str(100 * 2**20),
+        )  # fmt: skip
+        wait_for("third ray node", lambda: self.n_nodes() == 3, 90, node)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    @property
+    def address(self) -> str:
+        """The GCS address: it answers on every interface, and Ray 2.60 announces the machine's IP
+        whatever --node-ip-address says; only the dashboard and job API stay on loopback."""
+        return f"127.0.0.1:{self.gcs_port}"
+
+    def n_nodes(self) -> int:
+        try:
+            url = f"{self.dashboard}/nodes?view=summary"
+            response = requests.get(url, headers=self.auth, timeout=5)
+            summary = response.json()["data"]["summary"]
+        except (requests.RequestException, ValueError, KeyError):
+            return 0
+        return sum(node["raylet"]["state"] == "ALIVE" for node in summary)
+
+    def stop(self) -> None:
+        """Stop this cluster's processes only (`ray stop` would stop every Ray on the machine)."""
+        roots = [psutil.Process(p.pid) for p in self.processes if p.poll() is None]
+        stop_processes(roots, marker=str(self.temp))
+        left = [
+            p.pid
+            for p in psutil.process_iter(["cmdline"])
+            if str(self.temp) in " ".join(p.info["cmdline"] or [])
+        ]
+        shutil.rmtree(self.temp, ignore_errors=True)
+        assert left == [], f"Ray processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server) -> str:
+    """A bucket holding the demo images under images/<class>/ (the cache goes next to them)."""
+    uri = s3_server.new_bucket()
+    with tempfile.TemporaryDirectory() as folder:
+        generate_demo_dataset(Path(folder) / "demo", n=N_IMAGES, size=(64, 80), seed=0)
+        s3 = s3_filesystem(s3_server)
+        for class_name in ("negative", "positive"):
+            target = f"{uri.removeprefix('s3://')}/images/{class_name}"
+            pafs.copy_files(str(Path(folder) / "demo" / class_name), target, None, s3)
+    return uri
+
+
+def s3_filesystem(s3_server) -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(
+        access_key=s3_server.env["AWS_ACCESS_KEY_ID"],
+        secret_key=s3_server.env["AWS_SECRET_ACCESS_KEY"],
+        region=s3_server.env["AWS_DEFAULT_REGION"],
+        endpoint_override=s3_server.endpoint.removeprefix("http://"),
+        scheme="http",
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster_env(s3_server, postgres_server) -> dict[str, str]:
+    """The environment every cluster process starts with: credentials as docs/cluster.md says."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "PG"))}
+    return {
+        **env,
+        **s3_server.env,
+        **postgres_server.env,  # PGPASSWORD: libpq in the job's driver and the MLflow server
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the job's `python` is the venv's
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint,
+        "EMOTR_DEBUG": "1",  # tracebacks in the job logs if it fails
+    }
+
+
+@pytest.fixture(scope="module")
+def mlflow_pg(cluster_env, postgres_server, bucket, tmp_path_factory):
+    """`mlflow server` with a PostgreSQL backend store and an S3 artifact root; yields its URI.
+
+    Started here and awaited in `services`, so that Ray starts while it migrates its database.
+    """
+    folder = tmp_path_factory.mktemp("mlflow-pg")
+    port = _free_port()
+    backend = postgres_server.url(postgres_server.new_database())  # password: PGPASSWORD
+    log = open(folder / "server.log", "wb")  # noqa: SIM115 - closed at teardown
+    process = subprocess.Popen(
+        [
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", backend, "--artifacts-destination", f"{bucket}/mlartifacts",
+            "--workers", "1",
+        ],
+        env={**cluster_env, "MLFLOW_HOME": str(folder)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield f"http://127.0.0.1:{port}", process, folder / "server.log"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # its own session: the server and its workers
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def services(cluster_env, mlflow_pg):
+    """The Ray cluster (head + second node) and the MLflow server, both answering."""
+    uri, server, server_log = mlflow_pg
+    cluster = RayCluster(cluster_env)
+    try:
+        cluster.start()
+        wait_for(f"mlflow server (see {server_log})", lambda: answers(f"{uri}/health"), 180, server)
+        yield cluster, uri
+    finally:
+        cluster.stop()
+
+
+def job_overrides(bucket: str, tracking_uri: str, storage: str, n_trials: int) -> list[str]:
+    """conf/cluster.yaml pointed at the test's services, at smoke sizes (conf/smoke.yaml)."""
+    return [
+        f"data.root={bucket}/images",
+        f"cache.root={bucket}/cache",
+        f"mlflow.tracking_uri={tracking_uri}",
+        f"tune.storage={storage}",
+        "backbone.weights=none",
+        "backbone.input_size=[32,32]",
+        "backbone.precision=float32",
+        "extract.batch_size=8",
+        "extract.decode_batch_size=4",
+        "extract.commit_every=8",
+        "extract.keras_backend=tensorflow",  # the venv's; jax compiles VGG16 for seconds more
+        f"tune.n_trials={n_trials}",
+        "tune.concurrency=2",
+        "tune.epochs=3",
+        "tune.early_stopping_patience=2",
+    ]
+
+
+def ray_cli(cluster: RayCluster, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "ray"), "job", *args],
+        cwd=REPO,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def submit(cluster: RayCluster, overrides: list[str], log_folder: Path) -> str:
+    """`ray job submit --working-dir .` of jobs/run.py; waits for SUCCEEDED, returns its logs."""
+    submission = f"emotr-test-{uuid.uuid4().hex[:8]}"
+    entrypoint = ["python", "jobs/run.py", "-c", "conf/cluster.yaml", *overrides]
+    address = ["--address", cluster.dashboard]
+    ray_cli(
+        cluster, "submit", *address, "--submission-id", submission, "--working-dir", ".",
+        "--", *entrypoint, timeout=400,
+    )  # fmt: skip
+    logs = ray_cli(cluster, "logs", *address, submission).stdout
+    (log_folder / f"{submission}.log").write_text(logs)
+    job = requests.get(f"{cluster.dashboard}/api/jobs/{submission}", headers=cluster.auth).json()
+    assert job["status"] == "SUCCEEDED", f"{job.get('message')}\n{logs[-6000:]}"
+    return logs
+
+
+def cache_parts(s3: pafs.S3FileSystem, bucket: str) -> dict[str, int]:
+    """The cache's Parquet parts in the bucket, with their rows."""
+    selector = pafs.FileSelector(f"{bucket.removeprefix('s3://')}/cache", recursive=True)
+    parts = [
+        info.path
+        for info in s3.get_file_info(selector)
+        if info.base_name.startswith("part-") and info.base_name.endswith(".parquet")
+    ]
+    return {path: pq.read_metadata(path, filesystem=s3).num_rows for path in parts}
+
+
+def recorded_texts(client, experiment_id: str, folder: Path) -> list[bytes]:
+    """Everything the runs of an experiment recorded: params, tags and every artifact's bytes."""
+    texts = []
+    for run in client.search_runs([experiment_id], max_results=1000):
+        texts += [value.encode() for value in (*run.data.params.values(), *run.data.tags.values())]
+        local = Path(client.download_artifacts(run.info.run_id, "", str(folder / run.info.run_id)))
+        texts += [path.read_bytes() for path in local.rglob("*") if path.is_file()]
+    return texts
+
+
+def test_a_submitted_job_runs_on_the_cluster_and_a_second_one_resumes(
+    services, bucket, postgres_server, s3_server, tmp_path
+):
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    ray_cluster, mlflow_pg = services
+
+    study_db = postgres_server.new_database()
+    password = postgres_server.password
+    # First as a user who wrote the password into the DSN: emotr must not repeat it anywhere.
+    inline = postgres_server.url(study_db, password=True)
+    first = submit(ray_cluster, job_overrides(bucket, mlflow_pg, inline, n_trials=2), tmp_path)
+
+    client = MlflowClient(mlflow_pg)
+    experiment = client.get_experiment_by_name("emotr")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    by_name = {}
+    for run in runs:
+        by_name.setdefault(run.info.run_name, []).append(run)
+    assert [run.info.status for run in by_name["pipeline"]] == ["FINISHED"]
+    assert [run.info.status for run in by_name["extract"]] == ["FINISHED"]
+    trials = [run for run in runs if "optuna.trial_number" in run.data.tags]
+    assert len(trials) >= 2 and all(run.info.status == "FINISHED" for run in trials)
+    versions = client.search_model_versions("name='emotr'")
+    assert [version.run_id in {run.info.run_id for run in runs} for version in versions] == [True]
+
+    s3 = s3_filesystem(s3_server)
+    parts = cache_parts(s3, bucket)
+    assert parts and sum(parts.values()) == N_IMAGES
+    artifacts = s3.get_file_info(pafs.FileSelector(f"{bucket[5:]}/mlartifacts", recursive=True))
+    assert any(info.base_name == "config.yaml" for info in artifacts)  # via the server, in S3
+
+    storage = postgres_server.url(study_db, password=True)
+    study = optuna.load_study(study_name="emotr", storage=storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    first_trials = [(t.number, t.params, t.value) for t in study.trials]
+
+    # Then as docs/cluster.md says: no password in the DSN; the driver's libpq reads PGPASSWORD.
+    plain = postgres_server.url(study_db)
+    second = submit(ray_cluster, job_overrides(bucket, mlflow_pg, plain, n_trials=3), tmp_path)
+    extracts = client.search_runs(
+        [experiment.experiment_id], "tags.mlflow.runName = 'extract'", order_by=["start_time DESC"]
+    )
+    assert extracts[0].data.metrics["n_extracted"] == 0
+    assert cache_parts(s3, bucket) == parts  # nothing extracted, nothing written
+    study = optuna.load_study(study_name="emotr", storage=storage)
+    assert [(t.number, t.params, t.value) for t in study.trials[:2]] == first_trials
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+
+    # The password is nowhere: artifacts, params, tags, job logs, and the cluster's log files,
+    # but for the entrypoint itself that Ray echoes (as submitted, not emotr's doing).
+    submitted = f"tune.storage={inline}".encode()
+    recorded = recorded_texts(client, experiment.experiment_id, tmp_path)
+    recorded += [str(version).encode() for version in client.search_model_versions("name='emotr'")]
+    assert [text for text in recorded if password.encode() in text] == []
+    logs = [first.encode(), second.encode()]
+    logs += [
+        p.read_bytes()
+        for p in ray_cluster.temp.rglob("*")
+        if p.is_file() and p.suffix in {".log", ".out", ".err"}
+    ]
+    leaks = [text for text in logs if password.encode() in text.replace(submitted, b"")]
+    assert leaks == []
+    pipeline = by_name["pipeline"][0].info.run_id
+    config_yaml = Path(client.download_artifacts(pipeline, "config.yaml", str(tmp_path / "cfg")))
+    assert "storage: postgresql://emotr:***@127.0.0.1:" in config_yaml.read_text()  # redacted
+
+
+def doctor(cluster: RayCluster, *overrides: str) -> subprocess.CompletedProcess:
+    """`emotr doctor -c conf/cluster.yaml` from this machine, with the cluster's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "emotr.cli", "doctor", "-c", str(CLUSTER), *overrides,
+         f"ray.address={cluster.address}"],
+        cwd=REPO,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+def test_doctor_is_green_on_the_cluster_and_names_each_broken_store_with_its_fix(
+    services, bucket, postgres_server, tmp_path
+):
+    cluster, mlflow_uri = services
+    study_db = postgres_server.new_database()
+    overrides = job_overrides(bucket, mlflow_uri, postgres_server.url(study_db), n_trials=2)
+    green = doctor(cluster, *overrides)
+    assert green.returncode == 0, green.stdout + green.stderr
+    lines = check_lines(green.stdout)
+    assert [line[0] for line in lines.values()] == ["✓"] * 8, green.stdout
+    assert f"{N_IMAGES} images (" in lines["data"]
+    assert "writable" in lines["cache"] and "writable" in lines["artifacts"]
+    assert "MLflow 3." in lines["tracking"] and "server" in lines["tracking"]
+    assert "reachable, no tables yet" in lines["optuna"]
+    assert "2 node(s), 3 CPUs" in lines["ray"]
+
+    broken = [
+        *overrides,
+        "cache.root=s3://no-such-bucket-for-emotr/cache",
+        f"backbone.weights={tmp_path / 'vgg16_notop.weights.h5'}",
+    ]
+    with postgres_server.stopped():
+        red = doctor(cluster, *broken)
+    assert red.returncode == 1
+    lines = check_lines(red.stdout)
+    for name in ("weights", "cache", "optuna"):
+        assert lines[name].startswith("✗") and "; fix: " in lines[name], red.stdout
+    assert "vgg16_notop.weights.h5" in lines["weights"]
+    assert "no-such-bucket-for-emotr" in lines["cache"] and "bucket must exist" in lines["cache"]
+    assert "connection failed" in lines["optuna"] and "PGPASSWORD" in lines["optuna"]
+    assert lines["ray"].startswith("✓")
+
+    # What broke the job of issue 10: a second node on one host sharing the head's temp dir.
+    cluster.add_node_without_temp_dir()
+    shared = check_lines(doctor(cluster, *overrides).stdout)["ray"]
+    assert shared.startswith("✗ ray") and "2 nodes on " in shared and "own --temp-dir" in shared
