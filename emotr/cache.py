@@ -17,7 +17,6 @@ import json
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -296,26 +295,3 @@ def export_npy(root: str, fingerprint: str, out_dir: str | Path) -> int:
     with filesystem.open_output_stream(f"{folder}/sha256.txt") as stream:
         stream.write("".join(f"{key}\n" for key in keys).encode())
     return len(keys)
-
-
-_MAINTENANCE = frozenset(
-    [
-        "CacheInfo",
-        "CompactResult",
-        "GcResult",
-        "compact_cache",
-        "gc_cache",
-        "list_caches",
-        "verify_cache",
-    ]
-)
-
-
-def __getattr__(name: str) -> Any:
-    # ls/verify/gc/compact live in emotr.cache_maint (which imports this module);
-    # `from emotr.cache import gc_cache` keeps working, resolved lazily to avoid an import cycle.
-    if name in _MAINTENANCE:
-        from emotr import cache_maint
-
-        return getattr(cache_maint, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,7 +33,8 @@ from PIL import Image
 
 from emotr import pipeline
 from emotr.backbone import FeatureExtractor
-from emotr.cache import FeatureCache, gc_cache, list_caches, verify_cache
+from emotr.cache import FeatureCache
+from emotr.cache_maint import gc_cache, list_caches, verify_cache
 from emotr.config import Config, MlflowConfig, to_yaml
 from emotr.data import Listing, list_images
 from emotr.demo import generate_demo_dataset

@@ -154,7 +154,7 @@ def test_a_temporary_index_left_by_a_killed_writer_is_ignored(tmp_path, ids):
 
 
 def test_cache_gc_deletes_what_a_killed_index_writer_left(tmp_path, ids):
-    from emotr.cache import gc_cache
+    from emotr.cache_maint import gc_cache
 
     root, cache = tmp_path / "data", str(tmp_path / "cache")
     write_folders(root, ids)
