@@ -189,7 +189,6 @@ def tune(cfg: Config, tracker: Tracker, listing: Listing):
 def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
     """Extract, tune and register the best head, all nested under one `pipeline` run; then the
     promotion gate (registry.auto_promote) decides whether it becomes the champion."""
-    from emotr.promote import promote_challenger
     from emotr.registry import register_model
     from emotr.study import check_storage
     from emotr.tune import run_search
@@ -204,14 +203,14 @@ def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
         )
         search = run_search(cfg, features, tracker, run_id)
         version = register_model(cfg, tracker, _candidate(search, features, summary))
-        promotion = promote_challenger(cfg, tracker) if cfg.registry.auto_promote else None
+        promotion = _run_gate(cfg, tracker)
         metrics = {"best_val_auc": search.best_value}
         if search.baseline_value is not None:  # a failed baseline is a tag of the tune run
             metrics["baseline_val_auc"] = search.baseline_value
         tracker.log_metrics(run_id, metrics)
         tracker.set_tags(run_id, {"model_version": version.version})
         if promotion is not None:
-            tracker.set_tags(run_id, {"promotion": promotion.decision.reason})
+            tracker.set_tags(run_id, {"promotion": promotion})
     return RunResult(
         pipeline_run_id=run_id,
         best_val_auc=search.best_value,
@@ -221,8 +220,24 @@ def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
         model_version=str(version.version),
         n_images=summary.n_images,
         n_failed=summary.n_failed,
-        promotion=promotion.decision.reason if promotion is not None else None,
+        promotion=promotion,
     )
+
+
+def _run_gate(cfg: Config, tracker: Tracker) -> str | None:
+    """The promotion gate ending `emotr run` (registry.auto_promote): its decision and why.
+
+    A gate that cannot compare (no images both versions score, one class) leaves the champion
+    where it is and says so; the registered version stays the challenger.
+    """
+    from emotr.promote import PromotionError, promote_challenger
+
+    if not cfg.registry.auto_promote:
+        return None
+    try:
+        return promote_challenger(cfg, tracker).decision.reason
+    except PromotionError as error:
+        return f"not promoted, the gate could not compare: {error}"
 
 
 def _candidate(search: SearchResult, features: FeatureSet, summary: ExtractSummary) -> Candidate:
