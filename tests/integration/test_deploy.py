@@ -107,6 +107,13 @@ def test_gate_keeps_the_champion_force_promotes_version_rolls_back(deployed):
     assert f"-> version {first.model_version}" in rollback.stdout
     assert client.get_model_version_by_alias(MODEL, "champion").version == first.model_version
 
+    # --data: the gate on every image of a folder (features from the cache: same fingerprint).
+    on_folder = emotr("promote", "-c", str(config_file), "--data", cfg.data.root)
+    assert on_folder.returncode == 0, on_folder.stderr
+    assert f"on {len(listing.images)} images" in on_folder.stdout
+    now = client.get_model_version_by_alias(MODEL, "champion").version
+    assert f"-> version {now}" in on_folder.stdout
+
 
 def test_predict_a_folder_with_a_corrupt_file(deployed, tmp_path: Path):
     cfg, _, _, _, config_file = deployed
