@@ -433,7 +433,11 @@ def predict(
     paths = _run_guarded(lambda: batch_predict.list_inputs(inputs), cfg)
     with _native_stderr_held():
         predictor = _run_guarded(lambda: batch_predict.load_predictor(cfg, _tracker(cfg), uri), cfg)
-        chunks = batch_predict.predict_chunks(predictor, paths, batch)
+        # Images already in the feature cache (cache.root) of the model's fingerprint skip VGG16.
+        cached = _run_guarded(
+            lambda: batch_predict.open_cached_features(cfg, _tracker(cfg), uri), cfg
+        )
+        chunks = batch_predict.predict_chunks(predictor, paths, batch, cached)
         if output is not None:
             summary = _run_guarded(lambda: batch_predict.write_predictions(chunks, output), cfg)
             n_images, n_failed = summary.n_images, summary.n_failed

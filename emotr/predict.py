@@ -6,6 +6,7 @@ images there are; rows go to the output file chunk by chunk. Bad files are rows 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ import pandas as pd
 from emotr.config import Config
 from emotr.data import IMAGE_EXTENSIONS, MANIFEST_EXTENSIONS
 from emotr.errors import EmotrError
-from emotr.registry import get_version, load_model
+from emotr.registry import get_version, load_model, scorer_of
+from emotr.storage import read_bytes
 from emotr.track import Tracker
 
 OUTPUT_COLUMNS = ("path", "p_positive", "label", "error")
@@ -75,13 +77,48 @@ def _manifest_paths(manifest: Path) -> list[str]:
     return [str(p if Path(p).is_absolute() else manifest.parent / p) for p in table["path"]]
 
 
+@dataclass(frozen=True)
+class CachedFeatures:
+    """The feature cache of a version's fingerprint: predict takes these images' features."""
+
+    cache: Any  # emotr.cache.FeatureCache
+    known: frozenset[str]  # sha256 of the cached images
+
+
+def open_cached_features(cfg: Config, tracker: Tracker, uri: str) -> CachedFeatures | None:
+    """The cache (under cfg.cache.root) holding features of the model's fingerprint, if any."""
+    from emotr.cache import FeatureCache
+
+    if not uri.startswith("models:/"):
+        return None
+    name, _, ref = uri.removeprefix("models:/").replace("@", "/").partition("/")
+    fingerprint = get_version(tracker, name, ref).tags.get("feature_fingerprint")
+    if not fingerprint:
+        return None
+    try:
+        cache = FeatureCache.open(cfg.cache.root, fingerprint)
+        return CachedFeatures(cache, frozenset(cache.cached_hashes()))
+    except (EmotrError, OSError, ValueError):  # no such cache here: every image is decoded
+        return None
+
+
 def predict_chunks(
-    model: Any, paths: Sequence[str], chunk: int = DEFAULT_CHUNK
+    model: Any,
+    paths: Sequence[str],
+    chunk: int = DEFAULT_CHUNK,
+    cached: CachedFeatures | None = None,
 ) -> Iterator[pd.DataFrame]:
-    """path, p_positive, label, error for each path, `chunk` images per model call."""
+    """path, p_positive, label, error for each path, `chunk` images per model call.
+
+    With `cached` (and an emotr model), images whose bytes are in the cache are not decoded.
+    """
+    scorer = scorer_of(model) if cached is not None else None
     for start in range(0, len(paths), chunk):
         part = list(paths[start : start + chunk])
-        scored = model.predict(pd.DataFrame({"path": part}))
+        if scorer is None:
+            scored = model.predict(pd.DataFrame({"path": part}))
+        else:
+            scored = _score_with_cache(scorer, part, cached)
         yield pd.DataFrame(
             {
                 "path": part,
@@ -90,6 +127,23 @@ def predict_chunks(
                 "error": scored["error"].to_numpy(),
             }
         )
+
+
+def _score_with_cache(scorer: Any, paths: list[str], cached: CachedFeatures) -> pd.DataFrame:
+    """Read each file once: cached bytes take their features, the others are decoded."""
+    images: list[bytes | None] = []
+    for path in paths:
+        try:
+            images.append(read_bytes(path))
+        except OSError:
+            images.append(None)  # the scorer reads the path again and reports why it failed
+    hashes = [hashlib.sha256(data).hexdigest() if data is not None else None for data in images]
+    hits = [row for row, digest in enumerate(hashes) if digest in cached.known]
+    features = cached.cache.load([hashes[row] for row in hits]) if hits else []
+    frame = pd.DataFrame(
+        {"image": pd.Series(images, dtype=object), "path": pd.Series(paths, dtype=object)}
+    )
+    return scorer.score(frame, known=dict(zip(hits, features, strict=True)))
 
 
 def write_predictions(chunks: Iterator[pd.DataFrame], output: Path) -> PredictSummary:

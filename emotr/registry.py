@@ -305,8 +305,21 @@ def load_model(tracker: Tracker, uri: str) -> Any:
 
 def load_scorer(tracker: Tracker, version: ModelVersion) -> Any:
     """A registered version's emotr.serving.ImageScorer (to score cached features too)."""
-    model = load_model(tracker, f"models:/{version.name}/{version.version}")
-    return model.unwrap_python_model().scorer
+    scorer = scorer_of(load_model(tracker, f"models:/{version.name}/{version.version}"))
+    if scorer is None:
+        raise RegistryError(
+            f"version {version.version} of {version.name!r} is not an image-in emotr model "
+            "(registered by an older emotr?); register it again with `emotr run`"
+        )
+    return scorer
+
+
+def scorer_of(model: Any) -> Any:
+    """The emotr.serving.ImageScorer inside a loaded pyfunc model, or None for other models."""
+    try:
+        return getattr(model.unwrap_python_model(), "scorer", None)
+    except MlflowException:  # another flavor (no python_model): not emotr's
+        return None
 
 
 def load_validation_set(tracker: Tracker, version: ModelVersion) -> pd.DataFrame:

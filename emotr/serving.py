@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +68,22 @@ class ImageScorer:
             return np.zeros(0, dtype=np.float64)
         return predict_scores(self.head, np.asarray(features, dtype=np.float32))
 
-    def score(self, frame: pd.DataFrame) -> pd.DataFrame:
+    def score(
+        self, frame: pd.DataFrame, known: Mapping[int, np.ndarray] | None = None
+    ) -> pd.DataFrame:
         """One output row per input row; a row that cannot be read or decoded has p_positive and
-        label None and the reason in `error` (None on good rows)."""
-        n_rows = len(frame)
+        label None and the reason in `error` (None on good rows).
+
+        known: features of some rows (by position), e.g. from the feature cache: not decoded.
+        """
+        n_rows, known = len(frame), known or {}
         images = frame[IMAGE_COLUMN].tolist() if IMAGE_COLUMN in frame else [None] * n_rows
         paths = frame[PATH_COLUMN].tolist() if PATH_COLUMN in frame else [None] * n_rows
         errors: list[str | None] = [None] * n_rows
         pixels, decoded_rows = [], []
         for row, (image, path) in enumerate(zip(images, paths, strict=True)):
+            if row in known:
+                continue
             try:
                 pixels.append(self._decode(_input_bytes(image, path)))
             except DecodeError as error:
@@ -88,6 +96,9 @@ class ImageScorer:
         probabilities = np.full(n_rows, np.nan)
         if pixels:
             probabilities[decoded_rows] = self.score_features(self.extractor(np.stack(pixels)))
+        if known:
+            rows = sorted(known)
+            probabilities[rows] = self.score_features(np.stack([known[row] for row in rows]))
         labels = [
             None if error else self.spec.classes[int(p >= self.spec.threshold)]
             for p, error in zip(probabilities, errors, strict=True)

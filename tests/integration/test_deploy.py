@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from emotr import pipeline
 from emotr.features import load_feature_set
 from emotr.head import fit_head
+from emotr.predict import load_predictor, open_cached_features
 from emotr.promote import promote_challenger
 from emotr.registry import Candidate, keras_model_bytes, load_validation_set, register_model
 from emotr.track import Tracker
@@ -116,7 +117,7 @@ def test_gate_keeps_the_champion_force_promotes_version_rolls_back(deployed):
 
 
 def test_predict_a_folder_with_a_corrupt_file(deployed, tmp_path: Path):
-    cfg, _, _, _, config_file = deployed
+    cfg, tracker, listing, _, config_file = deployed
     folder = tmp_path / "photos"
     folder.mkdir()
     for image in sorted(Path(cfg.data.root).rglob("*.jpg"))[:3]:
@@ -139,6 +140,15 @@ def test_predict_a_folder_with_a_corrupt_file(deployed, tmp_path: Path):
     console = done.stdout + done.stderr
     for noise in ("Epoch", "oneDNN", "Downloading artifacts", "cuda"):
         assert noise not in console
+
+    # The CLI took the copies' features from the cache; decoding them gives the same answer.
+    uri = f"models:/{MODEL}@champion"
+    cached = open_cached_features(cfg, tracker, uri)
+    assert cached is not None and len(cached.known) == len(listing.images)
+    decoded = load_predictor(cfg, tracker, uri).predict(pd.DataFrame({"path": rows["path"]}))
+    np.testing.assert_allclose(
+        rows["p_positive"], decoded["p_positive"].to_numpy(dtype=float), atol=1e-4
+    )
 
 
 def _free_port() -> int:

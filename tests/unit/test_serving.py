@@ -53,6 +53,9 @@ def test_rebuilt_model_scores_as_the_saved_head(scorer):
     assert rows["p_positive"][0] == pytest.approx(expected, abs=1e-5)
     assert rows["label"][0] == ("yes" if expected >= 0.5 else "no")
     assert rows["error"][0] is None
+    # Features given for a row (the feature cache's) are used as they are, not decoded again.
+    from_cache = built.score(pd.DataFrame({"image": [b"unused"]}), known={0: features[0]})
+    assert from_cache["p_positive"][0] == pytest.approx(expected, abs=1e-6)
 
 
 def test_every_row_gets_an_answer_and_bad_rows_a_reason(scorer, tmp_path: Path):
