@@ -197,6 +197,8 @@ def markdown(args: argparse.Namespace, rows: list[list[str]]) -> str:
     header = f"| {' | '.join(COLUMNS)} |\n|{'---|' * len(COLUMNS)}\n"
     body = "".join(f"| {' | '.join(row)} |\n" for row in rows)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    # Other jobs on a shared machine change every rate: the section says how busy it was.
+    machine += f" (load average at the end {', '.join(f'{v:.1f}' for v in os.getloadavg())})"
     return (
         f"\n### Extraction, {datetime.date.today().isoformat()}\n\n"
         f"`python jobs/bench_extract.py --n {args.n} --sizes {args.sizes} --precisions "
