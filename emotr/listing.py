@@ -9,6 +9,11 @@ The index of a data root (or manifest) is one Parquet file,
 It is published whole (a `_tmp-*` name, then a rename or a server-side copy, as cache parts are),
 so a reader never sees half of one; an index that cannot be read is ignored (files are hashed
 again), never trusted in part.
+
+The key is (size, mtime): pyarrow's FileInfo carries no ETag. Where mtimes are coarse (S3's
+LastModified and some filesystems: whole seconds), a rewrite that keeps the size within the same
+second as the indexed write is not seen: the file keeps its old hash, and features, until its
+size or mtime changes again (were it extracted, its task would find the bytes changed).
 """
 
 from __future__ import annotations

@@ -244,7 +244,9 @@ def test_an_s3_data_root_is_listed_from_metadata_with_its_index_in_an_s3_cache(s
     assert names == [index.rsplit("/", 1)[1]]  # published by copy; no _tmp key left
 
     with filesystem.open_output_stream(f"{bucket}/data/negative/b.jpg") as stream:
-        stream.write(b"changed")  # a new object: new size or LastModified
+        # Another size: LastModified has 1 s resolution, so a same-size rewrite within the
+        # second of the first write would look unchanged (emotr.listing says so).
+        stream.write(b"changed, and longer")
     changed = scan_images(data, cache).unknown()["path"].tolist()
     assert changed == [f"{s3_bucket}/data/negative/b.jpg"]
 
