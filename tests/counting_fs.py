@@ -13,31 +13,26 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 
-class CountingHandler(pafs.FileSystemHandler):
-    """Every call goes to a LocalFileSystem; opens for reading are appended to `log`."""
+class LocalPassThrough(pafs.FileSystemHandler):
+    """A pyarrow filesystem handler that sends every call to the real LocalFileSystem.
 
-    def __init__(self, log: str):
-        self.log = log
+    Tests subclass it to watch or break what they need (opens for reading), on real files.
+    """
+
+    def __init__(self):
         self.local = pafs.LocalFileSystem()
 
-    def _record(self, path: str) -> None:
-        # O_APPEND writes of one short line do not interleave across processes.
-        with open(self.log, "a") as file:
-            file.write(f"{path}\n")
-
     def open_input_stream(self, path):
-        self._record(path)
         return self.local.open_input_stream(path)
 
     def open_input_file(self, path):
-        self._record(path)
         return self.local.open_input_file(path)
 
     def get_type_name(self):
-        return "counting-local"
+        return type(self).__name__
 
     def equals(self, other):
-        return isinstance(other, CountingHandler) and other.log == self.log
+        return other is self
 
     def normalize_path(self, path):
         return self.local.normalize_path(path)
@@ -74,6 +69,30 @@ class CountingHandler(pafs.FileSystemHandler):
 
     def open_append_stream(self, path, metadata):
         return self.local.open_append_stream(path, metadata=metadata)
+
+
+class CountingHandler(LocalPassThrough):
+    """The local filesystem; every open for reading is appended to `log`."""
+
+    def __init__(self, log: str):
+        super().__init__()
+        self.log = log
+
+    def _record(self, path: str) -> None:
+        # O_APPEND writes of one short line do not interleave across processes.
+        with open(self.log, "a") as file:
+            file.write(f"{path}\n")
+
+    def open_input_stream(self, path):
+        self._record(path)
+        return self.local.open_input_stream(path)
+
+    def open_input_file(self, path):
+        self._record(path)
+        return self.local.open_input_file(path)
+
+    def equals(self, other):
+        return isinstance(other, CountingHandler) and other.log == self.log
 
 
 def install(log: str) -> None:

@@ -23,6 +23,7 @@ from emotr.cache import (
 )
 from emotr.cache_maint import compact_cache, gc_cache, list_caches, verify_cache
 from emotr.config import BackboneConfig, DecodeConfig
+from tests.counting_fs import LocalPassThrough
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -201,11 +202,11 @@ def test_fingerprint_changes_with_decode_background_only_for_pixels():
     assert compute_fingerprint(backbone, DecodeConfig(background=(0, 0, 0)))[0] != base
 
 
-class FaultyLocalFileSystem(pafs.FileSystemHandler):
+class FaultyLocalFileSystem(LocalPassThrough):
     """The real local filesystem, except that reading one path fails as storage does."""
 
     def __init__(self, broken: str, fault: str):
-        self.local = pafs.LocalFileSystem()
+        super().__init__()
         self.broken = broken
         self.fault = fault
 
@@ -226,45 +227,6 @@ class FaultyLocalFileSystem(pafs.FileSystemHandler):
 
     def open_input_file(self, path):
         return self._open(path, self.local.open_input_file)
-
-    def get_type_name(self):
-        return "faulty-local"
-
-    def normalize_path(self, path):
-        return self.local.normalize_path(path)
-
-    def get_file_info(self, paths):
-        return self.local.get_file_info(paths)
-
-    def get_file_info_selector(self, selector):
-        return self.local.get_file_info(selector)
-
-    def create_dir(self, path, recursive):
-        self.local.create_dir(path, recursive=recursive)
-
-    def delete_dir(self, path):
-        self.local.delete_dir(path)
-
-    def delete_dir_contents(self, path, missing_dir_ok=False):
-        self.local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-    def delete_root_dir_contents(self):
-        raise PermissionError("not in a test")
-
-    def delete_file(self, path):
-        self.local.delete_file(path)
-
-    def move(self, src, dest):
-        self.local.move(src, dest)
-
-    def copy_file(self, src, dest):
-        self.local.copy_file(src, dest)
-
-    def open_output_stream(self, path, metadata):
-        return self.local.open_output_stream(path, metadata=metadata)
-
-    def open_append_stream(self, path, metadata):
-        return self.local.open_append_stream(path, metadata=metadata)
 
 
 @pytest.mark.parametrize(
