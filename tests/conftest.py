@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,52 +60,66 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` process on 127.0.0.1 with a SQLite store; yields its URI."""
-    import requests
-
     root = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed at teardown
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "2",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "MLFLOW_HOME": str(root)},
-    )
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--workers",
+        "2",
+    ]
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        # /health answers only once the store is migrated; polling beats a fixed sleep.
+    # /health answers only once the store is migrated; polling beats a fixed sleep.
+    env = {**os.environ, "MLFLOW_HOME": str(root)}
+    with serving(command, f"{uri}/health", root / "server.log", timeout_s=120, env=env):
+        yield uri
+
+
+@contextmanager
+def serving(
+    command: list[str],
+    ready_url: str,
+    log_path: Path,
+    timeout_s: float,
+    env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen]:
+    """Run a server process until the block ends; ready once `ready_url` answers 200.
+
+    Stops exactly the process it started (terminate, then kill), and names its log on failure.
+    """
+    import requests
+
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            if requests.get(f"{uri}/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"mlflow server did not start; see {root / 'server.log'}")
-        time.sleep(0.5)
-    yield uri
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    if requests.get(ready_url, timeout=2).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{command[2]} did not start; see {log_path}")
+                time.sleep(0.2)
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @dataclass(frozen=True)
@@ -135,28 +150,10 @@ class S3Server:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A moto S3 server process shared by the session; yields an S3Server."""
-    import requests
-
     root = tmp_path_factory.mktemp("s3-server")
     port = _free_port()
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed at teardown
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"{endpoint}/moto-api/", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"moto server did not start; see {root / 'server.log'}")
-        time.sleep(0.2)
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -165,14 +162,8 @@ def s3_server(tmp_path_factory):
         "AWS_ENDPOINT_URL": endpoint,  # pyarrow's FileSystem.from_uri("s3://...") honours it
         "AWS_EC2_METADATA_DISABLED": "true",  # no credential lookups on a metadata service
     }
-    yield S3Server(endpoint, env)
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    log.close()
+    with serving(command, f"{endpoint}/moto-api/", root / "server.log", timeout_s=60):
+        yield S3Server(endpoint, env)
 
 
 @pytest.fixture
