@@ -261,6 +261,7 @@ def run(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> N
     from emotr.track import ui_command
 
     cfg, scan = _load_with_listing(config, overrides, scan=True)
+    _load_keras_quietly()  # registration and the gate build Keras models on the driver
     result = _run_guarded(lambda: pipeline.run(cfg, _tracker(cfg), scan), cfg)
     console.print(
         f"\n[bold]best validation AUC {result.best_val_auc:.4f}[/] (trial "
@@ -310,6 +311,7 @@ def promote(
         return
     from emotr.promote import promote_challenger
 
+    _load_keras_quietly()  # the gate scores both versions' Keras heads
     images = _comparison_images(cfg, data) if data is not None else None
     result = _run_guarded(
         lambda: promote_challenger(
@@ -420,6 +422,17 @@ def _native_stderr_held() -> Iterator[None]:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def _load_keras_quietly() -> None:
+    """Import Keras (and so TensorFlow) and make a first tensor, its native start-up lines held.
+
+    Both print: the import its absl/oneDNN lines, the first tensor the device probe (cuInit).
+    """
+    with _native_stderr_held():
+        import keras
+
+        keras.ops.convert_to_tensor([0.0])
 
 
 @app.command()

@@ -20,8 +20,8 @@ import optuna
 import ray
 
 from emotr import plots
+from emotr.config import HeadParams
 from emotr.features import FeatureSet
-from emotr.head import HeadParams, fit_head
 from emotr.registry import keras_model_bytes
 
 # A task that died with its worker or node, as opposed to one whose code raised.
@@ -107,6 +107,9 @@ class TrialOutcome:
 
 def train_trial(features: FeatureSet, job: TrialJob) -> TrialOutcome:
     """Fit one head, render its plots, pack its MLflow model."""
+    # Imported on the worker: the driver, which imports this module, never loads TensorFlow.
+    from emotr.head import fit_head
+
     started, cpu_started = time.time(), time.process_time()
     result = fit_head(
         job.params,
