@@ -69,8 +69,8 @@ def test_a_relative_path_in_a_vanished_working_dir_names_the_key_and_the_cause(v
 
 
 def test_errors_from_a_vanished_working_dir_say_why_it_vanished(vanished_cwd, tmp_path: Path):
-    from emotr.oserrors import describe_os_error
     from emotr.config import MlflowConfig
+    from emotr.oserrors import describe_os_error
     from emotr.track import artifact_location
 
     with pytest.raises(EmotrError, match="own --temp-dir"):
