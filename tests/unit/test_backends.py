@@ -11,6 +11,9 @@ import pytest
 from emotr.backbone import FeatureExtractor
 from emotr.config import BackboneConfig
 
+# VGG16 on another backend in a subprocess: ~10 s, so `make test` runs it, not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 SCRIPT = """
 import sys, numpy as np
 from emotr.backbone import FeatureExtractor
