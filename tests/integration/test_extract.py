@@ -16,7 +16,6 @@ import signal
 import struct
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import zlib
@@ -42,6 +41,7 @@ from emotr.extract import TooManyFailures, _ProgressLog, extract_features
 from emotr.imageio import decode_image
 from emotr.track import Tracker
 from tests.conftest import REPO, smoke_config
+from tests.run_cli import run_python
 
 pytestmark = pytest.mark.slow
 
@@ -170,18 +170,6 @@ def test_rerun_extracts_only_new_images_and_a_new_input_size_gets_its_own_folder
     rows = {info.fingerprint: info.n_rows for info in list_caches(cfg.cache.root)}
     assert rows == {first.fingerprint: 34, other.fingerprint: 34}
     assert verify_cache(cfg.cache.root) == []
-
-
-def run_python(script: str, *args: str, timeout: float = 300) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(script), *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def write_config(cfg: Config, path: Path) -> Path:

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -27,7 +23,8 @@ from emotr.config import Config, DataConfig, to_yaml
 from emotr.demo import generate_demo_dataset
 from emotr.listing import index_location, read_index, scan_images, write_index
 from emotr.track import Tracker
-from tests.conftest import REPO, smoke_config
+from tests.conftest import smoke_config
+from tests.run_cli import run_python
 
 pytestmark = pytest.mark.slow
 
@@ -77,18 +74,6 @@ RUNS = """
     results["touched"], results["renamed"] = str(touched), str(renamed)
     out.write_text(json.dumps(results))
 """
-
-
-def run_python(script: str, *args: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(script), *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def demo_config(tmp_path: Path, *overrides: str) -> Config:
