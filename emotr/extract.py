@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -356,9 +356,13 @@ class _ProgressLog:
     """One short log line every `every_s` seconds or every 1/`n_steps` of the images."""
 
     def __init__(
-        self, total: int, every_s: float = _PROGRESS_EVERY_S, n_steps: int = _PROGRESS_STEPS
+        self,
+        total: int,
+        every_s: float = _PROGRESS_EVERY_S,
+        n_steps: int = _PROGRESS_STEPS,
+        label: str = "extract",
     ):
-        self.total, self.every_s, self.n_steps = total, every_s, n_steps
+        self.total, self.every_s, self.n_steps, self.label = total, every_s, n_steps, label
         self.start = self.last = time.monotonic()
         self.next_step = 1
 
@@ -371,7 +375,8 @@ class _ProgressLog:
             return
         elapsed = now - self.start
         log.info(
-            "extract: %d/%d images (%d%%), %d failed, %.1f images/s",
+            "%s: %d/%d images (%d%%), %d failed, %.1f images/s",
+            self.label,
             n_done,
             self.total,
             100 * n_done // self.total,
@@ -389,32 +394,47 @@ class _RayProgressNotice(logging.Filter):
         return not record.getMessage().startswith("Progress bars disabled")
 
 
-def _consume(dataset, committer: _Committer, n_todo: int, progress: bool) -> float | None:
-    """Commit the dataset's output; returns when (perf_counter) the first rows arrived.
+def stream_batches(
+    dataset, n_rows: int, progress: bool, label: str = "extract"
+) -> Iterator[dict[str, np.ndarray]]:
+    """The output batches of a `build_dataset` dataset, with progress shown as extraction does.
 
     In a terminal Ray Data draws its live progress bars; otherwise (a log file, CI, a pipe)
-    its bars are off and this loop logs a short line every 30 s or 10 %.
+    its bars are off and a short `label:` line is logged every 30 s or 10 % of `n_rows`.
     """
     live = progress and sys.stdout.isatty()
     dataset.context.enable_progress_bars = live
     # Rich, like the CLI's own display (Ray Data's tqdm bars print a notice that asks for it).
     dataset.context.enable_rich_progress_bars, dataset.context.use_ray_tqdm = live, False
-    lines = _ProgressLog(n_todo) if progress and not live else None
+    lines = _ProgressLog(n_rows, label=label) if progress and not live else None
     # Start every actor before dispatching: work is shared by all of them, and a pool the
     # cluster cannot place fails with a timeout instead of hanging.
     dataset.context.wait_for_min_actors_s = _ACTOR_START_TIMEOUT_S
     ray_progress_log = logging.getLogger("ray.data._internal.progress")
     notice = _RayProgressNotice()
     ray_progress_log.addFilter(notice)
-    first_rows_at = None
+    n_done = n_failed = 0
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            n_done += len(batch["ok"])
+            n_failed += int((~batch["ok"].astype(bool) & ~batch["cached"].astype(bool)).sum())
+            if lines:
+                lines.update(n_done, n_failed)
+            yield batch
+    finally:
+        ray_progress_log.removeFilter(notice)
+
+
+def _consume(dataset, committer: _Committer, n_todo: int, progress: bool) -> float | None:
+    """Commit the dataset's output; returns when (perf_counter) the first rows arrived."""
+    first_rows_at = None
+    batches = stream_batches(dataset, n_todo, progress)
+    try:
+        for batch in batches:
             first_rows_at = first_rows_at or time.perf_counter()
             committer.add(batch)
-            if lines:
-                lines.update(committer.n_seen, len(committer.failures))
     finally:  # keep what was extracted, even when the job fails half-way
-        ray_progress_log.removeFilter(notice)
+        batches.close()
         committer.flush()
     return first_rows_at
 
