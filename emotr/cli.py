@@ -228,17 +228,27 @@ def demo_data(
 @app.command()
 def extract(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
     """Extract VGG16 features of every image not yet in the cache (Ray job)."""
-    from emotr import pipeline
+    from emotr import doctor, pipeline
 
-    cfg, scan = _load_with_listing(config, overrides, scan=True, connect=False)
-    summary = _run_guarded(
-        lambda: pipeline.extract(cfg, _tracker(cfg), scan, connect=lambda: _connect_ray(cfg)), cfg
-    )
+    cfg = _load(config, overrides)
+    # The tracking store is checked (and MLflow imported) only when there is work to record.
+    _require_green(list(doctor.check_stores(cfg, _on_cluster(cfg), tracking=False)))
+    scan = _run_guarded(lambda: pipeline.prepare_scan(cfg), cfg)
+    summary = _run_guarded(lambda: pipeline.idle_extraction(cfg, scan), cfg)
+    idle = summary is not None
+    if summary is None:
+        _require_green(list(doctor.check_tracking_stores(cfg, _on_cluster(cfg))))
+        summary = _run_guarded(
+            lambda: pipeline.extract(cfg, _tracker(cfg), scan, connect=lambda: _connect_ray(cfg)),
+            cfg,
+        )
     console.print(
         f"cache {cfg.cache.root}/{summary.fingerprint}: {summary.n_extracted} extracted, "
         f"{summary.n_cached} already cached, {summary.n_failed} failed "
         f"({summary.images_per_second:.1f} images/s, {summary.wall_seconds:.1f} s)"
     )
+    if idle:
+        console.print("nothing new to extract: no MLflow run recorded", style="dim")
 
 
 @app.command()

@@ -66,10 +66,13 @@ def check_all(
     yield check_ray(ray_where, cfg.extract.keras_backend, connect_ray, cfg.ray.address)
 
 
-def check_stores(cfg: Config, on_cluster: bool, data: bool = False) -> Iterator[Check]:
+def check_stores(
+    cfg: Config, on_cluster: bool, data: bool = False, tracking: bool = True
+) -> Iterator[Check]:
     """All but Ray, one Check at a time: paths, weights, (data,) cache, tracking, artifacts, study.
 
-    A job leaves the data out: its listing, right after, is that check.
+    A job leaves the data out: its listing, right after, is that check. tracking=False stops
+    after the cache: `emotr extract` checks the rest only once it knows it has work.
     """
     paths = check_paths(cfg, on_cluster)
     yield paths
@@ -79,6 +82,13 @@ def check_stores(cfg: Config, on_cluster: bool, data: bool = False) -> Iterator[
     # A relative store on a cluster is not probed: probing would create it where it is lost.
     lost = relative_paths(cfg) if not paths.ok else {}
     yield _unless_lost(lost, "cache", "cache.root", lambda: check_cache(cfg.cache))
+    if tracking:
+        yield from check_tracking_stores(cfg, on_cluster)
+
+
+def check_tracking_stores(cfg: Config, on_cluster: bool) -> Iterator[Check]:
+    """The MLflow tracking store, its artifact root and the Optuna storage."""
+    lost = relative_paths(cfg) if on_cluster else {}
     key = "mlflow.tracking_uri"
     tracking = _unless_lost(lost, "tracking", key, lambda: check_tracking(cfg.mlflow))
     yield tracking

@@ -32,12 +32,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from emotr.cache import FeatureCache, compute_fingerprint
+from emotr.cache_set import CacheSet, open_cache_set
 from emotr.config import Config, ExtractConfig
 from emotr.data import Listing
 from emotr.errors import EmotrError
 from emotr.imageio import decode_batch, hash_keys
 from emotr.listing import Scan
+from emotr.taps import ACTIVATIONS, DEFAULT_TAP
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +121,23 @@ def _configure_tensorflow(n_threads: int) -> None:
 
 
 class Extractor:
-    """Ray Data callable class: loads the model once, turns decoded pixels into features."""
+    """Ray Data callable class: loads the model once, turns decoded pixels into features.
+
+    `outputs` (name -> shape per image) names what the model gives: a model with
+    `extract_outputs` (emotr.backbone.FeatureExtractor) gives each by name, any other callable
+    gives gap5's features. gap5 comes out as the `features` column, any other output as
+    `out_<name>`; activations travel as bfloat16 bits (uint16), half the bytes of float32.
+    """
 
     def __init__(
         self,
         load_model: ModelLoader,
         input_shape: tuple[int, int, int],
-        dim: int,
+        dim: int = 0,
         n_threads: int = 0,
         backend: str = "",
         concurrent_calls: bool = False,
+        outputs: dict[str, tuple[int, ...]] | None = None,
     ):
         import ray
 
@@ -139,25 +147,29 @@ class Extractor:
 
         _configure_tensorflow(n_threads or _node_cpus())
         self.model = load_model()
+        self.outputs = outputs or {DEFAULT_TAP: (dim,)}
         if concurrent_calls:
             # Compile now, once: two first calls at the same time would both compile. (Without
             # them the first batch compiles, and a warm-up would cost one batch more.)
-            self.model(np.zeros((1, *input_shape), np.uint8))
-        self.dim = dim
+            self._run(np.zeros((1, *input_shape), np.uint8))
         self.worker = f"{node}:{os.getpid()}:{keras.backend.backend()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["ok"].astype(bool)
         if ok.all():  # no copy of the pixels (77 MB for 128 images at 400x500)
-            features = self.model(np.asarray(batch["pixels"], np.uint8))
+            values = self._run(np.asarray(batch["pixels"], np.uint8))
         else:
-            features = np.zeros((len(ok), self.dim), np.float32)
+            values = {
+                name: np.zeros((len(ok), *shape), _wire_dtype(name))
+                for name, shape in self.outputs.items()
+            }
             if ok.any():
-                features[ok] = self.model(np.asarray(batch["pixels"][ok], np.uint8))
+                for name, value in self._run(np.asarray(batch["pixels"][ok], np.uint8)).items():
+                    values[name][ok] = value
         return {
             "path": batch["path"],
             "sha256": batch["sha256"],
-            "features": features,
+            **{output_column(name): value for name, value in values.items()},
             "ok": ok,
             "cached": batch["cached"],
             "reason": batch["reason"],
@@ -165,6 +177,35 @@ class Extractor:
             "width": batch["width"],
             "worker": np.full(len(ok), self.worker, dtype=object),
         }
+
+    def _run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        if hasattr(self.model, "extract_outputs"):
+            values = self.model.extract_outputs(pixels)
+        elif set(self.outputs) == {DEFAULT_TAP}:
+            values = {DEFAULT_TAP: self.model(pixels)}
+        else:
+            raise ValueError(
+                f"the extractor model has no extract_outputs, so it gives {DEFAULT_TAP} alone; "
+                f"{sorted(self.outputs)} were asked for"
+            )
+        return {name: _to_wire(name, values[name]) for name in self.outputs}
+
+
+def output_column(name: str) -> str:
+    """The Ray Data column of an extractor output: `features` for gap5, else `out_<name>`."""
+    return "features" if name == DEFAULT_TAP else f"out_{name}"
+
+
+def _wire_dtype(name: str) -> type:
+    return np.uint16 if name in ACTIVATIONS else np.float32
+
+
+def _to_wire(name: str, value: np.ndarray) -> np.ndarray:
+    if name not in ACTIVATIONS:
+        return np.asarray(value, np.float32)
+    import ml_dtypes
+
+    return np.asarray(value).astype(ml_dtypes.bfloat16).view(np.uint16)
 
 
 def _node_cpus() -> int:
@@ -230,11 +271,13 @@ def build_dataset(
     load_model: ModelLoader,
     plan: ActorPlan,
     skip: np.ndarray | None = None,
+    outputs: dict[str, tuple[int, ...]] | None = None,
 ):
     """The lazy Ray Dataset from (path, sha256) rows to features.
 
     A row with an empty sha256 is hashed where it is read; `skip` (imageio.hash_keys) names
-    the hashes not to decode (already cached).
+    the hashes not to decode (already cached). `outputs`: what the model gives, by name and
+    shape per image (see Extractor); default gap5's features.
     """
     import ray
 
@@ -268,6 +311,7 @@ def build_dataset(
                 "load_model": load_model,
                 "input_shape": (*cfg.backbone.input_size, 3),
                 "dim": feature_dim(cfg.backbone),
+                "outputs": outputs,
                 "n_threads": plan.n_threads,
                 "backend": cfg.extract.keras_backend,
                 "concurrent_calls": plan.on_gpus,
@@ -311,8 +355,8 @@ def _split_rows(frame: pd.DataFrame, n_blocks: int) -> list[pd.DataFrame]:
 class _Committer:
     """Collects the actors' output on the driver and commits every `every` good rows."""
 
-    def __init__(self, cache: FeatureCache, every: int):
-        self.cache, self.every = cache, every
+    def __init__(self, cache: CacheSet, every: int, outputs: tuple[str, ...] = (DEFAULT_TAP,)):
+        self.cache, self.every, self.outputs = cache, every, tuple(outputs)
         self.pending: list[dict[str, np.ndarray]] = []
         self.n_pending = self.n_committed = 0
         self.failures: list[tuple[str, str, str]] = []
@@ -331,7 +375,8 @@ class _Committer:
         self.failures += zip(
             batch["path"][failed], batch["sha256"][failed], batch["reason"][failed], strict=True
         )
-        good = {key: batch[key][ok] for key in ("sha256", "features", "height", "width")}
+        columns = ["sha256", "height", "width", *map(output_column, self.outputs)]
+        good = {key: batch[key][ok] for key in columns}
         self.pending.append(good)
         self.n_pending += int(ok.sum())
         while self.n_pending >= self.every:
@@ -344,7 +389,7 @@ class _Committer:
         n_rows = n_rows or len(rows["sha256"])
         self.n_committed += self.cache.commit(
             [str(key) for key in rows["sha256"][:n_rows]],
-            rows["features"][:n_rows],
+            {name: rows[output_column(name)][:n_rows] for name in self.outputs},
             rows["height"][:n_rows].tolist(),
             rows["width"][:n_rows].tolist(),
         )
@@ -439,6 +484,26 @@ def _consume(dataset, committer: _Committer, n_todo: int, progress: bool) -> flo
     return first_rows_at
 
 
+def plan_extraction(
+    cfg: Config, listing: Listing | Scan
+) -> tuple[CacheSet, set[str], pd.DataFrame]:
+    """The caches, the hashes all of them hold, and what to extract: path, sha256 ("" = read
+    to know). Each configured tap and the activation has its cache; an image one of them lacks
+    is extracted (once, for all it lacks).
+
+    Nothing to extract (an empty frame) means a run would start neither Ray nor a model.
+    """
+    cache = open_cache_set(cfg)
+    cached = cache.complete_hashes()
+    known = listing.images[["path", "sha256"]] if isinstance(listing, Listing) else listing.known()
+    unique = known.drop_duplicates("sha256")
+    unknown = listing.unknown() if isinstance(listing, Scan) else known.iloc[:0, :1]
+    todo = pd.concat(
+        [unique[~unique["sha256"].isin(cached)], unknown.assign(sha256="")], ignore_index=True
+    )
+    return cache, cached, todo
+
+
 def extract_features(
     cfg: Config,
     listing: Listing | Scan,
@@ -457,17 +522,11 @@ def extract_features(
     elsewhere.
     """
     start = time.perf_counter()
-    fingerprint, inputs = compute_fingerprint(cfg.backbone, cfg.decode)
-    cache = FeatureCache(cfg.cache.root, fingerprint, inputs)
-    cached_before = cache.cached_hashes()
-    known = listing.images[["path", "sha256"]] if isinstance(listing, Listing) else listing.known()
-    unique = known.drop_duplicates("sha256")
-    unknown = listing.unknown() if isinstance(listing, Scan) else known.iloc[:0, :1]
-    todo = pd.concat(
-        [unique[~unique["sha256"].isin(cached_before)], unknown.assign(sha256="")],
-        ignore_index=True,
-    )
-    committer = _Committer(cache, cfg.extract.commit_every)
+    cache, cached_before, todo = plan_extraction(cfg, listing)
+    fingerprint = cache.fingerprint
+    unknown = todo[todo["sha256"] == ""]
+    outputs = cache.missing_outputs(set(todo["sha256"]) - {""}, unknown=len(unknown) > 0)
+    committer = _Committer(cache, cfg.extract.commit_every, tuple(outputs))
     plan, startup = None, 0.0
     if len(todo):
         if connect is not None:
@@ -477,16 +536,23 @@ def extract_features(
 
             check_weights(cfg.backbone)
             load_model = functools.partial(
-                FeatureExtractor, cfg.backbone, batch_size=cfg.extract.batch_size
+                FeatureExtractor, cfg.backbone, batch_size=cfg.extract.batch_size, outputs=outputs
             )
         plan = plan_actors(cfg.extract)
         log.info(
-            "extracting %d images with %d actors into %s", len(todo), plan.n_actors, fingerprint
+            "extracting %s of %d images with %d actors into %s",
+            "+".join(outputs),
+            len(todo),
+            plan.n_actors,
+            fingerprint,
         )
         # Only files of unknown hash may turn out cached (renamed or copied ones).
         skip = hash_keys(cached_before) if len(unknown) else None
         first_rows_at = _consume(
-            build_dataset(cfg, todo, load_model, plan, skip), committer, len(todo), progress
+            build_dataset(cfg, todo, load_model, plan, skip, _shapes(cfg, outputs)),
+            committer,
+            len(todo),
+            progress,
         )
         # Until the first features reached the driver: actor start, imports, model load, tracing.
         startup = first_rows_at - start if first_rows_at else 0.0
@@ -508,6 +574,12 @@ def extract_features(
             first["reason"],
         )
     return summary
+
+
+def _shapes(cfg: Config, outputs: list[str]) -> dict[str, tuple[int, ...]]:
+    from emotr.backbone import output_shape
+
+    return {name: output_shape(cfg.backbone, name) for name in outputs}
 
 
 def _summarize(

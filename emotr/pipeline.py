@@ -17,12 +17,12 @@ from emotr.data import Listing
 from emotr.features import load_feature_set
 from emotr.listing import Scan, scan_images
 from emotr.storage import is_uri
-from emotr.track import Tracker
 
 if TYPE_CHECKING:
     from emotr.extract import ExtractSummary
     from emotr.features import FeatureSet
     from emotr.registry import Candidate
+    from emotr.track import Tracker
     from emotr.tune_report import SearchResult
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,19 @@ def log_listing(tracker: Tracker, run_id: str, cfg: Config, listing: Listing) ->
     tracker.set_tags(run_id, {"split_digest": listing.digest})
 
 
+def idle_extraction(cfg: Config, scan: Scan) -> ExtractSummary | None:
+    """The summary of an extraction with nothing to do, or None when there is work.
+
+    Nothing to do (every file's hash known from the index and cached) starts neither Ray nor a
+    model, and opens no MLflow run: a warm re-run costs the listing alone.
+    """
+    from emotr.extract import extract_features, plan_extraction
+
+    if len(plan_extraction(cfg, scan)[2]):
+        return None
+    return extract_features(cfg, scan)
+
+
 def extract(
     cfg: Config,
     tracker: Tracker,
@@ -182,8 +195,15 @@ def tune(cfg: Config, tracker: Tracker, listing: Listing):
 
     check_storage(cfg.tune)
     fingerprint, _ = compute_fingerprint(cfg.backbone, cfg.decode)
-    features = load_feature_set(cfg, listing, fingerprint)
+    features = with_activations(cfg, listing, load_feature_set(cfg, listing, fingerprint))
     return run_search(cfg, features, tracker)
+
+
+def with_activations(cfg: Config, listing: Listing, features: FeatureSet) -> FeatureSet:
+    """The features, plus the cached activations when a trial may fine-tune (emotr.finetune)."""
+    from emotr.finetune import load_finetune_set, may_finetune
+
+    return load_finetune_set(cfg, listing, features) if may_finetune(cfg) else features
 
 
 def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
@@ -201,6 +221,7 @@ def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
         features = load_feature_set(
             cfg, summary.listing, summary.fingerprint, failed=summary.failures["sha256"]
         )
+        features = with_activations(cfg, summary.listing, features)
         search = run_search(cfg, features, tracker, run_id)
         version = register_model(cfg, tracker, _candidate(search, features, summary))
         promotion = _run_gate(cfg, tracker)

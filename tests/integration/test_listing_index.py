@@ -142,7 +142,7 @@ WARM_CLI = """
 
     def report():
         ray = sys.modules.get("ray")
-        started = {"tensorflow": "tensorflow" in sys.modules,
+        started = {"tensorflow": "tensorflow" in sys.modules, "mlflow": "mlflow" in sys.modules,
                    "ray": bool(ray and ray.is_initialized())}
         print("STARTED", json.dumps(started), flush=True)
 
@@ -153,14 +153,15 @@ WARM_CLI = """
 """
 
 
-def test_extract_command_with_nothing_to_do_starts_neither_ray_nor_tensorflow(runs):
+def test_extract_command_with_nothing_to_do_starts_neither_ray_tensorflow_nor_mlflow(runs):
     process = run_python(WARM_CLI, runs["config"])
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-3000:]
     said = " ".join(output.split())  # the console wraps long lines
     assert f"0 extracted, {N_IMAGES} already cached, 0 failed" in said
     started = json.loads(output.split("STARTED", 1)[1].splitlines()[0])
-    assert started == {"tensorflow": False, "ray": False}
+    assert started == {"tensorflow": False, "mlflow": False, "ray": False}
+    assert "nothing new to extract: no MLflow run recorded" in said
 
 
 WRITER = """
