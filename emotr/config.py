@@ -126,6 +126,13 @@ class HeadParams(_Section):
     batch_size: int = Field(32, ge=1)
     standardize: bool = False
     class_weight: bool = False
+    # Deep fine-tuning (emotr.finetune): train the VGG16 blocks above extract.cache_activation
+    # with the head, at learning_rate * finetune_lr_scale, for up to finetune_epochs epochs after
+    # the head's own fit (early stopping after finetune_patience epochs without a better val AUC).
+    finetune: bool = False
+    finetune_lr_scale: float = Field(0.1, gt=0.0, le=1.0)
+    finetune_epochs: int = Field(10, ge=1)
+    finetune_patience: int = Field(3, ge=1)
 
 
 def _check_range(low: float, high: float, log: bool) -> None:

@@ -113,7 +113,8 @@ def score_epoch(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     }
 
 
-def _sample_weights(params: HeadParams, y_train: np.ndarray) -> np.ndarray:
+def sample_weights(params: HeadParams, y_train: np.ndarray) -> np.ndarray:
+    """Per-row loss weights: 1, or balanced class weights (params.class_weight)."""
     if not params.class_weight:
         return np.ones(len(y_train), dtype=np.float32)
     classes = np.unique(y_train)
@@ -125,7 +126,7 @@ def _sample_weights(params: HeadParams, y_train: np.ndarray) -> np.ndarray:
 def _train_dataset(
     params: HeadParams, x_train: np.ndarray, y_train: np.ndarray, seed: int
 ) -> tf.data.Dataset:
-    data = (x_train, y_train.astype(np.float32), _sample_weights(params, y_train))
+    data = (x_train, y_train.astype(np.float32), sample_weights(params, y_train))
     return (
         tf.data.Dataset.from_tensor_slices(data)
         .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
@@ -185,18 +186,19 @@ def fit_head(
         key: [float(value) for value in fitted.history[key]]
         for key in ("loss", "accuracy", "val_loss", "val_accuracy", "val_auc")
     }
-    return _score(model, history, x_val, y_val, train_seconds, validation.stopped_by_callback)
+    scores = predict_scores(model, x_val)
+    return head_result(model, history, y_val, scores, train_seconds, validation.stopped_by_callback)
 
 
-def _score(
+def head_result(
     model: keras.Model,
     history: dict[str, list[float]],
-    x_val: np.ndarray,
     y_val: np.ndarray,
+    scores: np.ndarray,
     train_seconds: float,
     stopped_by_callback: bool,
 ) -> HeadResult:
-    scores = predict_scores(model, x_val)
+    """A HeadResult from a trained model's history and its validation scores."""
     return HeadResult(
         model=model,
         history=history,

@@ -125,6 +125,7 @@ def _register_new(cfg: Config, tracker: Tracker, candidate: Candidate) -> ModelV
         head=candidate.head,
         n_features=candidate.n_features,
         classes=tuple(cfg.data.classes),
+        activation=cfg.extract.cache_activation if candidate.head.finetune else None,
     )
     tracker.log_table(candidate.run_id, candidate.validation, VALIDATION_ARTIFACT)
     with tempfile.TemporaryDirectory() as folder, _fluent(tracker):
@@ -211,13 +212,12 @@ def _version_tags(
     cfg: Config, candidate: Candidate, spec: Any, weights_sha256: str
 ) -> dict[str, str]:
     height, width = cfg.backbone.input_size
-    return {
+    tags = {
         "classes": json.dumps(list(cfg.data.classes)),
         "input_size": f"{height}x{width}",
         "backbone": cfg.backbone.name,
         "backbone_weights": spec.backbone.weights,  # an identity (sha256), never a path
         "weights_sha256": weights_sha256,
-        "feature_fingerprint": candidate.feature_fingerprint,
         "split_digest": candidate.split_digest,
         "study": candidate.study,
         "trial": str(candidate.trial),
@@ -226,6 +226,14 @@ def _version_tags(
         "emotr_version": emotr.__version__,
         "git_commit": git_commit(),
     }
+    if spec.activation is None:
+        tags["feature_fingerprint"] = candidate.feature_fingerprint
+    else:
+        # Not feature_fingerprint: predict and the gate would feed its cached features to a
+        # model that takes activations; they decode the images instead.
+        tags["activation"] = spec.activation
+        tags["activation_fingerprint"] = candidate.feature_fingerprint
+    return tags
 
 
 def git_commit() -> str:

@@ -43,6 +43,9 @@ class ServingSpec(BaseModel):
     n_features: int
     classes: tuple[str, str]
     threshold: float = 0.5
+    # A fine-tuned model (head.finetune) starts from this activation, e.g. block4_pool: the head
+    # weights file then holds the fine-tuned blocks above it too (emotr.finetune).
+    activation: str | None = None
 
 
 class ImageScorer:
@@ -54,10 +57,17 @@ class ImageScorer:
 
         self.spec = spec
         backbone = spec.backbone.model_copy(update={"weights": str(backbone_weights)})
-        self.extractor = FeatureExtractor(backbone, batch_size=SERVING_BATCH)
-        # Normalization needs data to build; the loaded weights replace what it adapts to here.
-        placeholder = np.zeros((2, spec.n_features), dtype=np.float32)
-        self.head = build_head(spec.head, spec.n_features, placeholder)
+        if spec.activation is not None:  # `features` are then activations
+            from emotr.finetune import serving_parts
+
+            self.extractor, self.head = serving_parts(
+                spec.head, backbone, spec.activation, SERVING_BATCH
+            )
+        else:
+            self.extractor = FeatureExtractor(backbone, batch_size=SERVING_BATCH)
+            # Normalization needs data to build; the loaded weights replace what it adapts to.
+            placeholder = np.zeros((2, spec.n_features), dtype=np.float32)
+            self.head = build_head(spec.head, spec.n_features, placeholder)
         self.head.load_weights(str(head_weights))
 
     def score_features(self, features: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import optuna
 import ray
 
@@ -111,17 +112,29 @@ def train_trial(features: FeatureSet, job: TrialJob) -> TrialOutcome:
     from emotr.head import fit_head
 
     started, cpu_started = time.time(), time.process_time()
-    result = fit_head(
-        job.params,
-        features.x_train,
-        features.y_train,
-        features.x_val,
-        features.y_val,
-        epochs=job.epochs,
-        patience=job.patience,
-        seed=job.seed,
-        on_epoch_end=_pruning_check(job),
-    )
+    if job.params.finetune:
+        from emotr.finetune import fit_finetune
+
+        result = fit_finetune(
+            job.params,
+            features,
+            epochs=job.epochs,
+            patience=job.patience,
+            seed=job.seed,
+            on_epoch_end=_pruning_check(job),
+        )
+    else:
+        result = fit_head(
+            job.params,
+            features.x_train,
+            features.y_train,
+            features.x_val,
+            features.y_val,
+            epochs=job.epochs,
+            patience=job.patience,
+            seed=job.seed,
+            on_epoch_end=_pruning_check(job),
+        )
     pngs = {
         "plots/roc_curve.png": plots.roc_figure(*result.roc[:2], result.metrics["val_auc"]),
         "plots/confusion_matrix.png": plots.confusion_figure(result.confusion, job.classes),
@@ -130,9 +143,10 @@ def train_trial(features: FeatureSet, job: TrialJob) -> TrialOutcome:
         ),
     }
     # A pruned head is never deployed: skip saving it.
-    model = (
-        None if result.stopped_by_callback else keras_model_bytes(result.model, features.x_val[:5])
-    )
+    # A fine-tuned model takes activations (FineTuneSet.a_val), a head features.
+    example = features.a_val[:5] if job.params.finetune else features.x_val[:5]
+    example = np.asarray(example, dtype=np.float32)
+    model = None if result.stopped_by_callback else keras_model_bytes(result.model, example)
     return TrialOutcome(
         history=result.history,
         metrics={**result.metrics, "train_seconds": result.train_seconds},
