@@ -23,6 +23,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -119,17 +120,12 @@ class Scan:
             frame = self.found.files.loc[keep, ["path", "size", "mtime_ns"]]
             frame = frame.rename(columns={"path": "location"}).assign(sha256=hashes[keep])
             write_index(self.index, frame.drop_duplicates("location"))
-        found = FileList(
-            files=self.found.files[keep].reset_index(drop=True),
-            sources=[src for src, kept in zip(self.found.sources, keep, strict=True) if kept],
-            where=self.found.where,
-        )
-        return complete_listing(self.data, found, hashes[keep].tolist())
+        return complete_listing(self.data, self.found.subset(keep), hashes[keep].tolist())
 
     def complete_here(self) -> Listing:
         """The Listing, hashing unknown files in this process (commands that extract nothing)."""
         unknown = self.sha256.to_numpy() == ""
-        sources = [src for src, todo in zip(self.found.sources, unknown, strict=True) if todo]
+        sources = self.found.subset(unknown).sources()
         learned = dict(zip((src.location for src in sources), hash_files(sources), strict=True))
         return self.complete(learned)
 
@@ -143,11 +139,24 @@ def scan_images(data: DataConfig, cache_root: str | None) -> Scan:
     location = index_location(cache_root, data) if cache_root is not None else None
     index = read_index(location) if location is not None else INDEX_SCHEMA.empty_table().to_pandas()
     files = found.files[["path", "size", "mtime_ns"]].rename(columns={"path": "location"})
+    if _same_files(files, index):  # the common warm case: no join needed
+        sha256 = pd.Series(index["sha256"].to_numpy(), index=found.files.index, dtype=object)
+        return Scan(data, found, sha256, location, True)
     matched = files.merge(index, on=["location", "size", "mtime_ns"], how="left")
     sha256 = matched["sha256"].fillna("").astype(str)
     sha256.index = found.files.index
     current = len(index) == files["location"].nunique() and (sha256 != "").all()
     return Scan(data, found, sha256, location, bool(current))
+
+
+def _same_files(files: pd.DataFrame, index: pd.DataFrame) -> bool:
+    """Whether the index lists exactly these files, in this order, with this size and mtime."""
+    if len(files) != len(index):
+        return False
+    return all(
+        np.array_equal(files[column].to_numpy(), index[column].to_numpy())
+        for column in ("size", "mtime_ns", "location")  # the cheap comparisons first
+    )
 
 
 def list_images_indexed(data: DataConfig, cache_root: str | None) -> Listing:
