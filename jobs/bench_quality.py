@@ -40,7 +40,7 @@ from emotr.config import Config, load_config
 from emotr.features import FeatureSet, load_feature_set
 from emotr.track import Tracker
 
-PARTS = ("tutorial", "search", "finetune", "logreg", "ceiling")
+PARTS = ("tutorial", "search", "finetune", "logreg", "ceiling", "cost")
 COLUMNS = ["option", "val AUC", "95 % interval", "accuracy", "wall s", "note"]
 
 
@@ -217,11 +217,64 @@ def run_finetune(cfg: Config, features: FeatureSet, tracker: Tracker, args, best
     return run_search_part(cfg, tuning, tracker, "fine-tuning", args.finetune_trials)
 
 
-def markdown(args: argparse.Namespace, rows: dict, info: dict) -> str:
+def run_cost(args: argparse.Namespace) -> dict:
+    """Training images/s: block 5 + head on cached block4_pool activations (a fine-tuning trial's
+    step) against pixels through the whole VGG16, blocks 1-4 frozen (the tutorial's way)."""
+    import keras
+
+    from emotr.config import HeadParams
+    from emotr.finetune import build_finetune_model, train_step
+    from emotr.head import build_head
+    from emotr.taps import activation_shape
+
+    params = HeadParams(finetune=True, batch_size=args.cost_batch)
+    shape = activation_shape("block4_pool", args.size)
+    cached = build_finetune_model(params, shape, "block4_pool")
+    conv_base = keras.applications.VGG16(
+        include_top=False, weights=None, input_shape=(*args.size, 3)
+    )
+    for layer in conv_base.layers:
+        layer.trainable = layer.name.startswith("block5")
+    pixels = keras.Input((*args.size, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(conv_base(pixels))
+    full = keras.Model(pixels, build_head(params, 512)(pooled))
+    rng = np.random.default_rng(0)
+    y = (np.arange(args.cost_batch) % 2).astype(np.float32).reshape(-1, 1)
+    w = np.ones(args.cost_batch, np.float32)
+    rates = {}
+    for name, model, x_shape in (("cached", cached, shape), ("full", full, (*args.size, 3))):
+        step = train_step(model, params)
+        x = rng.random((args.cost_batch, *x_shape), dtype=np.float32)
+        step(x, y, w)  # trace
+        started = time.perf_counter()
+        for _ in range(args.cost_steps):
+            step(x, y, w)
+        rates[name] = args.cost_steps * args.cost_batch / (time.perf_counter() - started)
+        print(f"{name}: {rates[name]:.1f} img/s", flush=True)
+    return {"cached_img_s": rates["cached"], "full_img_s": rates["full"], "batch": args.cost_batch}
+
+
+def cost_markdown(cost: dict, n_train: int) -> str:
+    """The fine-tuning cost table."""
+    rows = ""
+    for name, key in (("block 5 + head on cached block4_pool", "cached_img_s"),
+                      ("full VGG16 from pixels, blocks 1-4 frozen", "full_img_s")):  # fmt: skip
+        rows += f"| {name} | {cost[key]:.1f} | {n_train / cost[key]:.0f} |\n"
+    return (
+        f"\nFine-tuning cost per epoch (float32 training steps of {cost['batch']} images, "
+        "forward + backward + Adam, all CPUs of this machine; GPU unmeasured here): cached / "
+        f"full = {cost['cached_img_s'] / cost['full_img_s']:.1f}x.\n\n"
+        "| training path | img/s | s per epoch of the train split |\n|---|---|---|\n" + rows
+    )
+
+
+def markdown(args: argparse.Namespace, rows: dict, info: dict, cost: dict | None) -> str:
     """The benchmark's section of docs/benchmarks.md."""
     header = f"| {' | '.join(COLUMNS)} |\n|{'---|' * len(COLUMNS)}\n"
     body = ""
-    for row in rows.values():
+    for part, row in rows.items():
+        if part == "cost":
+            continue
         interval = "-" if row["low"] is None else f"[{row['low']:.3f}, {row['high']:.3f}]"
         wall = "-" if row["wall_s"] is None else f"{row['wall_s']:.1f}"
         cells = [row["option"], f"{row['val_auc']:.3f}", interval, f"{row['accuracy']:.3f}"]
@@ -239,7 +292,7 @@ def markdown(args: argparse.Namespace, rows: dict, info: dict) -> str:
         f"({info.get('n_extracted')} images extracted). Rows of parts not in --only come from "
         "earlier runs on the same work folder. Interval: percentile bootstrap over the "
         "validation images (1,000 resamples).\n\n"
-        f"{header}{body}"
+        f"{header}{body}" + (cost_markdown(cost, info.get("n_train", 0)) if cost else "")
     )
 
 
@@ -253,6 +306,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--trials", type=int, default=30, help="trials of the search part")
     parser.add_argument("--finetune-trials", type=int, default=3)
     parser.add_argument("--finetune-epochs", type=int, default=8, help="joint epochs a trial")
+    parser.add_argument("--cost-batch", type=int, default=32, help="images per timed step")
+    parser.add_argument("--cost-steps", type=int, default=5, help="timed steps per path")
     parser.add_argument("--num-cpus", type=int, default=2, help="local Ray CPUs")
     add_output_arguments(parser)
     args = parser.parse_args()
@@ -271,12 +326,14 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     saved = args.work / "rows.json"
     state = json.loads(saved.read_text()) if saved.exists() else {"rows": {}, "info": {}}
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     cfg = bench_config(args.work, args)
-    tracker = Tracker(cfg.mlflow)
-    features, info = prepare(cfg, tracker)
-    if info["n_extracted"] or not state["info"]:
-        state["info"] = info
+    tracker = features = None
+    if set(args.only) - {"ceiling", "cost"}:  # the others need the data set and its features
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+        tracker = Tracker(cfg.mlflow)
+        features, info = prepare(cfg, tracker)
+        if info["n_extracted"] or not state["info"]:
+            state["info"] = info
     runners: dict[str, Callable[[], dict]] = {
         "tutorial": lambda: run_tutorial(cfg, features, args),
         "search": lambda: run_search_part(cfg, features, tracker, "search", args.trials),
@@ -285,6 +342,7 @@ def main() -> None:
         ),
         "logreg": lambda: run_logreg(features),
         "ceiling": run_ceiling,
+        "cost": lambda: run_cost(args),
     }
     for part in args.only:
         print(f"part {part} ...", flush=True)
@@ -292,8 +350,9 @@ def main() -> None:
         print(json.dumps(state["rows"][part]), flush=True)
         saved.write_text(json.dumps(state, indent=2))
     rows = {part: state["rows"][part] for part in PARTS if part in state["rows"]}
-    ray.shutdown()
-    publish(args, markdown(args, rows, state["info"]))
+    if ray.is_initialized():
+        ray.shutdown()
+    publish(args, markdown(args, rows, state["info"], rows.get("cost")))
 
 
 if __name__ == "__main__":
