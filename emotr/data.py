@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from emotr.config import DataConfig
@@ -29,7 +31,9 @@ from emotr.storage import is_uri, join, resolve
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 MANIFEST_EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_IMAGE_NAME = r"\.(" + "|".join(sorted(ext[1:] for ext in IMAGE_EXTENSIONS)) + ")$"
 _CHUNK_BYTES = 1 << 20
+CONFLICT = "conflict"  # the split the listing index records for a file left out as a conflict
 _MAX_NAMED = 10  # paths spelled out in one message; the rest are counted
 
 
@@ -148,6 +152,25 @@ def complete_listing(cfg: DataConfig, found: FileList, sha256s: Sequence[str]) -
     return Listing(images=images, conflicts=conflicts, digest=_digest(images))
 
 
+def listing_from_splits(
+    found: FileList, sha256s: Sequence[str], splits: np.ndarray, digest: str
+) -> Listing:
+    """The Listing of `found` whose split ("train", "val" or "conflict") each file has already.
+
+    What complete_listing would give for the same files, hashes and split rule, without its
+    per-image work: the listing index keeps the splits of the last listing (emotr.listing).
+    """
+    frame = found.files[["path", "label", "class_name"]].copy()
+    frame["sha256"] = list(sha256s)
+    conflict = splits == CONFLICT
+    images = frame[~conflict].reset_index(drop=True)
+    images["split"] = splits[~conflict]
+    conflicts = frame[conflict].reset_index(drop=True)
+    if len(conflicts):
+        _warn_conflicts(conflicts)
+    return Listing(images=images, conflicts=conflicts, digest=digest)
+
+
 def assign_split(
     sha256s: Sequence[str], labels: Sequence[int], val_fraction: float, seed: int
 ) -> np.ndarray:
@@ -224,26 +247,34 @@ def _list_class_folder(
     """fs_path, size, mtime_ns of the image files under `folder`, from one metadata listing."""
     _require_folder(filesystem, folder, f"class folder {shown}", classes)
     entries = filesystem.get_file_info(pafs.FileSelector(folder, recursive=True))
-    # The only per-file Python: three attributes of each file (is_file is cheaper than .type).
-    rows = [(entry.path, entry.size, entry.mtime_ns) for entry in entries if entry.is_file]
-    found = pd.DataFrame(rows, columns=["fs_path", "size", "mtime_ns"], dtype=object)
-    found = found[_is_image(found["fs_path"].str[len(folder) + 1 :])].reset_index(drop=True)
-    if found.empty:
+    # The only per-file Python: three attributes of each entry; the rest is Arrow compute.
+    # Only files have a size (folders: None); `.type` or `.is_file` would build an enum per entry.
+    rows = [(entry.path, entry.size, entry.mtime_ns) for entry in entries]
+    rows = [row for row in rows if row[1] is not None]
+    paths, sizes, mtimes = zip(*rows, strict=True) if rows else ((), (), ())
+    table = pa.table(
+        {
+            "fs_path": pa.array(paths, pa.string()),
+            "size": pa.array(sizes, pa.int64()),
+            "mtime_ns": pc.fill_null(pa.array(mtimes, pa.int64()), -1),  # a store keeping none
+        }
+    )
+    table = table.filter(_is_image(pc.utf8_slice_codeunits(table["fs_path"], len(folder) + 1)))
+    if not table.num_rows:
         raise DataError(
             f"no images in {shown}: expected files with extensions "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))} under it (hidden files are skipped); "
             "check data.root and data.classes"
         )
-    found["mtime_ns"] = found["mtime_ns"].fillna(-1)  # a store that keeps no mtime
-    return found
+    return table.to_pandas()
 
 
-def _is_image(relative: pd.Series) -> np.ndarray:
+def _is_image(relative: pa.Array) -> pa.Array:
     """Which names (below the class folder) are images: a known extension, nothing hidden."""
     # Only names below the class folder count: the root itself may sit under .emotr/.
-    hidden = relative.str.startswith(".") | relative.str.contains("/.", regex=False)
-    extension = relative.str.extract(r"(\.[^./]*)$", expand=False).str.lower()
-    return (extension.isin(IMAGE_EXTENSIONS) & ~hidden).to_numpy(dtype=bool)
+    hidden = pc.or_(pc.starts_with(relative, "."), pc.match_substring(relative, "/."))
+    image = pc.match_substring_regex(relative, _IMAGE_NAME, ignore_case=True)
+    return pc.and_(image, pc.invert(hidden))
 
 
 def _read_manifest(manifest: str, classes: Sequence[str]) -> list[_Source]:
@@ -396,14 +427,18 @@ def _drop_conflicts(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     clash = (n_labels > 1).to_numpy()
     conflicts = frame[clash].reset_index(drop=True)
     if len(conflicts):
-        named = [f"{row.path} ({row.class_name})" for row in conflicts.itertuples()]
-        warnings.warn(
-            f"{conflicts['sha256'].nunique()} image(s) have identical bytes under more than one "
-            f"label and were left out: {_named(named)}; delete the wrong copies or fix the labels "
-            "(every path is in data/conflicts.csv of the run)",
-            stacklevel=3,
-        )
+        _warn_conflicts(conflicts)
     return frame[~clash].reset_index(drop=True), conflicts
+
+
+def _warn_conflicts(conflicts: pd.DataFrame) -> None:
+    named = [f"{row.path} ({row.class_name})" for row in conflicts.itertuples()]
+    warnings.warn(
+        f"{conflicts['sha256'].nunique()} image(s) have identical bytes under more than one "
+        f"label and were left out: {_named(named)}; delete the wrong copies or fix the labels "
+        "(every path is in data/conflicts.csv of the run)",
+        stacklevel=4,
+    )
 
 
 def _check_splittable(images: pd.DataFrame, classes: Sequence[str], where: dict[int, str]) -> None:

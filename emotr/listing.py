@@ -19,6 +19,7 @@ size or mtime changes again (were it extracted, its task would find the bytes ch
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,7 +31,16 @@ import pyarrow.parquet as pq
 
 from emotr.cache import put_atomically
 from emotr.config import DataConfig
-from emotr.data import FileList, Listing, complete_listing, hash_files, list_files
+from emotr.data import (
+    CONFLICT,
+    DataError,
+    FileList,
+    Listing,
+    complete_listing,
+    hash_files,
+    list_files,
+    listing_from_splits,
+)
 from emotr.storage import is_uri, join, resolve
 
 log = logging.getLogger(__name__)
@@ -45,6 +55,25 @@ INDEX_SCHEMA = pa.schema(
     ]
 )
 _COLUMNS = INDEX_SCHEMA.names
+# With the hashes, the index keeps the last listing's label and split of each file, under the
+# split rule (classes, val fraction, seed) and digest it had: a warm run over unchanged files
+# takes them instead of splitting 100,000 images again. Indexes without them still read.
+SPLIT_COLUMNS = {"label": pa.int64(), "split": pa.string()}
+_META_RULE, _META_DIGEST = b"emotr.split_rule", b"emotr.listing_digest"
+
+
+@dataclass(frozen=True)
+class StoredSplits:
+    """The label and split of each indexed file, and the digest, under `rule`."""
+
+    rule: str
+    digest: str
+    frame: pd.DataFrame  # location, label, split: one row per index row, in the same order
+
+
+def split_rule(data: DataConfig) -> str:
+    """What a file's split depends on besides its bytes: classes, val fraction and seed."""
+    return json.dumps([list(data.classes), data.val_fraction, data.seed])
 
 
 def index_location(cache_root: str, data: DataConfig) -> str:
@@ -59,29 +88,64 @@ def index_location(cache_root: str, data: DataConfig) -> str:
 
 def read_index(location: str) -> pd.DataFrame:
     """The index at `location` (location, size, mtime_ns, sha256); empty when there is none."""
+    return read_index_with_splits(location)[0]
+
+
+def read_index_with_splits(location: str) -> tuple[pd.DataFrame, StoredSplits | None]:
+    """The index at `location` and the splits stored with it (None: none, or not usable)."""
     filesystem, path = resolve(location)
     try:
-        table = pq.read_table(path, filesystem=filesystem, schema=INDEX_SCHEMA)
+        table = pq.read_table(path, filesystem=filesystem)
+        index = table.select(_COLUMNS).cast(INDEX_SCHEMA)
     except FileNotFoundError:
-        return INDEX_SCHEMA.empty_table().to_pandas()
-    except (OSError, pa.ArrowInvalid) as error:
+        return INDEX_SCHEMA.empty_table().to_pandas(), None
+    except (OSError, pa.ArrowInvalid, KeyError) as error:
         # Published whole, an index can only be unreadable through outside damage: hashing the
         # files again is slow but right, trusting part of one is not.
         log.warning(
             "listing index %s cannot be read (%s); hashing the files again", location, error
         )
-        return INDEX_SCHEMA.empty_table().to_pandas()
-    return table.to_pandas().drop_duplicates("location", keep="last")
+        return INDEX_SCHEMA.empty_table().to_pandas(), None
+    frame = index.to_pandas()
+    meta = table.schema.metadata or {}
+    stored = None
+    if set(SPLIT_COLUMNS) <= set(table.column_names) and _META_RULE in meta:
+        splits = table.select(["location", *SPLIT_COLUMNS]).to_pandas()
+        stored = StoredSplits(meta[_META_RULE].decode(), meta[_META_DIGEST].decode(), splits)
+    if frame["location"].duplicated().any():  # several writers' rows: the last one counts
+        keep = ~frame["location"].duplicated(keep="last").to_numpy()
+        frame, stored = frame[keep].reset_index(drop=True), None
+    return frame, stored
 
 
-def write_index(location: str, index: pd.DataFrame) -> None:
-    """Publish `index` at `location` atomically (readers see the old index or the new one)."""
+def write_index(
+    location: str, index: pd.DataFrame, listing: Listing | None = None, rule: str = ""
+) -> None:
+    """Publish `index` at `location` atomically (readers see the old index or the new one).
+
+    With `listing` (of exactly these files, each path once), each file's label and split and
+    the listing's digest are stored too, under the split rule `rule`.
+    """
     filesystem, path = resolve(location)
     table = pa.Table.from_pandas(index[_COLUMNS], schema=INDEX_SCHEMA, preserve_index=False)
+    if listing is not None:
+        table = _with_splits(table, index, listing, rule)
     filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
     put_atomically(
         filesystem, path, lambda stream: pq.write_table(table, stream), remote=is_uri(location)
     )
+
+
+def _with_splits(table: pa.Table, index: pd.DataFrame, listing: Listing, rule: str) -> pa.Table:
+    images, conflicts = listing.images, listing.conflicts
+    by_path = pd.concat(
+        [images[["path", "label", "split"]], conflicts[["path", "label"]].assign(split=CONFLICT)]
+    ).set_index("path")
+    rows = by_path.loc[index["location"].to_numpy()]
+    for name, kind in SPLIT_COLUMNS.items():
+        table = table.append_column(pa.field(name, kind), pa.array(rows[name].to_numpy(), kind))
+    meta = {_META_RULE: rule.encode(), _META_DIGEST: listing.digest.encode()}
+    return table.replace_schema_metadata(meta)
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,6 +157,8 @@ class Scan:
     sha256: pd.Series  # aligned with found.files; "" where the file must be read to know it
     index: str | None  # where the index is kept; None: nowhere
     index_is_current: bool  # the index holds exactly these files with these hashes
+    # The index's splits, when it holds exactly these files and labels under today's rule.
+    stored: StoredSplits | None = None
 
     def unknown(self) -> pd.DataFrame:
         """Files (path, once each) whose sha256 is not known without reading them."""
@@ -110,17 +176,35 @@ class Scan:
         """The Listing, given the hashes of unknown files by path; updates the index.
 
         A file with no hash known or learned (unreadable: the extraction reported it) is left
-        out. The index is written before the listing's own checks, so that a data set those
-        checks refuse does not lose the hashes that cost a read of every file.
+        out. A data set the listing's checks refuse still gets its index written: it does not
+        lose the hashes that cost a read of every file.
         """
+        if self.stored is not None:  # nothing changed since the index was written
+            splits = self.stored.frame["split"].to_numpy(dtype=object)
+            return listing_from_splits(self.found, self.sha256.tolist(), splits, self.stored.digest)
         hashes = self.sha256.where(self.sha256 != "", self.found.files["path"].map(learned))
         hashes = hashes.fillna("")
         keep = (hashes != "").to_numpy()
-        if self.index is not None and not (self.index_is_current and keep.all()):
-            frame = self.found.files.loc[keep, ["path", "size", "mtime_ns"]]
-            frame = frame.rename(columns={"path": "location"}).assign(sha256=hashes[keep])
-            write_index(self.index, frame.drop_duplicates("location"))
-        return complete_listing(self.data, self.found.subset(keep), hashes[keep].tolist())
+        found = self.found.subset(keep)
+        try:
+            listing = complete_listing(self.data, found, hashes[keep].tolist())
+        except DataError:
+            self._update_index(found, hashes[keep], None, stale=not self.index_is_current)
+            raise
+        stale = not (self.index_is_current and keep.all())
+        self._update_index(found, hashes[keep], listing, stale)
+        return listing
+
+    def _update_index(
+        self, found: FileList, hashes: pd.Series, listing: Listing | None, stale: bool
+    ) -> None:
+        # Splits are stored when each path is listed once (a manifest may name one twice).
+        storable = listing is not None and not found.files["path"].duplicated().any()
+        if self.index is None or not (stale or storable):
+            return
+        frame = found.files[["path", "size", "mtime_ns"]].rename(columns={"path": "location"})
+        frame = frame.assign(sha256=hashes.to_numpy()).drop_duplicates("location")
+        write_index(self.index, frame, listing if storable else None, split_rule(self.data))
 
     def complete_here(self) -> Listing:
         """The Listing, hashing unknown files in this process (commands that extract nothing)."""
@@ -137,11 +221,20 @@ def scan_images(data: DataConfig, cache_root: str | None) -> Scan:
     """
     found = list_files(data)
     location = index_location(cache_root, data) if cache_root is not None else None
-    index = read_index(location) if location is not None else INDEX_SCHEMA.empty_table().to_pandas()
+    index, stored = (
+        read_index_with_splits(location)
+        if location is not None
+        else (INDEX_SCHEMA.empty_table().to_pandas(), None)
+    )
     files = found.files[["path", "size", "mtime_ns"]].rename(columns={"path": "location"})
     if _same_files(files, index):  # the common warm case: no join needed
         sha256 = pd.Series(index["sha256"].to_numpy(), index=found.files.index, dtype=object)
-        return Scan(data, found, sha256, location, True)
+        usable = (
+            stored is not None
+            and stored.rule == split_rule(data)
+            and np.array_equal(stored.frame["label"].to_numpy(), found.files["label"].to_numpy())
+        )
+        return Scan(data, found, sha256, location, True, stored if usable else None)
     matched = files.merge(index, on=["location", "size", "mtime_ns"], how="left")
     sha256 = matched["sha256"].fillna("").astype(str)
     sha256.index = found.files.index

@@ -192,3 +192,48 @@ def test_write_index_replaces_the_old_one_whole(tmp_path):
 
     pd.testing.assert_frame_equal(read_index(location), frame.iloc[:1])
     assert os.listdir(tmp_path / "cache" / "_listings") == ["x.parquet"]
+
+
+def test_a_warm_listing_takes_the_stored_splits_only_under_the_same_rule(tmp_path, ids):
+    root, cache = tmp_path / "data", str(tmp_path / "cache")
+    paths = write_folders(root, ids, n_per_class=6)
+    (root / "positive" / "copy.jpg").write_bytes(paths[0].read_bytes())  # a label conflict
+    cfg = DataConfig(root=str(root))
+    with pytest.warns(UserWarning, match="identical bytes"):
+        cold = list_images_indexed(cfg, cache)
+
+    warm_scan = scan_images(cfg, cache)
+    assert warm_scan.stored is not None  # the split rule and the files are unchanged
+    with pytest.warns(UserWarning, match="identical bytes"):  # still said on every run
+        warm = warm_scan.complete_here()
+    pd.testing.assert_frame_equal(warm.images, cold.images)
+    pd.testing.assert_frame_equal(warm.conflicts, cold.conflicts)
+    assert warm.digest == cold.digest
+
+    reseeded = DataConfig(root=str(root), seed=cfg.seed + 1)
+    scan = scan_images(reseeded, cache)
+    assert scan.stored is None  # another seed splits anew
+    with pytest.warns(UserWarning, match="identical bytes"):
+        listing = scan.complete_here()
+    with pytest.warns(UserWarning, match="identical bytes"):
+        assert listing.digest == list_images(reseeded).digest
+    assert scan_images(reseeded, cache).stored is not None  # the index now keeps that rule
+
+
+def test_a_manifest_relabelling_unchanged_files_is_split_again(tmp_path, ids):
+    root, cache = tmp_path / "data", str(tmp_path / "cache")
+    paths = write_folders(root, ids, n_per_class=5)
+    manifest = tmp_path / "manifest.csv"
+    rows = [(str(path), path.parent.name) for path in paths]
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(manifest, index=False)
+    cfg = DataConfig(manifest=str(manifest))
+    list_images_indexed(cfg, cache)
+    assert scan_images(cfg, cache).stored is not None
+
+    rows[0] = (rows[0][0], "positive" if rows[0][1] == "negative" else "negative")
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(manifest, index=False)
+    scan = scan_images(cfg, cache)
+    assert scan.stored is None and scan.unknown().empty  # hashes still known, labels changed
+    relabelled = scan.complete_here().images.set_index("path")
+    assert relabelled.loc[rows[0][0], "class_name"] == rows[0][1]
+    assert relabelled.loc[rows[0][0], "label"] == list(cfg.classes).index(rows[0][1])
