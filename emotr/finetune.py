@@ -152,7 +152,7 @@ def fit_finetune(
     """
     import keras
 
-    from emotr.head import fit_head, head_result, score_epoch
+    from emotr.head import fit_head, head_result
 
     if not isinstance(data, FineTuneSet):
         raise FeatureError(
@@ -173,20 +173,42 @@ def fit_finetune(
     for name, weights in data.block_weights.items():
         model.get_layer(name).set_weights(weights)
     model.get_layer("head").set_weights(fitted.model.get_weights())
-    history = {key: list(values) for key, values in fitted.history.items()}
-    n_head_epochs = len(history["val_auc"])
+    n_head_epochs = len(fitted.history["val_auc"])
+    joint, stopped = _train_jointly(model, params, data, fitted.metrics["val_auc"], n_head_epochs,
+                                    seed, on_epoch_end)  # fmt: skip
+    history = {key: fitted.history[key] + joint[key] for key in fitted.history}
+    scores = predict_batched(model, data.a_val).reshape(-1).astype(np.float64)
+    result = head_result(model, history, data.y_val, scores, time.perf_counter() - started, stopped)
+    result.metrics["finetune_from_epoch"] = float(n_head_epochs + 1)
+    return result
+
+
+def _train_jointly(
+    model: keras.Model,
+    params: HeadParams,
+    data: FineTuneSet,
+    start_auc: float,
+    n_done: int,
+    seed: int,
+    on_epoch_end: Callable[[int, dict], bool | None] | None,
+) -> tuple[dict[str, list[float]], bool]:
+    """Up to finetune_epochs joint epochs with early stopping on val AUC counted from start_auc
+    (the model's own); leaves the best weights in `model`. Returns the curves and whether
+    on_epoch_end stopped it."""
+    from emotr.head import score_epoch
+
     step = train_step(model, params)
-    best_auc, best_weights = fitted.metrics["val_auc"], model.get_weights()
-    waited, stopped = 0, False
+    best_auc, best_weights, waited, stopped = start_auc, model.get_weights(), 0, False
     rng = np.random.default_rng(seed)
     weights = _sample_weights(params, data.y_train)
-    for epoch in range(params.finetune_epochs):
+    history: dict[str, list[float]] = {}
+    for epoch in range(n_done + 1, n_done + params.finetune_epochs + 1):
         loss, accuracy = _train_epoch(step, data.a_train, data.y_train, weights, params, rng)
         logs = {"loss": loss, "accuracy": accuracy}
         logs |= score_epoch(data.y_val, predict_batched(model, data.a_val).reshape(-1))
-        for key in history:
-            history[key].append(float(logs[key]))
-        if on_epoch_end is not None and on_epoch_end(n_head_epochs + epoch + 1, dict(logs)):
+        for key, value in logs.items():
+            history.setdefault(key, []).append(float(value))
+        if on_epoch_end is not None and on_epoch_end(epoch, dict(logs)):
             stopped = True
             break
         if logs["val_auc"] > best_auc:
@@ -196,10 +218,7 @@ def fit_finetune(
             if waited >= params.finetune_patience:
                 break
     model.set_weights(best_weights)
-    scores = predict_batched(model, data.a_val).reshape(-1).astype(np.float64)
-    result = head_result(model, history, data.y_val, scores, time.perf_counter() - started, stopped)
-    result.metrics["finetune_from_epoch"] = float(n_head_epochs + 1)
-    return result
+    return history, stopped
 
 
 def _sample_weights(params: HeadParams, y_train: np.ndarray) -> np.ndarray:
