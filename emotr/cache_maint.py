@@ -11,11 +11,13 @@ import contextlib
 import time
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from emotr.activations import ActivationCache, activation_schema
 from emotr.cache import (
     _META_FINGERPRINT,
     INPUTS_FILE,
@@ -84,15 +86,41 @@ def _read_part(filesystem: pafs.FileSystem, info: pafs.FileInfo) -> pa.Table:
         table = pq.read_table(pa.BufferReader(data))
     except (OSError, pa.ArrowException) as error:  # parsed from memory: the bytes are bad
         raise _CorruptPart(f"not a readable Parquet file ({error})") from error
-    dim = _features_dim(table.schema)
-    if not table.schema.equals(feature_schema(dim), check_metadata=False):
+    # The value column says what the part holds: features (float32) or an activation (bytes).
+    activation = "activation" in table.schema.names
+    expected = (
+        activation_schema(_activation_bytes(table.schema))
+        if activation
+        else feature_schema(_features_dim(table.schema))
+    )
+    if not table.schema.equals(expected, check_metadata=False):
         schema = table.schema.to_string(show_schema_metadata=False)
-        raise _CorruptPart(f"schema {schema!r} != {feature_schema(dim)}")
-    values = table.column("features").combine_chunks().flatten().to_numpy()
+        raise _CorruptPart(f"schema {schema!r} != {expected}")
+    values = _activation_values(table) if activation else _feature_values(table)
     if not np.isfinite(values).all():
         n_bad = int((~np.isfinite(values)).sum())
-        raise _CorruptPart(f"{n_bad} feature values are NaN or infinite")
+        raise _CorruptPart(
+            f"{n_bad} {'activation' if activation else 'feature'} values are NaN or infinite"
+        )
     return table
+
+
+def _feature_values(table: pa.Table) -> np.ndarray:
+    return table.column("features").combine_chunks().flatten().to_numpy()
+
+
+def _activation_values(table: pa.Table) -> np.ndarray:
+    column = table.column("activation").combine_chunks()
+    if len(column) == 0:
+        return np.zeros(0, np.float32)
+    data = np.frombuffer(column.buffers()[1], np.uint8)
+    start, size = column.offset * column.type.byte_width, len(column) * column.type.byte_width
+    return data[start : start + size].view(np.dtype(ml_dtypes.bfloat16)).astype(np.float32)
+
+
+def _activation_bytes(schema: pa.Schema) -> int:
+    column_type = schema.field("activation").type
+    return column_type.byte_width if pa.types.is_fixed_size_binary(column_type) else 0
 
 
 def verify_cache(
@@ -134,7 +162,7 @@ def _verify_one(root: str, fingerprint: str, filesystem: pafs.FileSystem | None)
         except OSError as error:
             problems.append(f"{info.base_name} could not be read ({error}); try again")
             continue
-        dims.add(_features_dim(table.schema))
+        dims.add(_value_size(table.schema))
         problems += [
             f"{info.base_name}: {text}" for text in _check_part(table, info.base_name, fingerprint)
         ]
@@ -147,8 +175,15 @@ def _verify_one(root: str, fingerprint: str, filesystem: pafs.FileSystem | None)
         for (first, second), keys in repeats.items()
     ]
     if len(dims) > 1:
-        problems.append(f"parts disagree on the feature dimension: {sorted(dims)}")
+        problems.append(f"parts disagree on the size of their values: {sorted(dims)}")
     return problems
+
+
+def _value_size(schema: pa.Schema) -> int:
+    """Features per row, or bytes per activation."""
+    if "activation" in schema.names:
+        return _activation_bytes(schema)
+    return _features_dim(schema)
 
 
 def _features_dim(schema: pa.Schema) -> int:
@@ -242,13 +277,21 @@ def compact_cache(root: str, fingerprint: str | None = None) -> CompactResult:
     """
     result = CompactResult(0, [], [])
     for name in [fingerprint] if fingerprint else list_fingerprints(root):
-        one = _compact_one(FeatureCache.open(root, name))
+        one = _compact_one(_open_cache(root, name))
         result = CompactResult(
             result.n_dropped + one.n_dropped,
             result.written + one.written,
             result.removed + one.removed,
         )
     return result
+
+
+def _open_cache(root: str, fingerprint: str) -> FeatureCache:
+    """A fingerprint's cache as its kind: features, or an activation (written as such)."""
+    inputs = read_inputs(root, fingerprint)
+    if "activation" in inputs:
+        return ActivationCache(root, fingerprint, inputs)
+    return FeatureCache(root, fingerprint, inputs)
 
 
 def _compact_one(cache: FeatureCache) -> CompactResult:

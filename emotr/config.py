@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from emotr.errors import EmotrError
+from emotr.taps import DEFAULT_FEATURES, DEFAULT_TAP, parse_features, parse_tap, taps_of
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "default.yaml"
 
@@ -100,6 +101,25 @@ class ExtractConfig(_Section):
     # JAX's persistent compilation cache on each node (keras_backend=jax): a later actor start
     # loads the compiled VGG16 instead of compiling it again. "" = off.
     compilation_cache_dir: str = "/tmp/emotr-jax-cache"
+    # Feature taps computed in the one forward pass, each cached under its own fingerprint
+    # (emotr.taps); gap5 is the tutorial's features and names the whole cache.
+    taps: tuple[str, ...] = (DEFAULT_TAP,)
+    # A pooled feature map stored per image (bfloat16) for fine-tuning the blocks above it.
+    cache_activation: Literal["block3_pool", "block4_pool"] | None = None
+
+    @field_validator("taps")
+    @classmethod
+    def _known_taps(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            parse_tap(name)
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a tap twice: {list(value)}")
+        if DEFAULT_TAP not in value:
+            raise ValueError(
+                f"must include {DEFAULT_TAP} (the cache's identity: its fingerprint names the "
+                f"cache of every tap), got {list(value)}"
+            )
+        return value
 
 
 class CacheConfig(_Section):
@@ -126,6 +146,8 @@ class HeadParams(_Section):
     batch_size: int = Field(32, ge=1)
     standardize: bool = False
     class_weight: bool = False
+    # The cached taps the head reads: e.g. gap5, gap4+gap5, gap5_flipavg (emotr.taps).
+    features: str = DEFAULT_FEATURES
     # Deep fine-tuning (emotr.finetune): train the VGG16 blocks above extract.cache_activation
     # with the head, at learning_rate * finetune_lr_scale, for up to finetune_epochs epochs after
     # the head's own fit (early stopping after finetune_patience epochs without a better val AUC).
@@ -133,6 +155,12 @@ class HeadParams(_Section):
     finetune_lr_scale: float = Field(0.1, gt=0.0, le=1.0)
     finetune_epochs: int = Field(10, ge=1)
     finetune_patience: int = Field(3, ge=1)
+
+    @field_validator("features")
+    @classmethod
+    def _valid_features(cls, value: str) -> str:
+        parse_features(value)
+        return value
 
 
 def _check_range(low: float, high: float, log: bool) -> None:
@@ -293,6 +321,34 @@ class Config(_Section):
     mlflow: MlflowConfig = MlflowConfig()
     registry: RegistryConfig = RegistryConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _activation_for_finetune(self) -> Config:
+        """A search that may fine-tune needs the cached activation its trials train on."""
+        space = self.tune.search_space.get("finetune")
+        choices = space.choices if isinstance(space, CategoricalSpace) else ()
+        if (self.tune.baseline.finetune or True in choices) and not self.extract.cache_activation:
+            raise ValueError(
+                "tune.baseline.finetune or tune.search_space.finetune asks for fine-tuning, "
+                "which trains on a cached activation: set extract.cache_activation=block4_pool"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _features_are_cached(self) -> Config:
+        """Every features choice of the search reads taps that extract.taps caches."""
+        choices = [("tune.baseline.features", self.tune.baseline.features)]
+        space = self.tune.search_space.get("features")
+        if isinstance(space, CategoricalSpace):
+            choices += [("tune.search_space.features", str(c)) for c in space.choices]
+        for key, choice in choices:
+            missing = [tap for tap in taps_of(choice) if tap not in self.extract.taps]
+            if missing:
+                raise ValueError(
+                    f"{key}: {choice!r} reads tap(s) {missing} that extract.taps "
+                    f"{list(self.extract.taps)} does not cache; add them to extract.taps"
+                )
+        return self
 
 
 def load_config(

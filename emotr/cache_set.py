@@ -1,0 +1,74 @@
+"""The caches one extraction pass fills: each configured tap's features and the activation.
+
+An image is complete when every one of them holds it; the pass extracts the incomplete ones
+once, computing only the outputs some of them lack, and commits each output's new rows to its
+own cache (rows already there are skipped: a new tap on a warm cache costs one pass, and the
+outputs cached already are not rewritten).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+
+import numpy as np
+
+from emotr.activations import ActivationCache
+from emotr.cache import FeatureCache, compute_fingerprint, open_tap
+from emotr.config import Config
+from emotr.taps import DEFAULT_TAP, activation_shape
+
+
+class CacheSet:
+    """Output name (tap or activation) -> its cache; gap5's names the set."""
+
+    def __init__(self, caches: Mapping[str, FeatureCache]):
+        self.caches = dict(caches)
+        self.base = self.caches[DEFAULT_TAP]
+
+    @property
+    def fingerprint(self) -> str:
+        """gap5's fingerprint: the identity of the whole set."""
+        return self.base.fingerprint
+
+    def complete_hashes(self) -> set[str]:
+        """The images every output holds (listed once; commits keep it current)."""
+        known = [cache.known_hashes() for cache in self.caches.values()]
+        return set.intersection(*known)
+
+    def missing_outputs(self, sha256s: Collection[str], unknown: bool = False) -> list[str]:
+        """The outputs some of `sha256s` lack; every output when files of unknown hash come."""
+        if unknown:
+            return list(self.caches)
+        wanted = set(sha256s)
+        return [name for name, cache in self.caches.items() if not wanted <= cache.known_hashes()]
+
+    def commit(
+        self,
+        sha256s: Sequence[str],
+        values: Mapping[str, np.ndarray],
+        heights: Sequence[int],
+        widths: Sequence[int],
+    ) -> int:
+        """Commit each output's rows it lacks; returns the images new to at least one output."""
+        caches = self._of(values).values()
+        new = {key for key in sha256s if any(key not in c.known_hashes() for c in caches)}
+        for name, cache in self._of(values).items():
+            cache.commit(sha256s, values[name], heights, widths)
+        return len(new)
+
+    def _of(self, values: Mapping[str, np.ndarray]) -> dict[str, FeatureCache]:
+        return {name: self.caches[name] for name in values}
+
+
+def open_cache_set(cfg: Config) -> CacheSet:
+    """The caches of extract.taps and extract.cache_activation for cfg's backbone and decoding."""
+    fingerprint, inputs = compute_fingerprint(cfg.backbone, cfg.decode)
+    root = cfg.cache.root
+    caches: dict[str, FeatureCache] = {
+        tap: open_tap(root, fingerprint, inputs, tap) for tap in cfg.extract.taps
+    }
+    name = cfg.extract.cache_activation
+    if name is not None:
+        shape = activation_shape(name, cfg.backbone.input_size)
+        caches[name] = ActivationCache.of(root, fingerprint, inputs, name, shape)
+    return CacheSet(caches)

@@ -1,0 +1,143 @@
+"""Feature taps: the named feature vectors one VGG16 forward pass can emit, and how a head's
+`features` choice combines them. A leaf module (no Keras): config validation uses it too.
+
+A tap is `<pool><block>[_flip]`: pool `gap` (global average) or `gmp` (global max) of the output
+of VGG16 block 3, 4 or 5 (its `block{b}_pool` layer), of the image or (`_flip`) of the image
+mirrored left-right. `gap5` is the tutorial's 512 features and the cache's default.
+
+A `features` choice joins terms with `+` (concatenated, in that order); a term is a tap, or
+`<tap>_flipavg`: the mean of the tap and of its `_flip` (test-time augmentation).
+Examples: `gap5`, `gap4+gap5`, `gap5_flipavg`, `gap5+gap5_flip`.
+
+A cached activation (extract.cache_activation) is a whole pooled feature map, e.g. `block4_pool`:
+(H/16, W/16, 512) per image, stored as bfloat16 for fine-tuning the blocks above it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_TAP = "gap5"
+DEFAULT_FEATURES = DEFAULT_TAP
+FLIP_SUFFIX = "_flip"
+FLIPAVG_SUFFIX = "_flipavg"
+POOLS = ("gap", "gmp")
+BLOCKS = (3, 4, 5)
+TAPS = tuple(
+    f"{pool}{block}{flip}" for flip in ("", FLIP_SUFFIX) for block in BLOCKS for pool in POOLS
+)
+# Channels of VGG16's block outputs.
+_BLOCK_CHANNELS = {3: 256, 4: 512, 5: 512}
+ACTIVATIONS = ("block3_pool", "block4_pool")
+# Halvings of the input by the max pools up to and including that block.
+_ACTIVATION_HALVINGS = {"block3_pool": 3, "block4_pool": 4}
+_TAP = re.compile(r"^(gap|gmp)([345])(_flip)?$")
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One tap: which pooling of which block, of the image or of its mirror image."""
+
+    name: str
+    pool: str  # gap | gmp
+    block: int  # 3, 4 or 5
+    flip: bool
+
+    @property
+    def layer(self) -> str:
+        """The VGG16 layer whose output is pooled."""
+        return f"block{self.block}_pool"
+
+    @property
+    def dim(self) -> int:
+        """Features per image."""
+        return _BLOCK_CHANNELS[self.block]
+
+
+def parse_tap(name: str) -> Tap:
+    """A tap by name; ValueError naming the allowed taps otherwise."""
+    match = _TAP.match(name)
+    if not match:
+        raise ValueError(f"unknown feature tap {name!r}; taps are {', '.join(TAPS)}")
+    pool, block, flip = match.groups()
+    return Tap(name, pool, int(block), flip is not None)
+
+
+def tap_dim(name: str) -> int:
+    """Length of a tap's feature vector."""
+    return parse_tap(name).dim
+
+
+@dataclass(frozen=True)
+class Term:
+    """One `+`-separated term of a features choice: a tap, or a tap averaged with its mirror."""
+
+    tap: str
+    flipavg: bool = False
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        """The cached taps this term reads."""
+        return (self.tap, self.tap + FLIP_SUFFIX) if self.flipavg else (self.tap,)
+
+
+def parse_features(spec: str) -> tuple[Term, ...]:
+    """The terms of a features choice such as `gap4+gap5_flipavg`; ValueError if malformed."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a features choice is a non-empty string such as 'gap5', got {spec!r}")
+    terms = []
+    for raw in spec.split("+"):
+        name = raw.strip()
+        flipavg = name.endswith(FLIPAVG_SUFFIX)
+        tap = parse_tap(name.removesuffix(FLIPAVG_SUFFIX) if flipavg else name)
+        if flipavg and tap.flip:
+            raise ValueError(f"{name!r}: _flipavg applies to an unflipped tap (e.g. gap5_flipavg)")
+        terms.append(Term(tap.name, flipavg))
+    if len(set(terms)) != len(terms):
+        raise ValueError(f"features choice {spec!r} repeats a term")
+    return tuple(terms)
+
+
+def taps_of(spec: str) -> tuple[str, ...]:
+    """The cached taps a features choice reads, each once, in order of first use."""
+    taps: dict[str, None] = {}
+    for term in parse_features(spec):
+        taps.update(dict.fromkeys(term.taps))
+    return tuple(taps)
+
+
+def features_dim(spec: str) -> int:
+    """Length of a features choice's vector."""
+    return sum(tap_dim(term.tap) for term in parse_features(spec))
+
+
+def combine_features(spec: str, taps: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The (n, features_dim) float32 matrix of a features choice from its taps' matrices.
+
+    The one place where terms are combined: training (emotr.features) and serving
+    (emotr.serving) both call it, so a deployed model sees what its head was trained on.
+    """
+    columns = []
+    for term in parse_features(spec):
+        if term.flipavg:
+            # Averaged in float64 then rounded once: the order of the two taps does not matter.
+            both = np.asarray(taps[term.tap], np.float64) + taps[term.tap + FLIP_SUFFIX]
+            columns.append((both / 2).astype(np.float32))
+        else:
+            columns.append(np.asarray(taps[term.tap], np.float32))
+    return columns[0] if len(columns) == 1 else np.concatenate(columns, axis=1)
+
+
+def activation_shape(name: str, input_size: Sequence[int]) -> tuple[int, int, int]:
+    """(h, w, c) of a cached activation for images resized to input_size (height, width)."""
+    if name not in _ACTIVATION_HALVINGS:
+        raise ValueError(f"unknown activation {name!r}; allowed: {', '.join(ACTIVATIONS)}")
+    height, width = input_size
+    for _ in range(_ACTIVATION_HALVINGS[name]):  # each 2x2 max pool (valid padding) floors
+        height, width = height // 2, width // 2
+    block = int(name.removeprefix("block").removesuffix("_pool"))
+    return height, width, _BLOCK_CHANNELS[block]
