@@ -23,7 +23,14 @@ import numpy as np
 
 from emotr.config import BackboneConfig
 from emotr.errors import EmotrError
-from emotr.taps import ACTIVATIONS, DEFAULT_TAP, activation_shape, parse_tap
+from emotr.taps import (
+    ACTIVATIONS,
+    DEFAULT_TAP,
+    activation_shape,
+    combine_features,
+    parse_tap,
+    taps_of,
+)
 
 if TYPE_CHECKING:
     import keras
@@ -243,6 +250,37 @@ class FeatureExtractor:
         padded = np.zeros((self.batch_size, *self.input_shape), dtype=np.uint8)
         padded[: len(chunk)] = chunk
         return padded
+
+
+class ChosenFeatures:
+    """pixels -> the features of a head's `features` choice (e.g. gap4+gap5), as the cache's
+    taps combine into them (emotr.taps.combine_features): the serving side of a choice."""
+
+    def __init__(self, cfg: BackboneConfig, features: str, batch_size: int = 32):
+        self.features = features
+        self.extractor = FeatureExtractor(cfg, batch_size, outputs=taps_of(features))
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """(B, H, W, 3) uint8 -> (B, features_dim) float32."""
+        return combine_features(self.features, self.extractor.extract_outputs(pixels))
+
+    @property
+    def batch_size(self) -> int:
+        """Images per forward pass (settable, as FeatureExtractor's)."""
+        return self.extractor.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self.extractor.batch_size = value
+
+
+def features_extractor(
+    cfg: BackboneConfig, features: str = DEFAULT_TAP, batch_size: int = 32
+) -> FeatureExtractor | ChosenFeatures:
+    """pixels -> the features of a `features` choice; gap5 is the plain FeatureExtractor."""
+    if features == DEFAULT_TAP:
+        return FeatureExtractor(cfg, batch_size)
+    return ChosenFeatures(cfg, features, batch_size)
 
 
 _IN_FLIGHT = 2

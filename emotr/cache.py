@@ -86,6 +86,21 @@ def open_tap(root: str, fingerprint: str, inputs: dict[str, str], tap: str) -> F
     return FeatureCache(root, fingerprint_of(own), own)
 
 
+def features_fingerprint(
+    backbone: BackboneConfig, decode: DecodeConfig, features: str
+) -> str | None:
+    """The one folder holding exactly a `features` choice (a single tap); None for choices that
+    combine taps (gap4+gap5, gap5_flipavg), which no folder holds as they are."""
+    from emotr.taps import parse_features
+
+    terms = parse_features(features)
+    if len(terms) > 1 or terms[0].flipavg:
+        return None
+    fingerprint, inputs = compute_fingerprint(backbone, decode)
+    own = tap_inputs(inputs, terms[0].tap)
+    return fingerprint if own == inputs else fingerprint_of(own)
+
+
 def part_name(sha256s: Iterable[str]) -> str:
     """A part's file name: the hash of its sorted row keys, so a retried commit reuses it."""
     digest = hashlib.sha256("\n".join(sorted(sha256s)).encode()).hexdigest()

@@ -159,13 +159,15 @@ class Extractor:
         if ok.all():  # no copy of the pixels (77 MB for 128 images at 400x500)
             values = self._run(np.asarray(batch["pixels"], np.uint8))
         else:
-            values = {
-                name: np.zeros((len(ok), *shape), _wire_dtype(name))
-                for name, shape in self.outputs.items()
-            }
-            if ok.any():
-                for name, value in self._run(np.asarray(batch["pixels"][ok], np.uint8)).items():
-                    values[name][ok] = value
+            good = self._run(np.asarray(batch["pixels"][ok], np.uint8)) if ok.any() else {}
+            values = {}
+            for name, shape in self.outputs.items():
+                # Shaped like the model's output where there is one (a model may give more
+                # than the declared gap5 width, e.g. a deployed model's chosen taps).
+                shape = good[name].shape[1:] if name in good else shape
+                values[name] = np.zeros((len(ok), *shape), _wire_dtype(name))
+                if name in good:
+                    values[name][ok] = good[name]
         return {
             "path": batch["path"],
             "sha256": batch["sha256"],

@@ -1,21 +1,25 @@
 """The features a search trains on: one cache's train/val matrices, checked, with their identity.
 
 A leaf module: the search driver (emotr.tune) and its trial tasks (emotr.trial) both use it.
+Besides gap5 (x_train, x_val) a FeatureSet holds every tap the search's `features` choices read
+(emotr.taps); a trial takes its choice with `select`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from emotr.cache import FeatureCache
-from emotr.config import Config
+from emotr.cache import FeatureCache, open_tap, read_inputs
+from emotr.config import CategoricalSpace, Config, TuneConfig
 from emotr.data import Listing
 from emotr.errors import EmotrError
+from emotr.taps import DEFAULT_FEATURES, DEFAULT_TAP, combine_features, taps_of
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +38,32 @@ class FeatureSet:
     y_val: np.ndarray
     fingerprint: str
     split_digest: str
+    # Every tap the search may choose (gap5 included), by split, rows as in x_train and x_val.
+    taps_train: dict[str, np.ndarray] = field(default_factory=dict)
+    taps_val: dict[str, np.ndarray] = field(default_factory=dict)
+    # The images of the rows: what other caches (emotr.activations) are read by.
+    sha256_train: tuple[str, ...] = ()
+    sha256_val: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_shapes(self)
+
+    def select(self, features: str) -> FeatureSet:
+        """These rows with x = the matrices of a `features` choice (e.g. gap4+gap5)."""
+        if features == DEFAULT_FEATURES:
+            return self
+        missing = [tap for tap in taps_of(features) if tap not in self.taps_train]
+        if missing:
+            raise FeatureError(
+                f"features {features!r} read taps {missing} this feature set does not hold "
+                f"(it holds {sorted(self.taps_train) or [DEFAULT_TAP]}); list the choice in "
+                "tune.search_space.features or tune.baseline.features"
+            )
+        return dataclasses.replace(
+            self,
+            x_train=combine_features(features, self.taps_train),
+            x_val=combine_features(features, self.taps_val),
+        )
 
     @property
     def identity(self) -> dict[str, str]:
@@ -70,8 +97,10 @@ def load_feature_set(
             with a warning. Any other listed image missing from the cache is an error (run
             `emotr extract` first) unless tune.allow_partial_cache is set.
     """
-    cache = FeatureCache.open(cfg.cache.root, fingerprint)
-    cached = listing.images["sha256"].isin(cache.cached_hashes())
+    caches = tap_caches(cfg, fingerprint, searched_taps(cfg.tune))
+    # An image counts as cached when every tap the search may read holds it.
+    complete = set.intersection(*(cache.cached_hashes() for cache in caches.values()))
+    cached = listing.images["sha256"].isin(complete)
     images = listing.images[cached]
     _check_missing(cfg, listing.images[~cached], set(failed), fingerprint, len(images))
     parts = {}
@@ -82,15 +111,39 @@ def load_feature_set(
                 f"the {split} split has cached images of fewer than two classes; add images "
                 f"(data.root) or change data.val_fraction"
             )
-        parts[split] = (cache.load(rows["sha256"].tolist()), rows["label"].to_numpy(np.int32))
+        keys = rows["sha256"].tolist()
+        taps = {tap: cache.load(keys) for tap, cache in caches.items()}
+        parts[split] = (taps, rows["label"].to_numpy(np.int32), tuple(keys))
     return FeatureSet(
-        x_train=parts["train"][0],
+        x_train=parts["train"][0][DEFAULT_TAP],
         y_train=parts["train"][1],
-        x_val=parts["val"][0],
+        x_val=parts["val"][0][DEFAULT_TAP],
         y_val=parts["val"][1],
         fingerprint=fingerprint,
         split_digest=listing.digest,
+        taps_train=parts["train"][0],
+        taps_val=parts["val"][0],
+        sha256_train=parts["train"][2],
+        sha256_val=parts["val"][2],
     )
+
+
+def searched_taps(tune: TuneConfig) -> tuple[str, ...]:
+    """The taps the search's `features` choices read (baseline and search space), gap5 first."""
+    choices = [tune.baseline.features]
+    space = tune.search_space.get("features")
+    if isinstance(space, CategoricalSpace):
+        choices += [str(choice) for choice in space.choices]
+    taps = dict.fromkeys([DEFAULT_TAP])
+    for choice in choices:
+        taps.update(dict.fromkeys(taps_of(choice)))
+    return tuple(taps)
+
+
+def tap_caches(cfg: Config, fingerprint: str, taps: Collection[str]) -> dict[str, FeatureCache]:
+    """The caches of `taps` beside gap5's cache `fingerprint` (under cfg.cache.root)."""
+    inputs = read_inputs(cfg.cache.root, fingerprint)
+    return {tap: open_tap(cfg.cache.root, fingerprint, inputs, tap) for tap in taps}
 
 
 def _check_missing(
@@ -107,6 +160,9 @@ def _check_missing(
         f"{n_absent} images not in the cache for fingerprint {fingerprint}: "
         "run `emotr extract` first"
     )
+    taps = searched_taps(cfg.tune)
+    if len(taps) > 1:
+        message += f" (the search reads taps {'+'.join(taps)}: keep them in extract.taps)"
     if n_cached == 0 or not cfg.tune.allow_partial_cache:
         raise FeatureError(
             f"{message} (or set tune.allow_partial_cache=true to tune on the cached ones)"

@@ -265,14 +265,17 @@ def _candidate(search: SearchResult, features: FeatureSet, summary: ExtractSumma
     """The search's best trial as a registry.Candidate, with the images it was validated on."""
     from emotr.config import HeadParams
     from emotr.registry import Candidate
+    from emotr.taps import features_dim
 
     assert summary.listing is not None and search.best_run_id is not None
     val = summary.listing.val()
     val = val[~val["sha256"].isin(summary.failures["sha256"])]
+    head = HeadParams.model_validate(search.best_params)
     return Candidate(
         run_id=search.best_run_id,
-        head=HeadParams.model_validate(search.best_params),
-        n_features=features.x_val.shape[1],
+        head=head,
+        # The width of the head's own input: its features choice may combine taps.
+        n_features=features.x_val.shape[1] if head.finetune else features_dim(head.features),
         feature_fingerprint=features.fingerprint,
         split_digest=features.split_digest,
         study=search.study_name,

@@ -227,7 +227,15 @@ def _version_tags(
         "git_commit": git_commit(),
     }
     if spec.activation is None:
-        tags["feature_fingerprint"] = candidate.feature_fingerprint
+        from emotr.cache import features_fingerprint
+
+        tags["features"] = spec.head.features
+        # The folder of exactly the head's features (gap5's is the cache's own fingerprint):
+        # predict and the gate score cached rows from it. A combination of taps has no such
+        # folder: they decode the images instead.
+        folder = features_fingerprint(cfg.backbone, cfg.decode, spec.head.features)
+        if folder is not None:
+            tags["feature_fingerprint"] = folder
     else:
         # Not feature_fingerprint: predict and the gate would feed its cached features to a
         # model that takes activations; they decode the images instead.

@@ -52,7 +52,7 @@ class ImageScorer:
     """Loads the backbone and head once; `score(frame)` -> p_positive, label, error per row."""
 
     def __init__(self, spec: ServingSpec, backbone_weights: str | Path, head_weights: str | Path):
-        from emotr.backbone import FeatureExtractor
+        from emotr.backbone import features_extractor
         from emotr.head import build_head
 
         self.spec = spec
@@ -64,7 +64,8 @@ class ImageScorer:
                 spec.head, backbone, spec.activation, SERVING_BATCH
             )
         else:
-            self.extractor = FeatureExtractor(backbone, batch_size=SERVING_BATCH)
+            # The taps the head was trained on, combined as in training (emotr.taps).
+            self.extractor = features_extractor(backbone, spec.head.features, SERVING_BATCH)
             # Normalization needs data to build; the loaded weights replace what it adapts to.
             placeholder = np.zeros((2, spec.n_features), dtype=np.float32)
             self.head = build_head(spec.head, spec.n_features, placeholder)

@@ -124,6 +124,7 @@ def train_trial(features: FeatureSet, job: TrialJob) -> TrialOutcome:
             on_epoch_end=_pruning_check(job),
         )
     else:
+        features = features.select(job.params.features)  # the taps this trial's head reads
         result = fit_head(
             job.params,
             features.x_train,

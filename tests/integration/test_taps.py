@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow.keras
 import numpy as np
+import pandas as pd
 import pytest
 
+from emotr import pipeline
 from emotr.activations import ActivationsMissing, load_activations, open_activation_cache
 from emotr.backbone import FeatureExtractor, _set_seeded_weights
 from emotr.cache import FeatureCache, compute_fingerprint, open_tap
@@ -15,7 +18,10 @@ from emotr.config import Config
 from emotr.data import list_images
 from emotr.demo import generate_demo_dataset
 from emotr.extract import extract_features
+from emotr.features import load_feature_set
 from emotr.imageio import decode_image
+from emotr.registry import get_version, load_model, load_validation_set
+from emotr.track import Tracker
 from tests.conftest import smoke_config
 
 pytestmark = pytest.mark.slow
@@ -133,3 +139,49 @@ def test_cached_activations_round_trip_and_missing_ones_say_how_to_cache_them(tm
     assert np.array_equal(load_activations(cfg, keys[::-1]), got)
     with pytest.raises(ActivationsMissing, match="1 of 2 images"):
         load_activations(cfg, [keys[0], "0" * 64])
+
+
+def test_a_search_on_combined_taps_registers_a_model_that_computes_them(tmp_path, ray_local):
+    choice = "gap4+gap5_flipavg"
+    cfg = demo_config(
+        tmp_path,
+        "extract.taps=[gap5,gap4,gap5_flip]",
+        f"tune.baseline.features={choice}",
+        f"tune.search_space={{features: {{type: categorical, choices: [{choice}, gap4]}}}}",
+        "tune.n_trials=1",  # trial 0 is the baseline: the combination
+        "registry.auto_promote=false",
+    )
+    tracker = Tracker(cfg.mlflow)
+    listing = pipeline.prepare_listing(cfg)
+    result = pipeline.run(cfg, tracker, listing)
+
+    version = get_version(tracker, cfg.registry.model_name, result.model_version)
+    assert version.tags["features"] == choice
+    # No folder holds the combination: predict and the gate decode rather than read gap5.
+    assert "feature_fingerprint" not in version.tags
+    trials = tracker.find_runs("tags.`emotr.role` = 'trial'")
+    assert {run.data.params["features"] for run in trials} == {choice}
+    assert all(run.info.status == "FINISHED" for run in trials)
+
+    # The registered image-in model computes the taps as the cache holds them: it gives the
+    # trial's validation probabilities.
+    validation = load_validation_set(tracker, version)
+    served = load_model(tracker, f"models:/{version.name}/{version.version}").predict(
+        pd.DataFrame({"path": validation["path"]})
+    )
+    assert served["error"].isna().all()
+    features = load_feature_set(cfg, listing, result_fingerprint(cfg)).select(choice)
+    assert features.x_val.shape[1] == 1024
+    assert list(features.sha256_val) == validation["sha256"].tolist()
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracker.uri)
+    try:
+        head = mlflow.keras.load_model(f"runs:/{version.run_id}/model")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    trained = np.asarray(head(features.x_val, training=False)).reshape(-1)
+    np.testing.assert_allclose(served["p_positive"].to_numpy(dtype=float), trained, atol=1e-4)
+
+
+def result_fingerprint(cfg: Config) -> str:
+    return compute_fingerprint(cfg.backbone, cfg.decode)[0]
