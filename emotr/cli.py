@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -169,8 +170,7 @@ def _load_with_listing(
     _check_before_work(cfg)
     prepare = pipeline.prepare_scan if scan else pipeline.prepare_listing
     listing = _run_guarded(lambda: prepare(cfg), cfg)
-    if connect:
-        _connect_ray(cfg)
+    _connect_ray_checking_tracking(cfg)
     return cfg, listing
 
 
@@ -180,10 +180,25 @@ def _on_cluster(cfg: Config) -> bool:
 
 
 def _check_before_work(cfg: Config) -> None:
-    """The doctor's checks a job runs first; red ones are printed and end the job (exit 1)."""
+    """The doctor's local checks a job runs first (paths, weights, cache); red ones end it."""
     from emotr import doctor
 
-    _require_green(list(doctor.check_stores(cfg, _on_cluster(cfg))))
+    _require_green(list(doctor.check_stores(cfg, _on_cluster(cfg), tracking=False)))
+
+
+def _connect_ray_checking_tracking(cfg: Config) -> None:
+    """Start Ray while a thread checks the tracking store and Optuna storage; red ends the job.
+
+    Both take seconds and wait on different things: Ray on the processes it starts, the
+    check on MLflow's import and the store's answer. (Ray starts in this, the main thread: it
+    sets signal handlers.)
+    """
+    from emotr import doctor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="emotr-checks") as pool:
+        checks = pool.submit(lambda: list(doctor.check_tracking_stores(cfg, _on_cluster(cfg))))
+        _connect_ray(cfg)
+        _require_green(checks.result())
 
 
 def _require_green(checks: list) -> None:
@@ -228,20 +243,16 @@ def demo_data(
 @app.command()
 def extract(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
     """Extract VGG16 features of every image not yet in the cache (Ray job)."""
-    from emotr import doctor, pipeline
+    from emotr import pipeline
 
     cfg = _load(config, overrides)
-    # The tracking store is checked (and MLflow imported) only when there is work to record.
-    _require_green(list(doctor.check_stores(cfg, _on_cluster(cfg), tracking=False)))
+    _check_before_work(cfg)
     scan = _run_guarded(lambda: pipeline.prepare_scan(cfg), cfg)
     summary = _run_guarded(lambda: pipeline.idle_extraction(cfg, scan), cfg)
     idle = summary is not None
-    if summary is None:
-        _require_green(list(doctor.check_tracking_stores(cfg, _on_cluster(cfg))))
-        summary = _run_guarded(
-            lambda: pipeline.extract(cfg, _tracker(cfg), scan, connect=lambda: _connect_ray(cfg)),
-            cfg,
-        )
+    if summary is None:  # work: only now Ray starts, and MLflow is imported to record it
+        _connect_ray_checking_tracking(cfg)
+        summary = _run_guarded(lambda: pipeline.extract(cfg, _tracker(cfg), scan), cfg)
     console.print(
         f"cache {cfg.cache.root}/{summary.fingerprint}: {summary.n_extracted} extracted, "
         f"{summary.n_cached} already cached, {summary.n_failed} failed "
