@@ -21,6 +21,7 @@ import datetime
 import functools
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -43,12 +44,19 @@ from emotr.data import list_images
 from emotr.listing import list_images_indexed
 
 
-def write_files(root: Path, start: int, stop: int) -> None:
-    """Small distinct files under root/{negative,positive}/ (listing never decodes them)."""
+def write_files(root: Path, start: int, stop: int, n_bytes: int = 0) -> None:
+    """Distinct files under root/{negative,positive}/ (listing never decodes them).
+
+    n_bytes 0: about 1.2 KB each; otherwise that size (a 224x224 JPEG is ~10-20 KB, a photo
+    at the tutorial's 400x500 ~30-60 KB): what today's driver-side hashing reads.
+    """
     for index in range(start, stop):
         folder = root / ("negative", "positive")[index % 2]
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"image_{index:07d}.jpg").write_bytes(f"emotr-bench-{index}".encode() * 64)
+        content = f"emotr-bench-{index}".encode() * 64
+        if n_bytes:
+            content = (content * (n_bytes // len(content) + 1))[:n_bytes]
+        (folder / f"image_{index:07d}.jpg").write_bytes(content)
 
 
 def timed(action) -> tuple[float, object]:
@@ -210,7 +218,8 @@ def markdown(
     )
     command = (
         f"python jobs/bench_listing.py --n-listing {args.n_listing} --n-extract "
-        f"{args.n_extract} --repeats {args.repeats}{option} --n-s3 {args.n_s3}"
+        f"{args.n_extract} --repeats {args.repeats}{option} --n-s3 {args.n_s3} "
+        f"--file-kb {','.join(f'{kb:g}' for kb in args.file_kb)}"
     )
     return (
         f"\n### Listing index and a warm extract, {datetime.date.today().isoformat()}\n\n"
@@ -218,9 +227,9 @@ def markdown(
         "today = `data.list_images`, the driver hashing every file; cold/warm/+1 % = "
         "`listing.list_images_indexed` (hashes of new files on the driver here; `emotr "
         f"extract` hashes them on its workers).\n\n{table}\n"
-        "Warm `emotr extract` (a fresh process, nothing to extract, MLflow run on SQLite) over "
+        "Warm `emotr extract` (a fresh process, nothing to extract: no MLflow run) over "
         f"{args.n_extract:,} unchanged files: {runs} s (median {np.median(extract):.2f} s); "
-        f"neither Ray nor TensorFlow started.{before}\n"
+        f"neither Ray, TensorFlow nor MLflow started.{before}\n"
     )
 
 
@@ -231,12 +240,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="warm extract runs timed")
     parser.add_argument("--before", help="also time the warm extract at this commit")
     parser.add_argument("--n-s3", type=int, default=0, help="objects to list on moto's S3")
+    parser.add_argument(
+        "--file-kb",
+        type=lambda text: [float(kb) for kb in text.split(",")],
+        default=[0.0],
+        help="sizes of the local listing's files in KB, comma-separated (0: ~1.2 KB)",
+    )
     add_output_arguments(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-listing-") as work:
-        local = Path(work) / "listing"
-        write = functools.partial(write_files, local)
-        listing = bench_listing(str(local), f"{work}/listing-cache", write, args.n_listing, "local")
+        listing = []
+        for kb in args.file_kb:
+            local = Path(work) / f"listing-{kb}"
+            write = functools.partial(write_files, local, n_bytes=int(kb * 1024))
+            where = f"local, {kb:g} KB files" if kb else "local, 1.2 KB files"
+            cache = f"{work}/listing-cache-{kb}"
+            listing += bench_listing(str(local), cache, write, args.n_listing, where)
+            shutil.rmtree(local)
         if args.n_s3:
             with moto_bucket() as bucket:
                 where = "S3 (moto)"
