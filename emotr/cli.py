@@ -156,13 +156,10 @@ def _run_guarded(action, cfg: Config | None = None):
         raise _fail(describe_os_error(error, cfg)) from None
 
 
-def _load_with_listing(
-    config: Path, overrides: list[str] | None, *, scan: bool = False, connect: bool = True
-):
-    """Validate config and data before Ray starts, so bad input fails in a second.
+def _load_with_listing(config: Path, overrides: list[str] | None, *, scan: bool = False):
+    """Validate config and data before Ray starts, so bad input fails in a second; then start Ray.
 
     scan: leave hashes the listing index lacks for the extraction's workers (a Scan).
-    connect: start Ray now; without it the action connects only when it has work.
     """
     from emotr import pipeline
 
