@@ -371,29 +371,32 @@ def predict(
     output: Annotated[
         Path | None, typer.Option(help="Write every row to this .parquet or .csv file.")
     ] = None,
-    batch: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 64,
+    batch: Annotated[
+        int | None,
+        typer.Option(min=1, help="Images per VGG16 forward pass (default: extract.batch_size)."),
+    ] = None,
 ) -> None:
-    """Classify images with a registered model; a bad file is a row with its reason."""
+    """Classify images with a registered model (Ray Data job); a bad file is a row with its reason.
+
+    Runs extraction's pipeline (decode tasks, extractor actors) with the model's own decode
+    rules and backbone; images whose features are cached skip VGG16.
+    """
     from emotr import predict as batch_predict
 
-    cfg = _load(config, [])
+    cfg = _load(config, [f"extract.batch_size={batch}"] if batch else [])
     uri = batch_predict.model_uri(cfg, model)
-    paths = _run_guarded(lambda: batch_predict.list_inputs(inputs), cfg)
-    with _native_stderr_held():
-        predictor = _run_guarded(lambda: batch_predict.load_predictor(cfg, _tracker(cfg), uri), cfg)
-        # Images already in the feature cache (cache.root) of the model's fingerprint skip VGG16.
-        cached = _run_guarded(
-            lambda: batch_predict.open_cached_features(cfg, _tracker(cfg), uri), cfg
-        )
-        chunks = batch_predict.predict_chunks(predictor, paths, batch, cached)
-        if output is not None:
-            summary = _run_guarded(lambda: batch_predict.write_predictions(chunks, output), cfg)
-            n_images, n_failed = summary.n_images, summary.n_failed
-        else:
-            table, n_images, n_failed = _prediction_table(chunks)
     if output is not None:
+        _run_guarded(lambda: batch_predict.check_output(output), cfg)
+    paths = _run_guarded(lambda: batch_predict.list_inputs(inputs), cfg)
+    with _native_stderr_held():  # the driver's TensorFlow start-up lines (the head runs here)
+        predictor = _run_guarded(lambda: batch_predict.open_predictor(cfg, _tracker(cfg), uri), cfg)
+    rows = batch_predict.predict_paths(cfg, predictor, paths, connect=lambda: _connect_ray(cfg))
+    if output is not None:
+        summary = _run_guarded(lambda: batch_predict.write_predictions(rows, output), cfg)
+        n_images, n_failed = summary.n_images, summary.n_failed
         console.print(f"{n_images} images, {n_failed} could not be read; wrote {output}")
     else:
+        table, n_images, n_failed = _run_guarded(lambda: _prediction_table(rows), cfg)
         console.print(table)
     if n_images and n_failed == n_images:
         raise _fail(f"none of the {n_images} images could be read")

@@ -1,32 +1,39 @@
 """Batch prediction with a registered (image-in) model: files, folders or manifests -> rows.
 
-The model is loaded once and called on bounded chunks of paths, so memory stays flat however many
-images there are; rows go to the output file chunk by chunk. Bad files are rows with a reason.
+`emotr predict` runs as a Ray Data job through extraction's own pipeline (emotr.extract: read,
+hash, decode in bounded batches -> extractor actors running the version: its backbone, then its
+head), so a batch job decodes exactly as extraction and serving do. Images whose bytes are in the
+feature cache of the version's fingerprint are hashed but not decoded: the driver scores their
+cached features. Rows stream to the output file batch by batch, in input order; a bad file is a
+row with its reason.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from emotr.config import Config
+from emotr.config import Config, MlflowConfig
 from emotr.data import IMAGE_EXTENSIONS, MANIFEST_EXTENSIONS
 from emotr.errors import EmotrError
 from emotr.registry import get_version, load_model, scorer_of
-from emotr.storage import read_bytes
+from emotr.taps import DEFAULT_TAP
 from emotr.track import Tracker
 
 OUTPUT_COLUMNS = ("path", "p_positive", "label", "error")
 DEFAULT_CHUNK = 64
+# Rows per Parquet row group of --output: a few hundred KB, however small the batches are.
+_ROW_GROUP = 4096
 
 
 class PredictError(EmotrError, ValueError):
-    """An input or output that prediction cannot use; the message names it."""
+    """An input, output or model that prediction cannot use; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -47,12 +54,21 @@ def model_uri(cfg: Config, model: str | None) -> str:
     return f"models:/{name}/{model}" if model.isdigit() else f"models:/{name}@{model}"
 
 
+def resolve_uri(tracker: Tracker, uri: str) -> str:
+    """models:/NAME@ALIAS -> models:/NAME/N; a registry URI that names nothing is a RegistryError.
+
+    The actors load the version the driver resolved, even if the alias moves meanwhile.
+    """
+    if not uri.startswith("models:/"):
+        return uri
+    name, _, ref = uri.removeprefix("models:/").replace("@", "/").partition("/")
+    version = get_version(tracker, name, ref)  # names the missing alias or version clearly
+    return f"models:/{name}/{version.version}"
+
+
 def load_predictor(cfg: Config, tracker: Tracker, uri: str) -> Any:
     """The pyfunc model at `uri`; a registry URI that names nothing is a RegistryError."""
-    if uri.startswith("models:/"):
-        name, _, ref = uri.removeprefix("models:/").replace("@", "/").partition("/")
-        get_version(tracker, name, ref)  # names the missing alias or version clearly
-    return load_model(tracker, uri)
+    return load_model(tracker, resolve_uri(tracker, uri))
 
 
 def list_inputs(items: Sequence[str | Path]) -> list[str]:
@@ -102,23 +118,142 @@ def open_cached_features(cfg: Config, tracker: Tracker, uri: str) -> CachedFeatu
         return None
 
 
-def predict_chunks(
-    model: Any,
-    paths: Sequence[str],
-    chunk: int = DEFAULT_CHUNK,
-    cached: CachedFeatures | None = None,
-) -> Iterator[pd.DataFrame]:
-    """path, p_positive, label, error for each path, `chunk` images per model call.
+@dataclass(frozen=True)
+class Predictor:
+    """A registered emotr version loaded on the driver, ready for a batch job."""
 
-    With `cached` (and an emotr model), images whose bytes are in the cache are not decoded.
+    uri: str  # models:/NAME/N (resolved) or another URI MLflow loads
+    scorer: Any  # emotr.serving.ImageScorer: its head scores the features
+    cached: CachedFeatures | None
+    mlflow: MlflowConfig  # the tracking URI made absolute: the actors load the model from it
+
+
+def open_predictor(cfg: Config, tracker: Tracker, uri: str) -> Predictor:
+    """Load the version at `uri` and open the feature cache of its fingerprint (if any)."""
+    uri = resolve_uri(tracker, uri)
+    scorer = scorer_of(load_model(tracker, uri))
+    if scorer is None:
+        # A pyfunc of another kind has no head on 512 features nor decode rules to run in
+        # the pipeline; the head-only models of emotr before issue 8 are of that kind.
+        raise PredictError(
+            f"{uri} is not an image-in emotr model (registered by an older emotr, or not by "
+            "emotr); register one with `emotr run`, or call it with mlflow.pyfunc yourself"
+        )
+    mlflow = cfg.mlflow.model_copy(update={"tracking_uri": tracker.uri})
+    return Predictor(uri, scorer, open_cached_features(cfg, tracker, uri), mlflow)
+
+
+class VersionScores:
+    """pixels -> P(positive) as a (n, 1) column: a version's extractor, then its head.
+
+    What an extractor actor of predict's job runs. The head runs in the actor, right after the
+    backbone, so that one number per image travels to the driver whatever the extractor gives:
+    512 gap5 features, a combination of taps, or the block-4 activations (400 KB per image at
+    224x224) that a fine-tuned version's own block 5 consumes.
     """
-    scorer = scorer_of(model) if cached is not None else None
+
+    def __init__(self, scorer: Any):
+        self.scorer = scorer
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """P(positive) of a batch of decoded images, one row each."""
+        features = self.scorer.extractor(pixels)
+        return self.scorer.score_features(features).astype(np.float32).reshape(-1, 1)
+
+
+def load_version_scores(mlflow: MlflowConfig, uri: str, batch_size: int) -> VersionScores:
+    """In an extractor actor: the version rebuilt from its own weight files, as VersionScores.
+
+    Loaded from the tracking server like any model (`models:/`), so it works on every node of a
+    cluster, not only where the driver downloaded the artifacts.
+    """
+    scorer = scorer_of(load_model(Tracker(mlflow), uri))
+    if hasattr(scorer.extractor, "batch_size"):
+        # Serving pads every request to a small batch; a batch job runs extraction's size.
+        scorer.extractor.batch_size = batch_size
+    return VersionScores(scorer)
+
+
+def predict_paths(
+    cfg: Config,
+    predictor: Predictor,
+    paths: Sequence[str],
+    *,
+    progress: bool = True,
+    connect: Callable[[], None] | None = None,
+) -> Iterator[pd.DataFrame]:
+    """path, p_positive, label, error for each path, in input order, one frame per batch.
+
+    A Ray Data job: extraction's pipeline (emotr.extract.build_dataset) reads, hashes and
+    decodes each file once with the version's decode rules and input size; its extractor actors
+    run the version (VersionScores). `connect` is called before the first use of Ray.
+    """
+    from emotr.extract import build_dataset, plan_actors, stream_batches
+    from emotr.imageio import hash_keys
+
+    if not paths:
+        return
+    if connect is not None:
+        connect()
+    spec = predictor.scorer.spec
+    job = cfg.model_copy(update={"backbone": spec.backbone, "decode": spec.decode})
+    todo = pd.DataFrame({"path": list(paths), "sha256": ""})  # hashed where each file is read
+    cached = predictor.cached
+    skip = hash_keys(cached.known) if cached is not None and cached.known else None
+    loader = functools.partial(
+        load_version_scores, predictor.mlflow, predictor.uri, cfg.extract.batch_size
+    )
+    outputs = {DEFAULT_TAP: (1,)}  # the actors' model gives one probability per image
+    dataset = build_dataset(job, todo, loader, plan_actors(cfg.extract), skip, outputs=outputs)
+    # Rows in the order of the inputs; Ray Data still streams, holding back only blocks that
+    # finish ahead of an earlier one.
+    dataset.context.execution_options.preserve_order = True
+    for batch in stream_batches(dataset, len(todo), progress, label="predict"):
+        yield score_batch(predictor, batch)
+
+
+def score_batch(predictor: Predictor, batch: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Rows of one pipeline batch: the actors' probabilities, the head on cached features (on
+    the driver, which holds the same version), else the reason the file could not be used."""
+    from emotr.extract import output_column
+
+    scorer, n_rows = predictor.scorer, len(batch["path"])
+    ok, cached = batch["ok"].astype(bool), batch["cached"].astype(bool)
+    probabilities = np.full(n_rows, np.nan)
+    probabilities[ok] = batch[output_column(DEFAULT_TAP)][ok, 0]
+    if cached.any():
+        hashes = [str(digest) for digest in batch["sha256"][cached]]
+        probabilities[cached] = scorer.score_features(predictor.cached.cache.load(hashes))
+    good = ok | cached
+    classes, threshold = scorer.spec.classes, scorer.spec.threshold
+    labels = [
+        classes[int(p >= threshold)] if keep else None
+        for p, keep in zip(probabilities, good, strict=True)
+    ]
+    errors = [
+        None if keep else str(reason) for reason, keep in zip(batch["reason"], good, strict=True)
+    ]
+    return pd.DataFrame(
+        {
+            "path": pd.Series([str(path) for path in batch["path"]], dtype=object),
+            "p_positive": probabilities,
+            "label": pd.Series(labels, dtype=object),
+            "error": pd.Series(errors, dtype=object),
+        }
+    )
+
+
+def predict_chunks(
+    model: Any, paths: Sequence[str], chunk: int = DEFAULT_CHUNK
+) -> Iterator[pd.DataFrame]:
+    """path, p_positive, label, error for each path, `chunk` paths per pyfunc call, in process.
+
+    For a notebook or a test with a loaded model and a few images; `emotr predict` runs
+    `predict_paths` (a Ray Data job).
+    """
     for start in range(0, len(paths), chunk):
         part = list(paths[start : start + chunk])
-        if scorer is None:
-            scored = model.predict(pd.DataFrame({"path": part}))
-        else:
-            scored = _score_with_cache(scorer, part, cached)
+        scored = model.predict(pd.DataFrame({"path": part}))
         yield pd.DataFrame(
             {
                 "path": part,
@@ -129,21 +264,10 @@ def predict_chunks(
         )
 
 
-def _score_with_cache(scorer: Any, paths: list[str], cached: CachedFeatures) -> pd.DataFrame:
-    """Read each file once: cached bytes take their features, the others are decoded."""
-    images: list[bytes | None] = []
-    for path in paths:
-        try:
-            images.append(read_bytes(path))
-        except OSError:
-            images.append(None)  # the scorer reads the path again and reports why it failed
-    hashes = [hashlib.sha256(data).hexdigest() if data is not None else None for data in images]
-    hits = [row for row, digest in enumerate(hashes) if digest in cached.known]
-    features = cached.cache.load([hashes[row] for row in hits]) if hits else []
-    frame = pd.DataFrame(
-        {"image": pd.Series(images, dtype=object), "path": pd.Series(paths, dtype=object)}
-    )
-    return scorer.score(frame, known=dict(zip(hits, features, strict=True)))
+def check_output(output: Path) -> None:
+    """Fail before any work when --output names a format predict cannot write."""
+    if output.suffix.lower() not in {".parquet", ".csv"}:
+        raise PredictError(f"--output {output} must end with .parquet or .csv")
 
 
 def write_predictions(chunks: Iterator[pd.DataFrame], output: Path) -> PredictSummary:
@@ -151,8 +275,7 @@ def write_predictions(chunks: Iterator[pd.DataFrame], output: Path) -> PredictSu
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if output.suffix.lower() not in {".parquet", ".csv"}:
-        raise PredictError(f"--output {output} must end with .parquet or .csv")
+    check_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     schema = pa.schema(
         [
@@ -164,19 +287,31 @@ def write_predictions(chunks: Iterator[pd.DataFrame], output: Path) -> PredictSu
     )
     n_images = n_failed = 0
     writer = pq.ParquetWriter(output, schema) if output.suffix.lower() == ".parquet" else None
+    pending: list[pd.DataFrame] = []  # Parquet: a row group per _ROW_GROUP rows, not per batch
     try:
         for index, frame in enumerate(chunks):
             n_images += len(frame)
             n_failed += int(frame["error"].notna().sum())
-            if writer is not None:
-                writer.write_table(pa.Table.from_pandas(frame, schema, preserve_index=False))
-            else:
+            if writer is None:
                 frame.to_csv(
                     output, mode="w" if index == 0 else "a", header=index == 0, index=False
                 )
+                continue
+            pending.append(frame)
+            if sum(map(len, pending)) >= _ROW_GROUP:
+                writer.write_table(_arrow(pending, schema))
+                pending = []
+        if writer is not None and pending:
+            writer.write_table(_arrow(pending, schema))
     finally:
         if writer is not None:
             writer.close()
     if writer is None and n_images == 0:
         pd.DataFrame(columns=list(OUTPUT_COLUMNS)).to_csv(output, index=False)
     return PredictSummary(n_images, n_failed)
+
+
+def _arrow(frames: list[pd.DataFrame], schema: Any) -> Any:
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(pd.concat(frames, ignore_index=True), schema, preserve_index=False)

@@ -19,6 +19,7 @@ import pytest
 import requests
 import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image, ImageOps
 
 from emotr import pipeline
 from emotr.features import load_feature_set
@@ -120,35 +121,82 @@ def test_predict_a_folder_with_a_corrupt_file(deployed, tmp_path: Path):
     cfg, tracker, listing, _, config_file = deployed
     folder = tmp_path / "photos"
     folder.mkdir()
-    for image in sorted(Path(cfg.data.root).rglob("*.jpg"))[:3]:
+    originals = sorted(Path(cfg.data.root).rglob("*.jpg"))
+    for image in originals[:3]:  # copies: their bytes are in the feature cache
         shutil.copy(image, folder / f"{image.parent.name}-{image.name}")
+    with Image.open(originals[3]) as image:  # new bytes: decoded by the pipeline's actors
+        ImageOps.mirror(image).save(folder / "mirrored.jpg", quality=90)
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     output = tmp_path / "out" / "predictions.parquet"
 
     done = emotr(
         "predict", str(folder), "-c", str(config_file), "--model", f"models:/{MODEL}@champion",
-        "--output", str(output), "--batch", "2",
+        "--output", str(output), "--batch", "2", env=_wide_console(),
     )  # fmt: skip
 
     assert done.returncode == 0, done.stderr
+    assert "5 images, 1 could not be read" in done.stdout
     rows = pd.read_parquet(output)
-    assert len(rows) == 4 and rows["path"].tolist() == sorted(map(str, folder.iterdir()))
+    # One row per file, whole paths, in input order.
+    assert rows["path"].tolist() == sorted(map(str, folder.iterdir()))
     bad = rows[rows["path"].str.endswith("corrupt.jpg")].iloc[0]
-    assert bad["error"] and np.isnan(bad["p_positive"])
+    assert "not an image" in bad["error"] or "corrupt image" in bad["error"]
+    assert np.isnan(bad["p_positive"]) and pd.isna(bad["label"])
     good = rows[rows["error"].isna()]
+    assert len(good) == 4
     assert good["p_positive"].between(0, 1).all() and set(good["label"]) <= set(cfg.data.classes)
     console = done.stdout + done.stderr
-    for noise in ("Epoch", "oneDNN", "Downloading artifacts", "cuda"):
+    assert "predict: 5/5 images (100%), 1 failed" in console  # progress, as extract logs it
+    for noise in ("Epoch", "oneDNN", "Downloading artifacts", "cuda", "cpu_feature_guard", "━"):
         assert noise not in console
 
-    # The CLI took the copies' features from the cache; decoding them gives the same answer.
+    # The job took the copies' features from the cache and decoded the rest in its actors; the
+    # deployable model, loaded in process and decoding every file, gives the same answers.
     uri = f"models:/{MODEL}@champion"
     cached = open_cached_features(cfg, tracker, uri)
     assert cached is not None and len(cached.known) == len(listing.images)
     decoded = load_predictor(cfg, tracker, uri).predict(pd.DataFrame({"path": rows["path"]}))
+    assert decoded["error"].notna().tolist() == rows["error"].notna().tolist()
     np.testing.assert_allclose(
         rows["p_positive"], decoded["p_positive"].to_numpy(dtype=float), atol=1e-4
     )
+    ok = rows["error"].isna()
+    assert rows["label"][ok].tolist() == decoded["label"][ok].tolist()
+
+
+def test_predict_prints_whole_names_and_refuses_a_model_that_is_not_image_in(deployed, tmp_path):
+    cfg, tracker, _, first, config_file = deployed
+    deep = tmp_path / ("a-folder-name-long-enough-to-be-cut-by-a-narrow-terminal-" * 2)
+    deep.mkdir()
+    for name in ("same-start-1.jpg", "same-start-2.jpg"):
+        shutil.copy(sorted(Path(cfg.data.root).rglob("*.jpg"))[0], deep / name)
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame({"path": [str(deep / "same-start-1.jpg"), "missing.jpg"]}).to_csv(manifest)
+
+    # (Narrower consoles fold the names over several lines, never cut them.)
+    shown = emotr(
+        "predict", str(manifest), str(deep / "same-start-2.jpg"), "-c", str(config_file),
+        env=_wide_console(),
+    )  # fmt: skip
+
+    assert shown.returncode == 0, shown.stderr
+    for name in ("same-start-1.jpg", "same-start-2.jpg"):
+        assert str(deep / name) in shown.stdout
+    missing = next(line for line in shown.stdout.splitlines() if "missing.jpg" in line)
+    assert "cannot read file" in missing
+
+    head_only = MlflowClient(tracker.uri).get_model_version(MODEL, first.model_version).run_id
+    refused = emotr(
+        "predict", str(deep), "-c", str(config_file), "--model", f"runs:/{head_only}/model"
+    )
+    assert refused.returncode == 1
+    assert "is not an image-in emotr model" in refused.stderr
+
+
+def _wide_console() -> dict[str, str]:
+    """The environment of a CLI run with its own private Ray and lines that are not wrapped."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return {**env, "COLUMNS": "500"}
 
 
 def _free_port() -> int:
