@@ -1,0 +1,85 @@
+"""Deep fine-tuning end to end on the smoke set: extract with the block4_pool activation, a
+search whose trials fine-tune block 5, the registered image-in model, its probabilities."""
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from emotr import pipeline
+from emotr.features import load_feature_set
+from emotr.finetune import load_finetune_set
+from emotr.registry import load_validation_set
+from emotr.track import Tracker
+from tests.conftest import smoke_config
+
+pytestmark = pytest.mark.slow
+
+MODEL = "emotr-finetune"
+
+
+@pytest.fixture
+def fluent_uri(mlflow_server):
+    """MLflow's global tracking URI on the test server for one test, then as it was."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server)
+    yield mlflow_server
+    mlflow.set_tracking_uri(previous)
+
+
+def test_a_finetuned_trial_registers_a_model_serving_its_probabilities(
+    tmp_path: Path, ray_local, fluent_uri
+):
+    mlflow_server = fluent_uri
+    cfg = smoke_config(
+        tmp_path,
+        f"mlflow.tracking_uri={mlflow_server}",
+        "mlflow.experiment=finetune",
+        f"registry.model_name={MODEL}",
+        "data.demo_n=40",  # 8 validation images
+        "extract.cache_activation=block4_pool",
+        "tune.baseline.finetune=true",
+        "tune.baseline.finetune_epochs=3",
+        "tune.baseline.learning_rate=0.001",
+        "tune.search_space={finetune_lr_scale: {type: float, low: 0.1, high: 1.0, log: true}}",
+        "tune.n_trials=2",
+    )
+    tracker = Tracker(cfg.mlflow)
+    listing = pipeline.prepare_listing(cfg)
+    result = pipeline.run(cfg, tracker, listing)
+
+    client = MlflowClient(mlflow_server)
+    version = client.get_model_version_by_alias(MODEL, "challenger")
+    assert str(version.version) == result.model_version
+    assert version.tags["activation"] == "block4_pool"
+    # Its cached gap5 features are not what it takes: predict and the gate must decode.
+    assert "feature_fingerprint" not in version.tags
+
+    # Per-epoch curves: the head's epochs, then the joint ones.
+    run = client.get_run(version.run_id)
+    first_joint = int(run.data.metrics["finetune_from_epoch"])
+    losses = client.get_metric_history(version.run_id, "loss")
+    assert first_joint >= 2 and len(losses) >= first_joint
+    assert sorted(m.step for m in losses) == list(range(1, len(losses) + 1))
+    assert run.data.params["finetune"] == "True"
+
+    # The registered model, loaded as anyone would, on the validation images' files...
+    served = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version.version}")
+    validation = load_validation_set(tracker, version)
+    rows = served.predict(pd.DataFrame({"path": validation["path"]}))
+    assert rows["error"].isna().all()
+    # ... against the trial's own model on the cached activations.
+    features = load_feature_set(cfg, listing, version.tags["activation_fingerprint"])
+    tuning = load_finetune_set(cfg, listing, features)
+    order = listing.val().set_index("sha256").loc[validation["sha256"]]
+    assert (order["label"].to_numpy() == tuning.y_val).all()
+    trial_model = mlflow.keras.load_model(f"runs:/{version.run_id}/model")
+    trained = np.asarray(trial_model(np.asarray(tuning.a_val, np.float32), training=False))
+    np.testing.assert_allclose(
+        rows["p_positive"].to_numpy(dtype=float), trained.reshape(-1), atol=1e-4
+    )
+    # The trial logged the same validation numbers as the registered model gives.
+    assert run.data.metrics["val_auc"] == pytest.approx(float(version.tags["val_auc"]), abs=1e-6)

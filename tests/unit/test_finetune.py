@@ -1,0 +1,107 @@
+"""Fine-tuning's compute on tiny activations: the two stages, the curves, the saved weights."""
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from emotr.config import ConfigError, HeadParams, load_config
+from emotr.finetune import (
+    FineTuneSet,
+    backbone_block_weights,
+    build_finetune_model,
+    fit_finetune,
+    predict_batched,
+    trained_blocks,
+)
+from emotr.head import fit_head
+from tests.conftest import SMOKE
+
+
+def _finetune_set(n_train: int = 48, n_val: int = 24) -> FineTuneSet:
+    """block4_pool-shaped (2, 2, 512) activations of a 32x32 input; class 1 is brighter."""
+    rng = np.random.default_rng(0)
+    n = n_train + n_val
+    y = np.arange(n) % 2
+    a = (
+        np.abs(rng.normal(size=(n, 2, 2, 512))).astype(np.float32)
+        * (1 + 0.3 * y)[:, None, None, None]
+    )
+    x = a.mean(axis=(1, 2))
+    cfg = load_config([SMOKE])
+    return FineTuneSet(
+        x_train=x[:n_train], y_train=y[:n_train], x_val=x[n_train:], y_val=y[n_train:],
+        fingerprint="f", split_digest="s", a_train=a[:n_train], a_val=a[n_train:],
+        activation="block4_pool",
+        block_weights=backbone_block_weights(cfg.backbone, "block4_pool"),
+    )  # fmt: skip
+
+
+def test_blocks_above_an_activation():
+    assert trained_blocks("block4_pool") == (5,)
+    assert trained_blocks("block3_pool") == (4, 5)
+
+
+def test_finetuning_continues_the_fitted_head_and_never_ends_worse():
+    data = _finetune_set()
+    params = HeadParams(finetune=True, standardize=True, learning_rate=1e-3, finetune_epochs=3)
+    result = fit_finetune(params, data, epochs=4, patience=4)
+    first_joint = int(result.metrics["finetune_from_epoch"])
+    assert first_joint == 5  # 4 head epochs (patience 4 never stops 4 epochs early)
+    assert all(len(curve) == first_joint - 1 + 3 for curve in result.history.values())
+    head_only = max(result.history["val_auc"][: first_joint - 1])
+    assert result.metrics["val_auc"] == pytest.approx(max(result.history["val_auc"]))
+    assert result.metrics["val_auc"] >= head_only
+    scores = predict_batched(result.model, data.a_val).reshape(-1)
+    np.testing.assert_allclose(scores, result.val_scores, atol=1e-6)
+
+
+def test_the_fitted_head_is_where_joint_training_starts():
+    """Before any joint step, the assembled model scores as the head does on pooled features."""
+    data = _finetune_set()
+    params = HeadParams(finetune=True, learning_rate=1e-3)
+    pooled = build_finetune_model(HeadParams(n_layers=0), (2, 2, 512), "block4_pool")
+    for name, weights in data.block_weights.items():
+        pooled.get_layer(name).set_weights(weights)
+    features = keras.Model(pooled.input, pooled.get_layer("avg_pool").output)
+    g_train, g_val = predict_batched(features, data.a_train), predict_batched(features, data.a_val)
+    head = fit_head(params, g_train, data.y_train, g_val, data.y_val, epochs=3, patience=3)
+    model = build_finetune_model(params, (2, 2, 512), "block4_pool", g_train)
+    for name, weights in data.block_weights.items():
+        model.get_layer(name).set_weights(weights)
+    model.get_layer("head").set_weights(head.model.get_weights())
+    np.testing.assert_allclose(
+        predict_batched(model, data.a_val).reshape(-1), head.val_scores, atol=1e-5
+    )
+
+
+def test_saved_weights_rebuild_the_same_model(tmp_path: Path):
+    """What serving does: build from the spec's params, load the trial's weights file."""
+    data = _finetune_set()
+    params = HeadParams(finetune=True, standardize=True, finetune_epochs=1, n_layers=2)
+    result = fit_finetune(params, data, epochs=2, patience=2)
+    path = tmp_path / "head.weights.h5"
+    result.model.save_weights(str(path))
+    rebuilt = build_finetune_model(params, (2, 2, 512), "block4_pool")
+    rebuilt.load_weights(str(path))
+    np.testing.assert_allclose(
+        predict_batched(rebuilt, data.a_val).reshape(-1), result.val_scores, atol=1e-6
+    )
+
+
+def test_finetune_without_a_cached_activation_is_refused():
+    with pytest.raises(ConfigError, match=r"extract\.cache_activation"):
+        load_config([SMOKE], ["tune.baseline.finetune=true"])
+    space = "tune.search_space={finetune: {type: categorical, choices: [true, false]}}"
+    with pytest.raises(ConfigError, match=r"extract\.cache_activation=block4_pool"):
+        load_config([SMOKE], [space])
+    cfg = load_config(
+        [SMOKE], ["tune.baseline.finetune=true", "extract.cache_activation=block4_pool"]
+    )
+    assert cfg.tune.baseline.finetune
+
+
+def test_finetune_params_are_validated():
+    with pytest.raises(ConfigError, match="finetune_lr_scale"):
+        load_config([SMOKE], ["tune.baseline.finetune_lr_scale=0"])
