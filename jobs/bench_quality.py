@@ -40,7 +40,20 @@ from emotr.config import Config, load_config
 from emotr.features import FeatureSet, load_feature_set
 from emotr.track import Tracker
 
-PARTS = ("tutorial", "search", "finetune", "logreg", "ceiling", "cost")
+PARTS = ("tutorial", "search", "taps", "finetune", "logreg", "ceiling", "cost")
+# Feature taps cached in the same pass as the activation (emotr.taps), and the features choices
+# the taps part fits a head on.
+TAPS = ("gap5", "gmp5", "gap4", "gap3", "gap5_flip")
+CHOICES = (
+    "gap5",
+    "gmp5",
+    "gap4",
+    "gap3",
+    "gap5_flipavg",
+    "gap5+gmp5",
+    "gap4+gap5",
+    "gap3+gap4+gap5",
+)
 COLUMNS = ["option", "val AUC", "95 % interval", "accuracy", "wall s", "note"]
 
 
@@ -138,6 +151,7 @@ def run_search_part(
     """A fresh study of n_trials trials (emotr.tune.run_search); the best trial's val scores."""
     import mlflow
 
+    from emotr.finetune import FineTuneSet, predict_batched
     from emotr.head import predict_scores
     from emotr.tune import run_search
 
@@ -148,8 +162,10 @@ def run_search_part(
     result = run_search(cfg, features, tracker, progress=False)
     mlflow.set_tracking_uri(tracker.uri)
     model = mlflow.keras.load_model(f"runs:/{result.best_run_id}/model")
-    x_val = getattr(features, "a_val", features.x_val)  # a fine-tuning set scores activations
-    scores = predict_scores(model, x_val)
+    if isinstance(features, FineTuneSet):  # a fine-tuned model takes the activations
+        scores = predict_batched(model, features.a_val).reshape(-1)
+    else:
+        scores = predict_scores(model, features.x_val)
     params = ", ".join(f"{k}={v}" for k, v in sorted((result.best_params or {}).items()))
     note = f"{n_trials} trials, best trial {result.best_trial_number}: {params}"
     row = scored_row(option, features.y_val, scores, result.wall_seconds, note)
@@ -199,6 +215,58 @@ def run_ceiling() -> dict:
     }
 
 
+def rich_config(args: argparse.Namespace, *overrides: str) -> Config:
+    """The benchmark's config caching every tap of TAPS and the block4_pool activation."""
+    taps = f"extract.taps=[{','.join(TAPS)}]"
+    return bench_config(args.work, args, taps, "extract.cache_activation=block4_pool", *overrides)
+
+
+def split_hashes(cfg: Config, listing, features: FeatureSet) -> dict[str, list[str]]:
+    """sha256 of the train and val rows of `features`, in their order (load_feature_set's)."""
+    from emotr.cache import FeatureCache
+
+    cached = FeatureCache.open(cfg.cache.root, features.fingerprint).cached_hashes()
+    images = listing.images[listing.images["sha256"].isin(cached)]
+    return {
+        split: images[images["split"] == split]["sha256"].tolist() for split in ("train", "val")
+    }
+
+
+def run_taps(features: FeatureSet, tracker: Tracker, args, best: dict) -> dict:
+    """A head with the search's best params (else the tutorial's) on each features choice, one
+    extraction pass for every tap; the logistic regression's val AUC noted beside each."""
+    from emotr.cache_set import open_cache_set
+    from emotr.config import HeadParams
+    from emotr.head import fit_head
+    from emotr.taps import combine_features
+
+    cfg = rich_config(args)
+    summary = pipeline.extract(cfg, tracker, pipeline.prepare_scan(cfg))
+    print(f"taps, activation: {summary.n_extracted} extracted, {summary.wall_seconds:.0f} s")
+    hashes = split_hashes(cfg, summary.listing, features)
+    caches = open_cache_set(cfg).caches
+    taps = {split: {tap: caches[tap].load(rows) for tap in TAPS} for split, rows in hashes.items()}
+    params = HeadParams.model_validate({**cfg.tune.baseline.model_dump(), **best})
+    rows = {}
+    for choice in CHOICES:
+        x_train = combine_features(choice, taps["train"])
+        x_val = combine_features(choice, taps["val"])
+        chosen = FeatureSet(x_train, features.y_train, x_val, features.y_val, "tap", "split")
+        clock = time.perf_counter()
+        tune = cfg.tune
+        result = fit_head(params, x_train, features.y_train, x_val, features.y_val,
+                          epochs=tune.epochs, patience=tune.early_stopping_patience)  # fmt: skip
+        wall = time.perf_counter() - clock
+        logreg = run_logreg(chosen)
+        cv = logreg["note"].split("images ")[-1]
+        note = f"search's best head; logistic regression {logreg['val_auc']:.3f} (CV {cv})"
+        rows[choice] = scored_row(
+            f"features {choice}", features.y_val, result.val_scores, wall, note
+        )
+        print(json.dumps(rows[choice]), flush=True)
+    return {"choices": rows, "extract_s": summary.wall_seconds, "n_extracted": summary.n_extracted}
+
+
 def run_finetune(cfg: Config, features: FeatureSet, tracker: Tracker, args, best: dict) -> dict:
     """A few fine-tuning trials: the search's best head (else the tutorial's) with block 5
     trained on the cached block4_pool activations; the trials vary finetune_lr_scale."""
@@ -206,12 +274,12 @@ def run_finetune(cfg: Config, features: FeatureSet, tracker: Tracker, args, best
 
     head = {**best, "finetune": True}
     overrides = [
-        "extract.cache_activation=block4_pool",
         *(f"tune.baseline.{name}={value}" for name, value in head.items()),
         f"tune.baseline.finetune_epochs={args.finetune_epochs}",
+        "tune.baseline.finetune_patience=2",
         "tune.search_space={finetune_lr_scale: {type: float, low: 0.01, high: 1.0, log: true}}",
     ]
-    cfg = bench_config(args.work, args, *overrides)
+    cfg = rich_config(args, *overrides)
     summary = pipeline.extract(cfg, tracker, pipeline.prepare_scan(cfg))
     tuning = load_finetune_set(cfg, summary.listing, features)
     return run_search_part(cfg, tuning, tracker, "fine-tuning", args.finetune_trials)
@@ -272,9 +340,13 @@ def markdown(args: argparse.Namespace, rows: dict, info: dict, cost: dict | None
     """The benchmark's section of docs/benchmarks.md."""
     header = f"| {' | '.join(COLUMNS)} |\n|{'---|' * len(COLUMNS)}\n"
     body = ""
+    table = {}
     for part, row in rows.items():
-        if part == "cost":
-            continue
+        if part == "taps":
+            table |= row["choices"]
+        elif part != "cost":
+            table[part] = row
+    for row in table.values():
         interval = "-" if row["low"] is None else f"[{row['low']:.3f}, {row['high']:.3f}]"
         wall = "-" if row["wall_s"] is None else f"{row['wall_s']:.1f}"
         cells = [row["option"], f"{row['val_auc']:.3f}", interval, f"{row['accuracy']:.3f}"]
@@ -304,8 +376,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="demo set and split seed")
     parser.add_argument("--only", default=",".join(PARTS), help=f"parts among {PARTS}")
     parser.add_argument("--trials", type=int, default=30, help="trials of the search part")
-    parser.add_argument("--finetune-trials", type=int, default=3)
-    parser.add_argument("--finetune-epochs", type=int, default=8, help="joint epochs a trial")
+    parser.add_argument("--finetune-trials", type=int, default=2)
+    parser.add_argument("--finetune-epochs", type=int, default=5, help="joint epochs a trial")
     parser.add_argument("--cost-batch", type=int, default=32, help="images per timed step")
     parser.add_argument("--cost-steps", type=int, default=5, help="timed steps per path")
     parser.add_argument("--num-cpus", type=int, default=2, help="local Ray CPUs")
@@ -337,6 +409,9 @@ def main() -> None:
     runners: dict[str, Callable[[], dict]] = {
         "tutorial": lambda: run_tutorial(cfg, features, args),
         "search": lambda: run_search_part(cfg, features, tracker, "search", args.trials),
+        "taps": lambda: run_taps(
+            features, tracker, args, state["rows"].get("search", {}).get("params", {})
+        ),
         "finetune": lambda: run_finetune(
             cfg, features, tracker, args, state["rows"].get("search", {}).get("params", {})
         ),
