@@ -329,6 +329,15 @@ class ActivationInput:
         self.activation = activation
         self.extractor = FeatureExtractor(cfg, batch_size=batch_size, outputs=(activation,))
 
+    @property
+    def batch_size(self) -> int:
+        """Images per forward pass (emotr predict sets it for its extractor actors)."""
+        return self.extractor.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self.extractor.batch_size = value
+
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 -> (B, h, w, c) float32 activations."""
         import ml_dtypes

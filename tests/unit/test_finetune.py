@@ -3,11 +3,14 @@
 from pathlib import Path
 
 import keras
+import ml_dtypes
 import numpy as np
 import pytest
 
+from emotr.backbone import FeatureExtractor
 from emotr.config import ConfigError, HeadParams, load_config
 from emotr.finetune import (
+    ActivationInput,
     FineTuneSet,
     backbone_block_weights,
     build_finetune_model,
@@ -105,3 +108,15 @@ def test_finetune_without_a_cached_activation_is_refused():
 def test_finetune_params_are_validated():
     with pytest.raises(ConfigError, match="finetune_lr_scale"):
         load_config([SMOKE], ["tune.baseline.finetune_lr_scale=0"])
+
+
+def test_serving_input_is_the_activation_as_cached():
+    """The deployable model's frozen blocks give their output rounded to bfloat16, as cached."""
+    cfg = load_config([SMOKE])
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    served = ActivationInput(cfg.backbone, "block4_pool", batch_size=2)
+    served.batch_size = 4
+    exact = FeatureExtractor(cfg.backbone, 4, outputs=("block4_pool",)).extract_outputs(pixels)
+    rounded = exact["block4_pool"].astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(served(pixels), rounded)
+    assert served(pixels).shape == (3, 2, 2, 512)
