@@ -54,7 +54,7 @@ CHOICES = (
     "gap4+gap5",
     "gap3+gap4+gap5",
 )
-COLUMNS = ["option", "val AUC", "95 % interval", "accuracy", "wall s", "note"]
+COLUMNS = ["option", "val AUC", "95 % interval", "accuracy", "wall s", "load", "note"]
 
 
 def bootstrap_auc(
@@ -81,6 +81,7 @@ def scored_row(option: str, y: np.ndarray, scores: np.ndarray, wall_s: float, no
         "high": high,
         "accuracy": float(np.mean((scores >= 0.5) == (y == 1))),
         "wall_s": wall_s,
+        "load": os.getloadavg()[0],  # the machine is shared: wall times depend on it
         "note": note,
     }
 
@@ -166,8 +167,7 @@ def run_search_part(
         scores = predict_batched(model, features.a_val).reshape(-1)
     else:
         scores = predict_scores(model, features.x_val)
-    params = ", ".join(f"{k}={v}" for k, v in sorted((result.best_params or {}).items()))
-    note = f"{n_trials} trials, best trial {result.best_trial_number}: {params}"
+    note = f"{n_trials} trials, best trial {result.best_trial_number}"
     row = scored_row(option, features.y_val, scores, result.wall_seconds, note)
     return {**row, "params": result.best_params}
 
@@ -319,7 +319,12 @@ def run_cost(args: argparse.Namespace) -> dict:
             step(x, y, w)
         rates[name] = args.cost_steps * args.cost_batch / (time.perf_counter() - started)
         print(f"{name}: {rates[name]:.1f} img/s", flush=True)
-    return {"cached_img_s": rates["cached"], "full_img_s": rates["full"], "batch": args.cost_batch}
+    return {
+        "cached_img_s": rates["cached"],
+        "full_img_s": rates["full"],
+        "batch": args.cost_batch,
+        "load": os.getloadavg()[0],
+    }
 
 
 def cost_markdown(cost: dict, n_train: int) -> str:
@@ -330,9 +335,29 @@ def cost_markdown(cost: dict, n_train: int) -> str:
         rows += f"| {name} | {cost[key]:.1f} | {n_train / cost[key]:.0f} |\n"
     return (
         f"\nFine-tuning cost per epoch (float32 training steps of {cost['batch']} images, "
-        "forward + backward + Adam, all CPUs of this machine; GPU unmeasured here): cached / "
+        "forward + backward + Adam, all CPUs of this machine, 1-minute load average "
+        f"{cost.get('load', float('nan')):.0f} at the end; GPU unmeasured here): cached / "
         f"full = {cost['cached_img_s'] / cost['full_img_s']:.1f}x.\n\n"
         "| training path | img/s | s per epoch of the train split |\n|---|---|---|\n" + rows
+    )
+
+
+def describe_params(params: dict | None) -> str:
+    """`: name=value, ...` of a trial's params (floats to 3 digits), or "" without params."""
+    if not params:
+        return ""
+    shown = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()]
+    return ": " + ", ".join(shown)
+
+
+def taps_pass(rows: dict) -> str:
+    """A sentence on the extraction pass that cached the taps and the activation."""
+    if "taps" not in rows:
+        return ""
+    taps = rows["taps"]
+    return (
+        f" Taps {', '.join(TAPS)} and the block4_pool activation: one more pass over the "
+        f"cached set, {taps['n_extracted']} images in {taps['extract_s']:.0f} s."
     )
 
 
@@ -350,7 +375,9 @@ def markdown(args: argparse.Namespace, rows: dict, info: dict, cost: dict | None
         interval = "-" if row["low"] is None else f"[{row['low']:.3f}, {row['high']:.3f}]"
         wall = "-" if row["wall_s"] is None else f"{row['wall_s']:.1f}"
         cells = [row["option"], f"{row['val_auc']:.3f}", interval, f"{row['accuracy']:.3f}"]
-        body += f"| {' | '.join([*cells, wall, row['note']])} |\n"
+        load = f"{row['load']:.0f}" if row.get("load") is not None else "-"
+        note = row["note"].split(":")[0] + describe_params(row.get("params"))
+        body += f"| {' | '.join([*cells, wall, load, note])} |\n"
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     height, width = args.size
@@ -363,7 +390,8 @@ def markdown(args: argparse.Namespace, rows: dict, info: dict, cost: dict | None
         f"extraction {info.get('extract_s', 0):.0f} s when last run "
         f"({info.get('n_extracted')} images extracted). Rows of parts not in --only come from "
         "earlier runs on the same work folder. Interval: percentile bootstrap over the "
-        "validation images (1,000 resamples).\n\n"
+        "validation images (1,000 resamples); load: 1-minute load average when the row "
+        f"finished.{taps_pass(rows)}\n\n"
         f"{header}{body}" + (cost_markdown(cost, info.get("n_train", 0)) if cost else "")
     )
 
