@@ -1,13 +1,16 @@
-"""Benchmark the deployable model: batch predict images/s, its peak memory, serve latency.
+"""Benchmark the deployable model: batch predict images/s and memory, serve latency of one image.
 
     python jobs/bench_predict.py --n 2000 --input 64
 
-(a) The bare extraction core: decode every image and run emotr's FeatureExtractor and the head,
-chunk by chunk, in this process. (b) `emotr predict`'s path: the registered pyfunc model loaded
-from the Model Registry and called on chunks of paths (emotr.predict.predict_chunks), with the
-process's peak RSS read after a quarter, half and all of the images: flat when the chunks bound
-memory. (c) `mlflow models serve --env-manager local`: latency of one-image POSTs (base64 JPEG).
-Images are the synthetic demo set; backbone.weights=none (the speed is the same as real weights).
+(a) The bare extraction core: decode every image, emotr's FeatureExtractor and the head, batch by
+batch, in this process, no Ray. (b) `emotr predict`'s job, emotr.predict.predict_paths, on a
+private 2-CPU Ray: extraction's pipeline with the registered version's VGG16 in the actors, the
+head on the driver; resident memory of the driver and of the actors after a quarter, half and
+all of the images: flat when the batches bound memory. (a) and (b) alternate, so that other work
+on a shared machine hits both alike. (b') the `emotr predict DIR --output x.parquet` command once,
+end to end (Python, Ray and actor start-up included). (c) `mlflow models serve --env-manager
+local`: latency of one-image POSTs (base64 JPEG). Images: the synthetic demo set;
+backbone.weights=none (the speed is the same as with real weights).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import base64
 import datetime
 import os
 import platform
-import resource
 import signal
 import socket
 import statistics
@@ -29,31 +31,38 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import requests
-from benchlib import add_output_arguments, publish
+import yaml
+from benchlib import REPO, add_output_arguments, publish
 
 from emotr.config import HeadParams, load_config
 from emotr.demo import generate_demo_dataset
 from emotr.head import fit_head
 from emotr.imageio import decode_image
-from emotr.predict import load_predictor, predict_chunks
+from emotr.predict import open_predictor, predict_paths
 from emotr.registry import Candidate, keras_model_bytes, register_model
 from emotr.track import Tracker
 
-CHUNK = 64
+
+def rss_mib(process: psutil.Process) -> float:
+    """Resident memory of one process now."""
+    return process.memory_info().rss / 2**20
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def actors_rss_mib() -> float:
+    """Resident memory of this driver's extractor actors (processes named after the operator).
 
-
-def rss_mib() -> float:
-    """This process's resident memory now (Linux /proc)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    Only descendants of this process: the private Ray it started, not other users' clusters.
+    """
+    total = 0.0
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if any("MapWorker" in part for part in process.cmdline()):
+                total += rss_mib(process)
+        except psutil.NoSuchProcess:
+            continue
+    return total
 
 
 def register(work: Path, input_size: int):
@@ -63,9 +72,11 @@ def register(work: Path, input_size: int):
         [
             f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
             f"mlflow.artifact_location={work / 'artifacts'}",
+            f"cache.root={work / 'cache'}",
             "backbone.weights=none",
             f"backbone.input_size=[{input_size},{input_size}]",
             "registry.auto_promote=false",
+            "ray.num_cpus=2",
         ],
     )
     tracker = Tracker(cfg.mlflow)
@@ -82,16 +93,17 @@ def register(work: Path, input_size: int):
 
 
 def bench_core(cfg, paths: list[str]) -> float:
-    """(a) images/s of decode -> FeatureExtractor -> head in this process."""
+    """(a) images/s of decode -> FeatureExtractor -> head in this process (model built first)."""
     from emotr.backbone import FeatureExtractor
     from emotr.head import build_head, predict_scores
 
-    extractor = FeatureExtractor(cfg.backbone, batch_size=8)
+    batch = cfg.extract.batch_size
+    extractor = FeatureExtractor(cfg.backbone, batch_size=batch)
     head = build_head(HeadParams(), 512)
     size, pixels_cap = tuple(cfg.backbone.input_size), cfg.decode.max_pixels
     started = time.perf_counter()
-    for start in range(0, len(paths), CHUNK):
-        chunk = paths[start : start + CHUNK]
+    for start in range(0, len(paths), batch):
+        chunk = paths[start : start + batch]
         pixels = np.stack(
             [decode_image(Path(p).read_bytes(), size, max_pixels=pixels_cap) for p in chunk]
         )
@@ -99,17 +111,38 @@ def bench_core(cfg, paths: list[str]) -> float:
     return len(paths) / (time.perf_counter() - started)
 
 
-def bench_predict(cfg, tracker, version, paths: list[str]) -> tuple[float, list[float]]:
-    """(b) images/s of the registered model on chunks of paths, and RSS at 1/4, 1/2, 1."""
-    model = load_predictor(cfg, tracker, f"models:/{version.name}/{version.version}")
-    marks = {len(paths) // 4, len(paths) // 2, len(paths)}
-    peaks, done = [], 0
+def bench_predict(cfg, predictor, paths: list[str]) -> dict:
+    """(b) images/s of predict_paths, end to end and after the first rows; RSS at 1/4, 1/2, 1."""
+    driver = psutil.Process()
+    marks = [len(paths) // 4, len(paths) // 2, len(paths)]
+    memory, done, first = [], 0, None
     started = time.perf_counter()
-    for frame in predict_chunks(model, paths, CHUNK):
+    for frame in predict_paths(cfg, predictor, paths, progress=False):
+        if first is None:
+            first = (time.perf_counter(), len(frame))
         done += len(frame)
-        if any(done >= mark > done - len(frame) for mark in marks):
-            peaks.append(rss_mib())
-    return len(paths) / (time.perf_counter() - started), peaks
+        while marks and done >= marks[0]:
+            memory.append((marks.pop(0), rss_mib(driver), actors_rss_mib()))
+    ended = time.perf_counter()
+    assert done == len(paths), f"{done} rows for {len(paths)} images"
+    return {
+        "rate": len(paths) / (ended - started),
+        "steady": (len(paths) - first[1]) / (ended - first[0]),
+        "startup": first[0] - started,
+        "memory": memory,
+    }
+
+
+def bench_command(cfg, work: Path, version, folder: Path) -> float:
+    """(b') seconds of the `emotr predict` command over the folder, writing a Parquet file."""
+    config = work / "bench.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "emotr.cli", "predict", str(folder), "-c", str(config)]
+    command += ["--model", str(version.version), "--output", str(work / "out.parquet")]
+    started = time.perf_counter()
+    subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
+    return time.perf_counter() - started
 
 
 def bench_serve(tracker, version, image: Path, n_requests: int) -> list[float]:
@@ -153,44 +186,75 @@ def bench_serve(tracker, version, image: Path, n_requests: int) -> list[float]:
         server.wait(timeout=30)
 
 
+def _memory_text(memory: list) -> str:
+    driver = ", ".join(f"{rss:.0f}" for _, rss, _ in memory)
+    actors = ", ".join(f"{rss:.0f}" for _, _, rss in memory)
+    marks = "/".join(f"{mark:,}" for mark, _, _ in memory)
+    return f"after {marks} images: driver {driver} MiB; actor {actors} MiB"
+
+
 def main() -> None:
+    import ray
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="images")
     parser.add_argument("--input", type=int, default=64, help="backbone input side (pixels)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of (b) and (a)")
     parser.add_argument("--requests", type=int, default=30, help="one-image POSTs to time")
     add_output_arguments(parser)
     args = parser.parse_args()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         generate_demo_dataset(work / "images", n=args.n, size=(96, 120), seed=0)
         paths = sorted(str(p) for p in (work / "images").rglob("*.jpg"))
         cfg, tracker, version = register(work, args.input)
-        # Alternated, best of two each: other work on a shared machine hits both alike.
-        rates, cores = [], []
-        for _ in range(2):
-            rate, rss = bench_predict(cfg, tracker, version, paths)
-            rates.append(rate)
+        predictor = open_predictor(cfg, tracker, f"models:/{version.name}/{version.version}")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        runs, cores = [], []
+        for _ in range(args.rounds):
+            runs.append(bench_predict(cfg, predictor, paths))
             cores.append(bench_core(cfg, paths))
-            print(f"(b) {rate:.1f} img/s, RSS {rss} MiB; (a) {cores[-1]:.1f} img/s", flush=True)
-        rate, core, peak = max(rates), max(cores), peak_rss_mib()
+            run = runs[-1]
+            print(
+                f"(b) {run['rate']:.1f} img/s ({run['steady']:.1f} after {run['startup']:.1f} s); "
+                f"{_memory_text(run['memory'])}; (a) {cores[-1]:.1f} img/s",
+                flush=True,
+            )
+        ray.shutdown()
+        command_s = bench_command(cfg, work, version, work / "images")
         latencies = bench_serve(tracker, version, Path(paths[0]), args.requests)
-    median = statistics.median(latencies) * 1000
-    p95 = float(np.percentile(latencies, 95)) * 1000
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    load_after = os.getloadavg()
+    rates = [run["rate"] / core for run, core in zip(runs, cores, strict=True)]
+    steadies = [run["steady"] / core for run, core in zip(runs, cores, strict=True)]
+    median, p95 = statistics.median(latencies) * 1000, np.percentile(latencies, 95) * 1000
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, load average (1 min) "
+        f"{load_before[0]:.1f} before and {load_after[0]:.1f} after"
+    )
+
+    def pairs(key: str) -> str:
+        return ", ".join(f"{run[key]:.1f}" for run in runs)
+
     section = (
-        f"\n### Deployable model: predict and serve ({datetime.date.today()})\n\n"
-        f"`python jobs/bench_predict.py --n {args.n} --input {args.input} --requests "
-        f"{args.requests}` on {machine}; {args.n} demo JPEGs (96x120) resized to "
-        f"{args.input}x{args.input}, backbone.weights=none, chunks of {CHUNK}; (a) and (b) "
-        "alternated twice, best of each.\n\n"
+        f"\n### Deployable model: predict as a Ray Data job, and serve ({datetime.date.today()})"
+        f"\n\n`python jobs/bench_predict.py --n {args.n} --input {args.input} --rounds "
+        f"{args.rounds} --requests {args.requests}` on {machine}; {args.n} demo JPEGs (96x120) "
+        f"resized to {args.input}x{args.input}, backbone.weights=none, batches of "
+        f"{cfg.extract.batch_size}; (b) and (a) alternate, {args.rounds} rounds.\n\n"
         "| measure | value |\n| --- | --- |\n"
-        f"| (a) bare core: decode + FeatureExtractor + head, in process | {core:.1f} img/s |\n"
-        f"| (b) `emotr predict` path: registered pyfunc on chunks of paths | {rate:.1f} img/s "
-        f"({rate / core:.2f} x core) |\n"
-        f"| (b) RSS after 1/4, 1/2, all images (last pass) | "
-        f"{', '.join(f'{p:.0f}' for p in rss)} MiB (process peak {peak:.0f} MiB) |\n"
-        f"| (c) `mlflow models serve`, one-image POST, median / p95 | {median:.0f} / {p95:.0f} "
-        "ms |\n"
+        f"| (a) bare core: decode + FeatureExtractor + head, one process, no Ray | "
+        f"{', '.join(f'{c:.1f}' for c in cores)} img/s |\n"
+        f"| (b) `emotr predict`'s job (predict_paths on a 2-CPU Ray), end to end | {pairs('rate')}"
+        f" img/s: {', '.join(f'{r:.2f}' for r in rates)} x (a) |\n"
+        f"| (b) after the first rows (actor start {pairs('startup')} s) | {pairs('steady')} img/s:"
+        f" {', '.join(f'{r:.2f}' for r in steadies)} x (a) |\n"
+        f"| (b) resident memory, first / last round | {_memory_text(runs[0]['memory'])} / "
+        f"{_memory_text(runs[-1]['memory'])} |\n"
+        f"| (b') `emotr predict DIR --output x.parquet`, the command end to end | {command_s:.1f} s"
+        f" ({args.n / command_s:.1f} img/s, Python, Ray and actor start-up included) |\n"
+        f"| (c) `mlflow models serve`, one-image POST, median / p95 of {args.requests} | "
+        f"{median:.0f} / {p95:.0f} ms |\n"
     )
     publish(args, section)
 
