@@ -138,8 +138,14 @@ class FeatureCache:
 
     @classmethod
     def open(cls, root: str, fingerprint: str) -> FeatureCache:
-        """An existing cache, its inputs read back from fingerprint.json."""
-        return cls(root, fingerprint, read_inputs(root, fingerprint))
+        """An existing cache, its inputs read back from fingerprint.json (an activation's folder
+        opens as an emotr.activations.ActivationCache)."""
+        inputs = read_inputs(root, fingerprint)
+        if "activation" in inputs and cls is FeatureCache:
+            from emotr.activations import ActivationCache
+
+            return ActivationCache(root, fingerprint, inputs)
+        return cls(root, fingerprint, inputs)
 
     def part_paths(self) -> list[str]:
         """Paths (on this cache's filesystem) of the committed parts."""

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from emotr.activations import ActivationCache, activation_schema
+from emotr.activations import activation_schema
 from emotr.cache import (
     _META_FINGERPRINT,
     INPUTS_FILE,
@@ -277,21 +277,13 @@ def compact_cache(root: str, fingerprint: str | None = None) -> CompactResult:
     """
     result = CompactResult(0, [], [])
     for name in [fingerprint] if fingerprint else list_fingerprints(root):
-        one = _compact_one(_open_cache(root, name))
+        one = _compact_one(FeatureCache.open(root, name))
         result = CompactResult(
             result.n_dropped + one.n_dropped,
             result.written + one.written,
             result.removed + one.removed,
         )
     return result
-
-
-def _open_cache(root: str, fingerprint: str) -> FeatureCache:
-    """A fingerprint's cache as its kind: features, or an activation (written as such)."""
-    inputs = read_inputs(root, fingerprint)
-    if "activation" in inputs:
-        return ActivationCache(root, fingerprint, inputs)
-    return FeatureCache(root, fingerprint, inputs)
 
 
 def _compact_one(cache: FeatureCache) -> CompactResult:

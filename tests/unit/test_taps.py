@@ -8,7 +8,13 @@ import pytest
 
 from emotr.activations import ActivationCache, ActivationsMissing, load_activations
 from emotr.backbone import FeatureExtractor, features_extractor
-from emotr.cache import compute_fingerprint, features_fingerprint, open_tap, tap_inputs
+from emotr.cache import (
+    compute_fingerprint,
+    export_npy,
+    features_fingerprint,
+    open_tap,
+    tap_inputs,
+)
 from emotr.cache_maint import gc_cache, list_caches, verify_cache
 from emotr.config import ConfigError, load_config
 from emotr.features import FeatureError, FeatureSet
@@ -147,6 +153,8 @@ def test_activations_round_trip_as_bfloat16_and_maintenance_knows_them(tmp_path)
     assert info.n_bytes > 0
     assert verify_cache(cache.root) == []
     assert gc_cache(cache.root, min_age_s=0).removed == []  # valid parts are kept
+    assert export_npy(cache.root, cache.fingerprint, tmp_path / "out") == 4
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "features.npy")[0], rounded[0])
     with pytest.raises(ValueError, match="NaN or infinite"):
         cache.commit(SHA[5:6], np.full((1, 4, 3, 512), np.nan, np.float32), [64], [48])
     with pytest.raises(ValueError, match=r"must be \(n, \(4, 3, 512\)\)"):
