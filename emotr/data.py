@@ -10,14 +10,10 @@ other images are added or removed.
 from __future__ import annotations
 
 import hashlib
-import io
-import os
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import PurePosixPath
-from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -26,19 +22,14 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from emotr.config import DataConfig
-from emotr.errors import EmotrError
+from emotr.errors import DataError
+from emotr.manifest import Source, named, read_manifest, require_found
 from emotr.storage import is_uri, join, resolve
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
-MANIFEST_EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 _IMAGE_NAME = r"\.(" + "|".join(sorted(ext[1:] for ext in IMAGE_EXTENSIONS)) + ")$"
 _CHUNK_BYTES = 1 << 20
 CONFLICT = "conflict"  # the split the listing index records for a file left out as a conflict
-_MAX_NAMED = 10  # paths spelled out in one message; the rest are counted
-
-
-class DataError(EmotrError, ValueError):
-    """Data that cannot be used; the message says what, where (path or key) and how to fix it."""
 
 
 # eq=False: generated __eq__/__hash__ would compare DataFrames, which pandas refuses.
@@ -59,15 +50,6 @@ class Listing:
         return self.images[self.images["split"] == "val"].reset_index(drop=True)
 
 
-class _Source(NamedTuple):
-    location: str  # what users see: an absolute local path or a URI
-    label: int
-    filesystem: pafs.FileSystem | None  # None: resolve `location` in a worker thread
-    fs_path: str
-    size: int = -1  # bytes and modification time from the filesystem's metadata; -1 unknown
-    mtime_ns: int = -1
-
-
 @dataclass(frozen=True, eq=False)
 class FileList:
     """Every image file of the data set with its label, size and mtime; no byte read yet."""
@@ -75,12 +57,12 @@ class FileList:
     files: pd.DataFrame  # path, label, class_name, size, mtime_ns; sorted by path, label
     where: dict[int, str]  # label -> where its images were found, for error messages
     # How to read each row, in the same order: its filesystem (None: resolve `path` in a worker
-    # thread) and the path on it. Arrays, not a _Source per file: a listing of 100,000 files
+    # thread) and the path on it. Arrays, not a Source per file: a listing of 100,000 files
     # builds readers only for the few it must read.
     filesystems: np.ndarray
     fs_paths: np.ndarray
 
-    def sources(self) -> list[_Source]:
+    def sources(self) -> list[Source]:
         """How to read each file, in the order of `files`."""
         files = self.files
         columns = (
@@ -91,7 +73,7 @@ class FileList:
             files["size"].tolist(),
             files["mtime_ns"].tolist(),
         )
-        return [_Source(*row) for row in zip(*columns, strict=True)]
+        return [Source(*row) for row in zip(*columns, strict=True)]
 
     def subset(self, mask: np.ndarray) -> FileList:
         """The files where `mask` is true, in the same order."""
@@ -112,10 +94,10 @@ def list_images(cfg: DataConfig) -> Listing:
 def list_files(cfg: DataConfig) -> FileList:
     """The data set's image files (class folders or manifest) from metadata alone."""
     if cfg.manifest:
-        sources = _stat_sources(_read_manifest(cfg.manifest, cfg.classes))
+        sources = read_manifest(cfg.manifest, cfg.classes)
         where = dict.fromkeys(range(len(cfg.classes)), f"manifest {cfg.manifest}")
-        columns = list(zip(*sources, strict=True)) if sources else [()] * len(_Source._fields)
-        table = pd.DataFrame(dict(zip(_Source._fields, columns, strict=True)))
+        columns = list(zip(*sources, strict=True)) if sources else [()] * len(Source._fields)
+        table = pd.DataFrame(dict(zip(Source._fields, columns, strict=True)))
     else:
         table, where = _walk_root(cfg.root, cfg.classes)
     table = table.rename(columns={"location": "path"}).astype(
@@ -277,135 +259,18 @@ def _is_image(relative: pa.Array) -> pa.Array:
     return pc.and_(image, pc.invert(hidden))
 
 
-def _read_manifest(manifest: str, classes: Sequence[str]) -> list[_Source]:
-    filesystem, fs_path = resolve(manifest)
-    table = _read_table(manifest, filesystem, fs_path)
-    missing = {"path", "label"} - set(table.columns)
-    if missing:
-        raise DataError(
-            f"manifest {manifest} lacks column(s) {sorted(missing)}: it needs 'path' and 'label' "
-            f"(class name or index), found {list(table.columns)}"
-        )
-    sources = []
-    local = pafs.LocalFileSystem()  # one instance: _stat_sources asks it once for every file
-    for row, (entry, value) in enumerate(zip(table["path"], table["label"], strict=True), 1):
-        if not isinstance(entry, str) or not entry.strip():
-            raise DataError(f"manifest {manifest} row {row}: empty path; give every image a path")
-        label = _label_index(value, classes, f"manifest {manifest} row {row} ({entry})")
-        sources.append(_manifest_source(entry.strip(), label, manifest, filesystem, fs_path, local))
-    return sources
-
-
-def _read_table(manifest: str, filesystem: pafs.FileSystem, fs_path: str) -> pd.DataFrame:
-    kind = MANIFEST_EXTENSIONS.get(PurePosixPath(fs_path).suffix.lower())
-    if kind is None:
-        raise DataError(
-            f"manifest {manifest} must end with one of {sorted(MANIFEST_EXTENSIONS)}; "
-            "check data.manifest"
-        )
-    if filesystem.get_file_info(fs_path).type != pafs.FileType.File:
-        raise DataError(f"manifest {manifest} does not exist; check data.manifest")
-    with filesystem.open_input_stream(fs_path) as stream:
-        content = io.BytesIO(stream.read())
-    if kind == "csv":
-        # All text: "1" and "positive" in one column stay comparable, empty cells stay "".
-        return pd.read_csv(content, dtype=str, keep_default_na=False)
-    return pd.read_parquet(content)
-
-
-def _manifest_source(
-    entry: str,
-    label: int,
-    manifest: str,
-    filesystem: pafs.FileSystem,
-    fs_path: str,
-    local_fs: pafs.LocalFileSystem,
-) -> _Source:
-    if is_uri(entry):
-        return _Source(entry, label, None, entry)
-    absolute = entry.startswith("file://") or os.path.isabs(os.path.expanduser(entry))
-    if not absolute and is_uri(manifest):
-        location = join(manifest.rsplit("/", 1)[0], entry)
-        return _Source(location, label, filesystem, join(fs_path.rsplit("/", 1)[0], entry))
-    local = resolve(entry if absolute else os.path.join(os.path.dirname(fs_path), entry))[1]
-    return _Source(local, label, local_fs, local)
-
-
-def _label_index(value: Any, classes: Sequence[str], where: str) -> int:
-    number: Any = value
-    if isinstance(value, str):
-        text = value.strip()
-        if text in classes:
-            return list(classes).index(text)
-        number = int(text) if text.lstrip("-").isdigit() else None
-    elif isinstance(value, float | np.floating) and float(value).is_integer():
-        number = int(value)
-    is_int = isinstance(number, int | np.integer) and not isinstance(number, bool | np.bool_)
-    if is_int and 0 <= number < len(classes):
-        return int(number)
-    raise DataError(
-        f"{where}: unknown label {value!r}; use a class name from data.classes "
-        f"{list(classes)} or an index 0..{len(classes) - 1}"
-    )
-
-
-def _stat_sources(sources: Sequence[_Source]) -> list[_Source]:
-    """The manifest's sources with size and mtime; a missing file is a DataError naming it."""
-    infos: list[pafs.FileInfo | None] = [None] * len(sources)
-    groups: dict[int, list[int]] = {}
-    for index, src in enumerate(sources):
-        if src.filesystem is not None:
-            groups.setdefault(id(src.filesystem), []).append(index)
-    for indexes in groups.values():  # one metadata call per filesystem
-        filesystem = sources[indexes[0]].filesystem
-        assert filesystem is not None
-        paths = [sources[i].fs_path for i in indexes]
-        for index, info in zip(indexes, filesystem.get_file_info(paths), strict=True):
-            infos[index] = info
-    remote = [i for i, src in enumerate(sources) if src.filesystem is None]
-    # Manifest URIs are resolved in parallel: from_uri may ask the network (S3 region).
-    with ThreadPoolExecutor() as pool:
-        resolved = pool.map(_stat_uri, [sources[i].location for i in remote])
-        for index, info in zip(remote, resolved, strict=True):
-            infos[index] = info
-    missing = [
-        src.location
-        for src, info in zip(sources, infos, strict=True)
-        if info is None or info.type != pafs.FileType.File
-    ]
-    _require_found(missing)
-    return [
-        src._replace(size=info.size, mtime_ns=info.mtime_ns if info.mtime_ns is not None else -1)
-        for src, info in zip(sources, infos, strict=True)
-        if info is not None
-    ]
-
-
-def _stat_uri(location: str) -> pafs.FileInfo:
-    filesystem, path = resolve(location)
-    return filesystem.get_file_info(path)
-
-
-def _require_found(missing: Sequence[str]) -> None:
-    if missing:
-        raise DataError(
-            f"{len(missing)} image(s) not found or not a file: {_named(missing)}; "
-            "fix the paths (data.manifest) or restore the files"
-        )
-
-
-def hash_files(sources: Sequence[_Source]) -> list[str]:
+def hash_files(sources: Sequence[Source]) -> list[str]:
     """The sha256 of each source's bytes, read here (threads); a missing file is a DataError."""
     # hashlib releases the GIL on large buffers and reads wait on I/O, so threads overlap both.
     with ThreadPoolExecutor() as pool:
         digests = list(pool.map(_hash_source, sources))
-    _require_found(
+    require_found(
         [src.location for src, digest in zip(sources, digests, strict=True) if not digest]
     )
     return [digest for digest in digests if digest]
 
 
-def _hash_source(source: _Source) -> str | None:
+def _hash_source(source: Source) -> str | None:
     # Manifest URIs are resolved here, in parallel: from_uri may ask the network (S3 region).
     filesystem, path = source.filesystem, source.fs_path
     if filesystem is None:
@@ -432,10 +297,10 @@ def _drop_conflicts(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _warn_conflicts(conflicts: pd.DataFrame) -> None:
-    named = [f"{row.path} ({row.class_name})" for row in conflicts.itertuples()]
+    shown = [f"{row.path} ({row.class_name})" for row in conflicts.itertuples()]
     warnings.warn(
         f"{conflicts['sha256'].nunique()} image(s) have identical bytes under more than one "
-        f"label and were left out: {_named(named)}; delete the wrong copies or fix the labels "
+        f"label and were left out: {named(shown)}; delete the wrong copies or fix the labels "
         "(every path is in data/conflicts.csv of the run)",
         stacklevel=4,
     )
@@ -455,8 +320,3 @@ def _digest(images: pd.DataFrame) -> str:
     rows = sorted(zip(images["sha256"], images["label"].astype(int), images["split"], strict=True))
     text = "\n".join(f"{sha256},{label},{split}" for sha256, label, split in rows)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _named(items: Sequence[str]) -> str:
-    more = len(items) - _MAX_NAMED
-    return ", ".join(items[:_MAX_NAMED]) + (f" and {more} more" if more > 0 else "")

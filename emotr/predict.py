@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 
 from emotr.config import Config, MlflowConfig
-from emotr.data import IMAGE_EXTENSIONS, MANIFEST_EXTENSIONS
+from emotr.data import IMAGE_EXTENSIONS
 from emotr.errors import EmotrError
+from emotr.manifest import MANIFEST_EXTENSIONS
 from emotr.registry import get_version, load_model, scorer_of
 from emotr.taps import DEFAULT_TAP
 from emotr.track import Tracker
