@@ -46,6 +46,11 @@ class CacheInfo:
     n_parts: int
     inputs: dict[str, str]
 
+    @property
+    def holds(self) -> str:
+        """What its rows hold: a feature tap (gap5, gap4, ...) or an activation (block4_pool)."""
+        return self.inputs.get("activation") or self.inputs.get("tap", "gap5")
+
 
 def list_caches(root: str) -> list[CacheInfo]:
     """One CacheInfo per fingerprint folder under `root`; n_rows counts distinct images."""

@@ -486,10 +486,11 @@ def cache_ls(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None)
     from emotr.cache_maint import list_caches
 
     cfg = _load(config, overrides)
-    table = Table("fingerprint", "rows", "parts", "MiB", "backbone", "weights", "input")
+    table = Table("fingerprint", "holds", "rows", "parts", "MiB", "backbone", "weights", "input")
     for info in list_caches(cfg.cache.root):
         table.add_row(
             info.fingerprint,
+            info.holds,
             str(info.n_rows),
             str(info.n_parts),
             f"{info.n_bytes / 2**20:.1f}",

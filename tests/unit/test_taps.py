@@ -150,6 +150,7 @@ def test_activations_round_trip_as_bfloat16_and_maintenance_knows_them(tmp_path)
     assert cache.load_bfloat16(SHA[:1]).dtype == ml_dtypes.bfloat16
     (info,) = list_caches(cache.root)
     assert info.n_rows == 4 and info.inputs["activation_shape"] == "4x3x512"
+    assert info.holds == "block4_pool"
     assert info.n_bytes > 0
     assert verify_cache(cache.root) == []
     assert gc_cache(cache.root, min_age_s=0).removed == []  # valid parts are kept
