@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -105,3 +106,27 @@ def test_a_stray_cluster_file_does_not_capture_an_in_process_run(tmp_path: Path)
     # Registration and the gate load Keras on the driver: TensorFlow's start-up lines stay held.
     for noise in ("oneDNN", "absl::", "cuInit", "cuda drivers"):
         assert noise not in result.stderr
+
+
+def test_a_tracking_store_that_does_not_answer_stops_work_but_not_a_run_with_nothing_to_do(
+    tmp_path: Path,
+):
+    root = tmp_path / "emotions"
+    write_photos(root)
+    with socket.socket() as probe:  # a port nobody listens on once this closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ["extract", "-c", "conf/smoke.yaml", f"data.root={root}", *stores(tmp_path)]
+    down = [*args, f"mlflow.tracking_uri=http://127.0.0.1:{port}"]
+
+    failed = emotr(*down)  # work to do: the check runs while Ray starts, and stops the job
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    said = failed.stderr.replace("\n", " ")
+    assert "tracking" in said and f"127.0.0.1:{port}" in said and "fix:" in said
+    assert "extracted" not in failed.stdout
+    assert not list((tmp_path / "cache").rglob("part-*"))  # nothing extracted
+
+    assert emotr(*args).returncode == 0  # the store answers: 6 extracted and recorded
+    idle = emotr(*down)  # nothing left to do: the store is not needed, nor asked
+    assert idle.returncode == 0, idle.stderr
+    assert "nothing new to extract" in idle.stdout.replace("\n", " ")
