@@ -46,6 +46,7 @@ bench: $(STAMP)  ## Run the benchmark jobs into .emotr/bench/ (DOCS=1: append to
 	$(BIN)/python jobs/bench_predict.py $(if $(DOCS),--docs)
 	$(BIN)/python jobs/bench_listing.py $(if $(DOCS),--docs)
 	$(BIN)/python jobs/bench_scaling.py $(if $(DOCS),--docs)
+	$(BIN)/python jobs/bench_taps.py $(if $(DOCS),--docs)
 
 clean:  ## Delete local runs, caches and the demo data (.emotr/)
 	rm -rf .emotr
