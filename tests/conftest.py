@@ -85,6 +85,17 @@ def mlflow_server(tmp_path_factory):
         yield uri
 
 
+@pytest.fixture
+def fluent_uri(mlflow_server):
+    """MLflow's global tracking URI on the test server for one test, then as it was."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server)
+    yield mlflow_server
+    mlflow.set_tracking_uri(previous)
+
+
 @contextmanager
 def serving(
     command: list[str],

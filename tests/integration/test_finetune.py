@@ -21,15 +21,6 @@ pytestmark = pytest.mark.slow
 MODEL = "emotr-finetune"
 
 
-@pytest.fixture
-def fluent_uri(mlflow_server):
-    """MLflow's global tracking URI on the test server for one test, then as it was."""
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(mlflow_server)
-    yield mlflow_server
-    mlflow.set_tracking_uri(previous)
-
-
 def test_a_finetuned_trial_registers_a_model_serving_its_probabilities(
     tmp_path: Path, ray_local, fluent_uri
 ):

@@ -21,15 +21,6 @@ METADATA = ("classes", "input_size", "weights_sha256", "feature_fingerprint", "s
 METADATA += ("study", "trial", "emotr_version", "git_commit", "validation_set")
 
 
-@pytest.fixture
-def fluent_uri(mlflow_server):
-    """MLflow's global tracking URI on the test server for one test, then as it was."""
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(mlflow_server)
-    yield mlflow_server
-    mlflow.set_tracking_uri(previous)
-
-
 def test_run_registers_a_deployable_champion(tmp_path: Path, ray_local, fluent_uri):
     mlflow_server = fluent_uri
     cfg = smoke_config(
