@@ -189,9 +189,10 @@ class FeatureExtractor:
     With other `outputs` (taps, activations), `extract_outputs` gives each by name and a call
     gives the taps' features side by side.
 
-    The model always sees `batch_size` images: larger inputs run in chunks and the last chunk is
-    padded, because every new batch shape retraces (TF) or recompiles (JAX) the whole VGG16,
-    which cost about a second each on 2 cores.
+    Larger inputs run in chunks of `batch_size`, and a short last chunk is padded to it: every
+    new batch shape recompiles the whole VGG16 on JAX, about a second on 2 cores. TensorFlow
+    retraces once for a free batch size and then runs any size, so there a chunk of at most half
+    a batch runs as it is: 3 images cost 3 images' work, not 32.
     """
 
     def __init__(
@@ -203,6 +204,9 @@ class FeatureExtractor:
         self.input_shape = (*cfg.input_size, 3)
         self.batch_size = batch_size
         self._forward = _forward_function(self.model)
+        import keras  # loaded by build_extractor
+
+        self._any_batch_size = keras.backend.backend() == "tensorflow"
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """Features of one batch of decoded images (the taps' features side by side)."""
@@ -245,7 +249,8 @@ class FeatureExtractor:
         return {self.outputs[0]: _to_numpy(values, n_rows)}
 
     def _padded(self, chunk: np.ndarray) -> np.ndarray:
-        if len(chunk) == self.batch_size:  # no copy: at 400x500 a chunk of 128 is 77 MB
+        short = self._any_batch_size and len(chunk) <= self.batch_size // 2
+        if len(chunk) == self.batch_size or short:  # no copy: a chunk of 128 at 400x500 is 77 MB
             return np.ascontiguousarray(chunk)
         padded = np.zeros((self.batch_size, *self.input_shape), dtype=np.uint8)
         padded[: len(chunk)] = chunk

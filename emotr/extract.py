@@ -23,9 +23,10 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,23 @@ def _check_backend(backend: str, node: str) -> None:
         )
 
 
+def _use_environment(environment: Mapping[str, str], node: str) -> None:
+    """Set what Keras, TensorFlow and JAX read when first imported, in this actor's process.
+
+    Set here rather than as a Ray runtime_env: an actor without one takes a worker Ray already
+    started (a second or more sooner); the process is the actor's alone and ends with it.
+    """
+    wanted = environment.get("KERAS_BACKEND")
+    keras = sys.modules.get("keras")
+    if keras is not None and wanted and keras.backend.backend() != wanted:
+        raise RuntimeError(
+            f"Ray worker {node}:{os.getpid()} already runs Keras on {keras.backend.backend()}, "
+            f"not extract.keras_backend={wanted}: run extraction before anything that imports "
+            "Keras in plain Ray tasks of the same job"
+        )
+    os.environ.update(environment)
+
+
 def _configure_tensorflow(n_threads: int) -> None:
     import keras
 
@@ -136,6 +154,7 @@ class Extractor:
         dim: int = 0,
         n_threads: int = 0,
         backend: str = "",
+        environment: Mapping[str, str] | None = None,
         concurrent_calls: bool = False,
         outputs: dict[str, tuple[int, ...]] | None = None,
     ):
@@ -143,18 +162,63 @@ class Extractor:
 
         node = ray.get_runtime_context().get_node_id()[:12]
         _check_backend(backend, node)  # before Keras is imported: that would fail less clearly
-        import keras
-
-        _configure_tensorflow(n_threads or _node_cpus())
-        self.model = load_model()
+        _use_environment(environment or {}, node)
         self.outputs = outputs or {DEFAULT_TAP: (dim,)}
-        if concurrent_calls:
-            # Compile now, once: two first calls at the same time would both compile. (Without
-            # them the first batch compiles, and a warm-up would cost one batch more.)
-            self._run(np.zeros((1, *input_shape), np.uint8))
-        self.worker = f"{node}:{os.getpid()}:{keras.backend.backend()}"
+        self.worker = f"{node}:{os.getpid()}"
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self.load_phases: dict[str, float] = {}  # seconds of each step of the model's load
+        # The model loads (Keras import, weights, first compile) in the background: Ray Data
+        # already hands this actor batches, whose decoding overlaps the load instead of
+        # following it. Calls wait for the model.
+        threading.Thread(
+            target=self._load,
+            args=(load_model, input_shape, n_threads, concurrent_calls),
+            name="emotr-model-load",
+            daemon=True,
+        ).start()
+
+    def _load(
+        self,
+        load_model: ModelLoader,
+        input_shape: tuple[int, int, int],
+        n_threads: int,
+        warm_up: bool,
+    ) -> None:
+        clock = time.perf_counter()
+
+        def phase(name: str) -> None:
+            nonlocal clock
+            self.load_phases[name] = time.perf_counter() - clock
+            clock = time.perf_counter()
+
+        try:
+            import keras
+
+            _configure_tensorflow(n_threads or _node_cpus())
+            phase("keras import")
+            self.model = load_model()
+            phase("model build")
+            if warm_up:
+                # Compile now, once: two first calls at the same time would both compile.
+                # (Without them the first batch compiles, and a warm-up would cost one batch.)
+                self._run(np.zeros((1, *input_shape), np.uint8))
+                phase("first compile")
+            self.worker += f":{keras.backend.backend()}"
+            log.info(
+                "extractor %s ready: %s",
+                self.worker,
+                ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.load_phases.items()),
+            )
+        except BaseException as error:  # raised by every call: the actor cannot extract
+            self._load_error = error
+        finally:
+            self._ready.set()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
         ok = batch["ok"].astype(bool)
         if ok.all():  # no copy of the pixels (77 MB for 128 images at 400x500)
             values = self._run(np.asarray(batch["pixels"], np.uint8))
@@ -285,7 +349,6 @@ def build_dataset(
 
     from emotr.backbone import feature_dim
 
-    n_blocks = min(_MAX_DECODE_BLOCKS, math.ceil(len(todo) / cfg.extract.decode_batch_size))
     decode_compute = ray.data.TaskPoolStrategy(size=cfg.extract.decode_concurrency or None)
     decode_args = {
         "size": tuple(cfg.backbone.input_size),
@@ -293,11 +356,9 @@ def build_dataset(
         "background": tuple(cfg.decode.background),
         "skip": skip,
     }
-    # Keras reads its backend when first imported: the actors' processes start with it set.
-    # Decode tasks get the same environment, or Ray Data could not fuse them into the actors.
-    backend_env = {"env_vars": {**_QUIET_ENV, **_backend_env_vars(cfg.extract)}}
+    blocks = _split_rows(todo[["path", "sha256"]], _rows_per_block(cfg.extract, len(todo)))
     return (
-        ray.data.from_pandas(_split_rows(todo[["path", "sha256"]], n_blocks))
+        ray.data.from_pandas(blocks)
         .map_batches(
             decode_batch,
             fn_kwargs=decode_args,
@@ -305,7 +366,6 @@ def build_dataset(
             batch_format="numpy",
             compute=decode_compute,
             udf_modifying_row_count=False,
-            runtime_env=backend_env,
         )
         .map_batches(
             Extractor,
@@ -316,6 +376,7 @@ def build_dataset(
                 "outputs": outputs,
                 "n_threads": plan.n_threads,
                 "backend": cfg.extract.keras_backend,
+                "environment": {**_QUIET_ENV, **_backend_env_vars(cfg.extract)},
                 "concurrent_calls": plan.on_gpus,
             },
             batch_size=cfg.extract.batch_size,
@@ -330,7 +391,6 @@ def build_dataset(
                 enable_true_multi_threading=plan.on_gpus,
             ),
             udf_modifying_row_count=False,
-            runtime_env=backend_env,
             **plan.resources,
         )
     )
@@ -348,9 +408,20 @@ def _backend_env_vars(cfg: ExtractConfig) -> dict[str, str]:
     return env
 
 
-def _split_rows(frame: pd.DataFrame, n_blocks: int) -> list[pd.DataFrame]:
+def _rows_per_block(cfg: ExtractConfig, n_rows: int) -> int:
+    """Rows of each input block: whole forward passes (a multiple of extract.batch_size).
+
+    A block is one decode task; the actor runs its rows in passes of batch_size and pads a
+    short last pass to batch_size (every new shape recompiles). Blocks of 15 rows made 163
+    images cost 7 passes instead of 6.
+    """
+    passes = max(math.ceil(cfg.decode_batch_size / cfg.batch_size), 1)
+    passes = max(passes, math.ceil(n_rows / (_MAX_DECODE_BLOCKS * cfg.batch_size)))
+    return passes * cfg.batch_size
+
+
+def _split_rows(frame: pd.DataFrame, step: int) -> list[pd.DataFrame]:
     # One block per frame; from_pandas(override_num_blocks=) fails on pandas 3 in Ray 2.60.
-    step = math.ceil(len(frame) / max(1, n_blocks))
     return [frame.iloc[start : start + step] for start in range(0, len(frame), step)]
 
 

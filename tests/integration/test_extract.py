@@ -147,6 +147,18 @@ def test_a_backend_missing_on_the_workers_fails_with_what_to_do(tmp_path, ray_lo
         extract_features(cfg, list_images(cfg.data), progress=False)
 
 
+def _unloadable_model():
+    raise FileNotFoundError("weights file /nowhere/vgg16.weights.h5 is gone")
+
+
+def test_a_model_that_cannot_load_fails_the_run_with_its_reason(tmp_path, ray_local):
+    # The model loads in the background of the actor's start: its error must still end the run.
+    cfg = demo_config(tmp_path, 4)
+    with pytest.raises(Exception, match=re.escape("/nowhere/vgg16.weights.h5 is gone")):
+        extract_features(cfg, list_images(cfg.data), progress=False, load_model=_unloadable_model)
+    assert not list(Path(cfg.cache.root).rglob("part-*.parquet"))
+
+
 def test_rerun_extracts_only_new_images_and_a_new_input_size_gets_its_own_folder(
     tmp_path, ray_local
 ):

@@ -204,3 +204,15 @@ def test_feature_extractor_checks_its_input(none_small):
     with pytest.raises(ValueError, match="uint8"):
         none_small(random_pixels(1, (64, 64)))
     assert none_small(np.zeros((0, *SMALL, 3), dtype=np.uint8)).shape == (0, 512)
+
+
+def test_a_short_last_chunk_gives_the_features_of_a_full_padded_one():
+    extractor = FeatureExtractor(backbone("hed-bsds500"), batch_size=8)
+    pixels = random_pixels(11, seed=7)
+    # 8 + 3: the 3 run as they are on TensorFlow (at most half a batch), padded elsewhere.
+    together = extractor(pixels)
+    # Each of the last 3 in a full batch of 8 (no padding, no short shape).
+    full = extractor(np.concatenate([pixels[8:], pixels[:5]]))[:3]
+    np.testing.assert_allclose(together[8:], full, rtol=1e-5, atol=1e-5)
+    # 5 images (more than half a batch) are padded to 8; both paths agree with each other.
+    np.testing.assert_allclose(extractor(pixels[:5]), together[:5], rtol=1e-5, atol=1e-5)
