@@ -97,7 +97,7 @@ class CountingHandler(LocalPassThrough):
 
 def install(log: str) -> None:
     """Make emotr's modules resolve local paths to the counting filesystem in this process."""
-    from emotr import cache, data, listing, storage
+    from emotr import cache, data, listing, storage, walk
 
     original = getattr(storage.resolve, "original", storage.resolve)
 
@@ -108,7 +108,7 @@ def install(log: str) -> None:
         return filesystem, path
 
     resolve.original = original  # type: ignore[attr-defined]
-    for module in (storage, data, listing, cache):
+    for module in (storage, data, listing, cache, walk):
         module.resolve = resolve  # type: ignore[attr-defined]
 
 

@@ -31,9 +31,9 @@ def ids():
 @pytest.fixture
 def counted(tmp_path, monkeypatch) -> Path:
     """Every local open for reading by emotr in this test goes through a counting filesystem."""
-    from emotr import cache, data, listing, storage
+    from emotr import cache, data, listing, storage, walk
 
-    for module in (storage, data, listing, cache):
+    for module in (storage, data, listing, cache, walk):
         monkeypatch.setattr(module, "resolve", module.resolve)  # restored after the test
     log = tmp_path / "opens.log"
     counting_fs.install(str(log))
