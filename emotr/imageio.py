@@ -98,10 +98,12 @@ def decode_image_with_size(
                 _check_pixels(image.size, max_pixels)
                 image.seek(0)
                 image.load()  # a truncated JPEG passes open() and verify(), and fails here
-                upright = ImageOps.exif_transpose(image)
-            width, height = upright.size
-            rgb = _to_rgb(upright, background)
-            rgb = rgb.resize((size[1], size[0]), RESAMPLE, reducing_gap=None)
+                # In place: the copy Pillow returns when there is nothing to turn cost about a
+                # millisecond per image, a quarter of the decode.
+                ImageOps.exif_transpose(image, in_place=True)
+                width, height = image.size
+                rgb = _to_rgb(image, background)
+                rgb = rgb.resize((size[1], size[0]), RESAMPLE, reducing_gap=None)
     except DecodeError:
         raise
     except _DECODE_FAILURES as error:
