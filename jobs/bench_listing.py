@@ -1,16 +1,17 @@
 """Benchmark listing with the index, and a warm `emotr extract` that has nothing to do.
 
-    python jobs/bench_listing.py --n-listing 100000 --n-extract 20000 --before f0fc25c^ \\
-        --n-s3 10000
+    python jobs/bench_listing.py --n-listing 100000 --n-extract 100000 --extract-kb 40 \\
+        --before f0fc25c^ --repeats 3 --n-s3 10000
 
 (1) Listing N small local files (with --n-s3, also objects on moto's S3 server on 127.0.0.1):
 today's way (`data.list_images`: the driver reads and hashes every file), then with the listing
 index: cold (no index: every file hashed), warm (nothing new) and +1 % new files.
-(2) `emotr extract` in a fresh process over M unchanged files whose features are cached and
-whose index is written: what a warm re-run costs end to end, MLflow run included.
+(2) `emotr extract` in a fresh process over M unchanged files (--extract-kb each) whose
+features are cached and whose index is written: what a warm re-run costs end to end.
 The features are placeholders committed straight to the cache: the warm path reads none.
 --before REV also times that warm run with the code of commit REV (a `git archive` of it), in
-the same run, on the same files, cache and MLflow store.
+the same run, on the same files, cache and MLflow store; its first run, which creates the MLflow
+store, is not timed. Issue 9's target: now / before < 0.05 at 100,000 files.
 """
 
 from __future__ import annotations
@@ -168,11 +169,11 @@ def checkout(rev: str, folder: Path) -> Path:
 
 
 def bench_warm_extract(
-    work: Path, n: int, repeats: int, before: str | None
+    work: Path, n: int, n_bytes: int, repeats: int, before: str | None
 ) -> tuple[list[float], list[float]]:
     """Warm `emotr extract` seconds now, and with the code of commit `before` (or none)."""
     root = work / "extract"
-    write_files(root, 0, n)
+    write_files(root, 0, n, n_bytes)
     overrides = [
         f"data.root={root}",
         f"cache.root={work / 'extract-cache'}",
@@ -192,44 +193,62 @@ def bench_warm_extract(
     # Only these keys: the code of another commit may not know every key of today's config.
     config.write_text(yaml.safe_dump(overrides_as_yaml(overrides)))
     command = [sys.executable, "-m", "emotr.cli", "extract", "-c", str(config)]
-    # The first run creates the MLflow store: not a warm run.
+    # The first run of each warms the page cache; the old code's also creates the MLflow store.
     now = time_extract(command, REPO, len(hashes), repeats + 1)[1:]
     if before is None:
         return now, []
     old = checkout(before, work / "before")
-    return now, time_extract(command, old, len(hashes), max(1, repeats - 1))
+    return now, time_extract(command, old, len(hashes), max(1, repeats - 1) + 1)[1:]
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as `uptime` shows them."""
+    return ", ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
+def extract_text(
+    args: argparse.Namespace, extract: list[float], old: list[float], load: str
+) -> str:
+    """The warm extract's paragraph: runs now, before, the ratio against issue 9's 5 %."""
+    size = f"{args.extract_kb:g} KB" if args.extract_kb else "1.2 KB"
+    runs = ", ".join(f"{s:.2f}" for s in extract)
+    text = (
+        f"Warm `emotr extract` (a fresh process, nothing to extract: no MLflow run) over "
+        f"{args.n_extract:,} unchanged local files of {size} (load average before the runs "
+        f"{load}): {runs} s (median {np.median(extract):.2f} s); neither Ray, TensorFlow nor "
+        "MLflow started."
+    )
+    if not old:
+        return text + "\n"
+    ratio = np.median(extract) / np.median(old)
+    verdict = "met" if ratio < 0.05 else "not met"
+    return text + (
+        f" With the code of {args.before} (driver hashes every file, then starts Ray and "
+        f"TensorFlow; first run not timed): {', '.join(f'{s:.2f}' for s in old)} s; "
+        f"**now / before {ratio:.3f}** (target < 0.05 at 100,000 files: {verdict}).\n"
+    )
 
 
 def markdown(
-    args: argparse.Namespace, listing: list[list[str]], extract: list[float], old: list[float]
+    args: argparse.Namespace,
+    listing: list[list[str]],
+    extract: tuple[list[float], list[float], str],
 ) -> str:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     table = "| files | listing | seconds | / today |\n|---|---|---|---|\n"
     table += "".join(f"| {' | '.join(row)} |\n" for row in listing)
-    runs = ", ".join(f"{s:.2f}" for s in extract)
     option = f" --before {args.before}" if args.before else ""
-    before = (
-        f" With the code of {args.before} (driver hashes every file, then starts Ray and "
-        f"TensorFlow): {', '.join(f'{s:.2f}' for s in old)} s; now / before "
-        f"{np.median(extract) / np.median(old):.2f}."
-        if old
-        else ""
-    )
     command = (
         f"python jobs/bench_listing.py --n-listing {args.n_listing} --n-extract "
-        f"{args.n_extract} --repeats {args.repeats}{option} --n-s3 {args.n_s3} "
-        f"--file-kb {','.join(f'{kb:g}' for kb in args.file_kb)}"
+        f"{args.n_extract} --extract-kb {args.extract_kb:g} --repeats {args.repeats}{option} "
+        f"--n-s3 {args.n_s3} --file-kb {','.join(f'{kb:g}' for kb in args.file_kb)}"
     )
     return (
         f"\n### Listing index and a warm extract, {datetime.date.today().isoformat()}\n\n"
-        f"`{command}` on {machine} (load average at the end {load}). Small files; "
+        f"`{command}` on {machine} (load average at the end {load_average()}). Small files; "
         "today = `data.list_images`, the driver hashing every file; cold/warm/+1 % = "
         "`listing.list_images_indexed` (hashes of new files on the driver here; `emotr "
-        f"extract` hashes them on its workers).\n\n{table}\n"
-        "Warm `emotr extract` (a fresh process, nothing to extract: no MLflow run) over "
-        f"{args.n_extract:,} unchanged files: {runs} s (median {np.median(extract):.2f} s); "
-        f"neither Ray, TensorFlow nor MLflow started.{before}\n"
+        f"extract` hashes them on its workers).\n\n{table}\n{extract_text(args, *extract)}"
     )
 
 
@@ -237,6 +256,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-listing", type=int, default=100_000, help="files to list")
     parser.add_argument("--n-extract", type=int, default=20_000, help="files of the warm extract")
+    parser.add_argument(
+        "--extract-kb", type=float, default=0.0, help="size of the warm extract's files (0: 1.2)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="warm extract runs timed")
     parser.add_argument("--before", help="also time the warm extract at this commit")
     parser.add_argument("--n-s3", type=int, default=0, help="objects to list on moto's S3")
@@ -264,8 +286,12 @@ def main() -> None:
                 listing += bench_listing(
                     f"{bucket}/data", f"{bucket}/cache", writer, args.n_s3, where
                 )
-        extract, old = bench_warm_extract(Path(work), args.n_extract, args.repeats, args.before)
-    publish(args, markdown(args, listing, extract, old))
+        load = load_average()
+        n_bytes = int(args.extract_kb * 1024)
+        extract, old = bench_warm_extract(
+            Path(work), args.n_extract, n_bytes, args.repeats, args.before
+        )
+    publish(args, markdown(args, listing, (extract, old, load)))
 
 
 if __name__ == "__main__":
