@@ -42,6 +42,7 @@ ui: $(STAMP)  ## Open the MLflow UI on the local tracking store (http://127.0.0.
 
 bench: $(STAMP)  ## Run the benchmark jobs into .emotr/bench/ (DOCS=1: append to docs/benchmarks.md too)
 	$(BIN)/python jobs/bench_extract.py $(if $(DOCS),--docs)
+	$(BIN)/python jobs/bench_startup.py $(if $(DOCS),--docs)
 	$(BIN)/python jobs/bench_tune.py $(if $(DOCS),--docs)
 	$(BIN)/python jobs/bench_predict.py $(if $(DOCS),--docs)
 	$(BIN)/python jobs/bench_listing.py $(if $(DOCS),--docs)
