@@ -116,9 +116,10 @@ def idle_extraction(cfg: Config, scan: Scan) -> ExtractSummary | None:
     """
     from emotr.extract import extract_features, plan_extraction
 
-    if len(plan_extraction(cfg, scan)[2]):
+    planned = plan_extraction(cfg, scan)
+    if len(planned[2]):
         return None
-    return extract_features(cfg, scan)
+    return extract_features(cfg, scan, planned=planned)
 
 
 def extract(
