@@ -135,6 +135,7 @@ class FeatureCache:
         # The filesystem and the folder on it that hold this fingerprint's files.
         self.filesystem, self.folder = resolve(self.location)
         self._known: set[str] | None = None
+        self._listed: pa.Array | None = None
 
     @classmethod
     def open(cls, root: str, fingerprint: str) -> FeatureCache:
@@ -154,21 +155,34 @@ class FeatureCache:
 
     def cached_hashes(self) -> set[str]:
         """The sha256 of every image the cache holds features for (each once)."""
-        paths = self.part_paths()
-        if not paths:
-            self._known = set()
-        else:
-            dataset = pads.dataset(paths, filesystem=self.filesystem, format="parquet")
-            table = dataset.to_table(["sha256"])
-            self._known = set(table.column("sha256").to_pylist())
+        self._listed = self._read_hashes()
+        self._known = set(self._listed.to_pylist())
         return set(self._known)
 
     def known_hashes(self) -> set[str]:
         """The hashes cached, as last listed (listed once) plus those committed since."""
         if self._known is None:
-            self.cached_hashes()
-        assert self._known is not None
+            if self._listed is None:
+                self._listed = self._read_hashes()
+            self._known = set(self._listed.to_pylist())
         return self._known
+
+    def known_hash_array(self) -> pa.Array:
+        """known_hashes as an Arrow string array (rows committed twice may repeat)."""
+        # A warm run only asks membership (pyarrow.compute.is_in): it never needs the Python
+        # set of 100k strings that commits keep (0.02 s to build, 0.04 s for pandas isin).
+        if self._known is not None:
+            return pa.array(list(self._known), pa.string())
+        if self._listed is None:
+            self._listed = self._read_hashes()
+        return self._listed
+
+    def _read_hashes(self) -> pa.Array:
+        paths = self.part_paths()
+        if not paths:
+            return pa.array([], pa.string())
+        dataset = pads.dataset(paths, filesystem=self.filesystem, format="parquet")
+        return dataset.to_table(["sha256"]).column("sha256").combine_chunks()
 
     def commit(
         self,

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from emotr.activations import ActivationCache
 from emotr.cache import FeatureCache, compute_fingerprint, open_tap
@@ -30,15 +32,21 @@ class CacheSet:
         """gap5's fingerprint: the identity of the whole set."""
         return self.base.fingerprint
 
-    def complete_hashes(self) -> set[str]:
-        """The images every output holds (listed once; commits keep it current)."""
-        known = [cache.known_hashes() for cache in self.caches.values()]
-        return set.intersection(*known)
+    def complete_hashes(self) -> pa.Array:
+        """The images every output holds, as Arrow strings (listed once; commits keep it
+        current); test membership with pyarrow.compute.is_in."""
+        arrays = [cache.known_hash_array() for cache in self.caches.values()]
+        complete = arrays[0]
+        for other in arrays[1:]:
+            complete = complete.filter(pc.is_in(complete, value_set=other))
+        return complete
 
     def missing_outputs(self, sha256s: Collection[str], unknown: bool = False) -> list[str]:
         """The outputs some of `sha256s` lack; every output when files of unknown hash come."""
         if unknown:
             return list(self.caches)
+        if not sha256s:  # nothing to extract: no need for the caches' Python sets
+            return []
         wanted = set(sha256s)
         return [name for name, cache in self.caches.items() if not wanted <= cache.known_hashes()]
 

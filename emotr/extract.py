@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from emotr.cache_set import CacheSet, open_cache_set
 from emotr.config import Config, ExtractConfig
@@ -577,7 +579,7 @@ def _consume(dataset, committer: _Committer, n_todo: int, progress: bool) -> flo
 
 def plan_extraction(
     cfg: Config, listing: Listing | Scan
-) -> tuple[CacheSet, set[str], pd.DataFrame]:
+) -> tuple[CacheSet, pa.Array, pd.DataFrame]:
     """The caches, the hashes all of them hold, and what to extract: path, sha256 ("" = read
     to know). Each configured tap and the activation has its cache; an image one of them lacks
     is extracted (once, for all it lacks).
@@ -589,9 +591,10 @@ def plan_extraction(
     known = listing.images[["path", "sha256"]] if isinstance(listing, Listing) else listing.known()
     unique = known.drop_duplicates("sha256")
     unknown = listing.unknown() if isinstance(listing, Scan) else known.iloc[:0, :1]
-    todo = pd.concat(
-        [unique[~unique["sha256"].isin(cached)], unknown.assign(sha256="")], ignore_index=True
-    )
+    # Arrow's is_in on the cache's Arrow column: half the time of a Python set and pandas isin.
+    hashes = pa.array(unique["sha256"].to_numpy(), pa.string())
+    held = pc.is_in(hashes, value_set=cached).to_numpy(zero_copy_only=False)
+    todo = pd.concat([unique[~held], unknown.assign(sha256="")], ignore_index=True)
     return cache, cached, todo
 
 
@@ -602,7 +605,7 @@ def extract_features(
     progress: bool = True,
     load_model: ModelLoader | None = None,
     connect: Callable[[], None] | None = None,
-    planned: tuple[CacheSet, set[str], pd.DataFrame] | None = None,
+    planned: tuple[CacheSet, pa.Array, pd.DataFrame] | None = None,
 ) -> ExtractSummary:
     """Extract and cache features of the listing's images that the cache does not hold yet.
 
@@ -640,7 +643,7 @@ def extract_features(
             fingerprint,
         )
         # Only files of unknown hash may turn out cached (renamed or copied ones).
-        skip = hash_keys(cached_before) if len(unknown) else None
+        skip = hash_keys(cached_before.to_pylist()) if len(unknown) else None
         first_rows_at = _consume(
             build_dataset(cfg, todo, load_model, plan, skip, _shapes(cfg, outputs)),
             committer,
@@ -677,7 +680,7 @@ def _shapes(cfg: Config, outputs: list[str]) -> dict[str, tuple[int, ...]]:
 
 def _summarize(
     listing: Listing,
-    cached_before: set[str],
+    cached_before: pa.Array,
     committer: _Committer,
     fingerprint: str,
     wall: float,
@@ -689,13 +692,13 @@ def _summarize(
         key=failures["sha256"].where(failures["sha256"] != "", failures["path"])
     )
     failures = failures.drop_duplicates("key").drop(columns="key").reset_index(drop=True)
-    unique = set(listing.images["sha256"])
+    unique = pa.array(listing.images["sha256"].to_numpy(), pa.string()).unique()
     n_unreadable = int((failures["sha256"] == "").sum())
     return ExtractSummary(
         fingerprint=fingerprint,
         n_images=len(listing.images),
         n_unique=len(unique) + n_unreadable,
-        n_cached=len(unique & cached_before),
+        n_cached=pc.sum(pc.is_in(unique, value_set=cached_before)).as_py() or 0,
         n_extracted=committer.n_committed,
         n_failed=len(failures),
         failures=failures,
