@@ -1,9 +1,12 @@
-"""Extraction's input blocks hold whole forward passes: no padded pass in the middle of a job."""
+"""Parts of the extraction pipeline that need no Ray: input blocks, the actor's environment."""
+
+import os
 
 import pandas as pd
+import pytest
 
 from emotr.config import ExtractConfig
-from emotr.extract import _MAX_DECODE_BLOCKS, _rows_per_block, _split_rows
+from emotr.extract import _MAX_DECODE_BLOCKS, _rows_per_block, _split_rows, _use_environment
 
 
 def rows(n: int) -> pd.DataFrame:
@@ -27,3 +30,16 @@ def test_a_huge_job_keeps_the_block_count_bounded_and_whole():
     n = _MAX_DECODE_BLOCKS * 32 * 3 + 1
     step = _rows_per_block(cfg, n)
     assert step % 32 == 0 and -(-n // step) <= _MAX_DECODE_BLOCKS
+
+
+def test_an_actor_process_already_running_another_keras_backend_is_refused(monkeypatch):
+    keras = pytest.importorskip("keras")
+    other = "jax" if keras.backend.backend() != "jax" else "tensorflow"
+    # Set first, so that monkeypatch restores both variables after the test.
+    monkeypatch.setenv("EMOTR_TEST_MARK", "0")
+    monkeypatch.setenv("KERAS_BACKEND", keras.backend.backend())
+    with pytest.raises(RuntimeError, match=f"not extract.keras_backend={other}"):
+        _use_environment({"KERAS_BACKEND": other, "EMOTR_TEST_MARK": "1"}, "node")
+    assert os.environ["EMOTR_TEST_MARK"] == "0"  # nothing set when refused
+    _use_environment({"KERAS_BACKEND": keras.backend.backend(), "EMOTR_TEST_MARK": "1"}, "node")
+    assert os.environ["EMOTR_TEST_MARK"] == "1"
