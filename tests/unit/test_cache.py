@@ -363,3 +363,25 @@ def test_cache_compact_command_reports_what_it_merged(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "1 repeated row(s) dropped" in " ".join(result.stdout.split())
     assert verify_cache(first.root) == []
+
+
+def test_complete_hashes_are_those_every_output_holds_and_follow_commits(tmp_path):
+    from emotr.cache_set import CacheSet
+
+    gap5 = new_cache(tmp_path)
+    other_inputs = {**INPUTS, "tap": "gmp5"}
+    gmp5 = FeatureCache(gap5.root, fingerprint_of(other_inputs), other_inputs)
+    h1, h2, h3, h4 = keys("1", "2", "3", "4")
+    commit(gap5, [h1, h2, h3])
+    commit(gmp5, [h2, h3, h4])
+    # Fresh objects: the hashes come from the files, as on a warm run.
+    caches = CacheSet(
+        {
+            "gap5": FeatureCache(gap5.root, gap5.fingerprint, INPUTS),
+            "gmp5": FeatureCache(gmp5.root, gmp5.fingerprint, other_inputs),
+        }
+    )
+    assert sorted(caches.complete_hashes().to_pylist()) == sorted([h2, h3])
+    assert caches.missing_outputs([h1, h2]) == ["gmp5"] and caches.missing_outputs([]) == []
+    commit(caches.caches["gmp5"], [h1])
+    assert sorted(caches.complete_hashes().to_pylist()) == sorted([h1, h2, h3])
