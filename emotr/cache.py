@@ -162,9 +162,7 @@ class FeatureCache:
     def known_hashes(self) -> set[str]:
         """The hashes cached, as last listed (listed once) plus those committed since."""
         if self._known is None:
-            if self._listed is None:
-                self._listed = self._read_hashes()
-            self._known = set(self._listed.to_pylist())
+            self._known = set(self._listed_hashes().to_pylist())
         return self._known
 
     def known_hash_array(self) -> pa.Array:
@@ -173,6 +171,9 @@ class FeatureCache:
         # set of 100k strings that commits keep (0.02 s to build, 0.04 s for pandas isin).
         if self._known is not None:
             return pa.array(list(self._known), pa.string())
+        return self._listed_hashes()
+
+    def _listed_hashes(self) -> pa.Array:
         if self._listed is None:
             self._listed = self._read_hashes()
         return self._listed
