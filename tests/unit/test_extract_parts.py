@@ -6,7 +6,13 @@ import pandas as pd
 import pytest
 
 from emotr.config import ExtractConfig
-from emotr.extract import _MAX_DECODE_BLOCKS, _rows_per_block, _split_rows, _use_environment
+from emotr.extract import (
+    _MAX_DECODE_BLOCKS,
+    _rows_per_block,
+    _split_rows,
+    _use_environment,
+    initialise_devices,
+)
 
 
 def rows(n: int) -> pd.DataFrame:
@@ -43,3 +49,10 @@ def test_an_actor_process_already_running_another_keras_backend_is_refused(monke
     assert os.environ["EMOTR_TEST_MARK"] == "0"  # nothing set when refused
     _use_environment({"KERAS_BACKEND": keras.backend.backend(), "EMOTR_TEST_MARK": "1"}, "node")
     assert os.environ["EMOTR_TEST_MARK"] == "1"
+
+
+def test_the_backend_device_runtime_starts_and_names_the_devices_it_sees():
+    keras = pytest.importorskip("keras")
+    devices = initialise_devices(keras.backend.backend())
+    # On a machine without GPUs (as CI) every backend names its CPU device.
+    assert devices and any("cpu" in name.lower() for name in devices), devices
