@@ -1,13 +1,18 @@
 """Start-up timeline of an extraction: where the seconds before the first features go.
 
     python jobs/bench_startup.py --n 163 --size 224x224 --precision bfloat16 --weights hed-bsds500
+    KERAS_BACKEND=jax python jobs/bench_startup.py --n 2048 --size 400x500 --batch-size 128 \
+        --keras-backend jax   # a GPU node
 
 Starts a local Ray as `emotr extract` does, then extracts two folders of N new images: the first
 run meets a Ray that has just started (Ray Data's own actors start with it), the second is a
 re-run in the same Ray, as the +10 % run of jobs/bench_extract.py is. Each event is timed from
 the run's start (listing included). The actor's events come from an instrumented subclass of
 emotr.extract.Extractor (the same code, with timestamps written to a file); its model-load steps
-are the Extractor's own `load_phases`. Numbers of one table come from one process on one machine.
+are the Extractor's own `load_phases` (Keras import, the device runtime's start: CUDA on a GPU,
+the model build with its weights, and on GPU plans the first compile). On JAX the compilation
+cache is a new folder: the first run compiles without it, the re-run with it warm.
+Numbers of one table come from one process on one machine.
 """
 
 from __future__ import annotations
@@ -114,6 +119,9 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list, list]:
                 f"backbone.precision={args.precision}",
                 f"backbone.weights={args.weights}",
                 f"extract.batch_size={args.batch_size}",
+                f"extract.decode_batch_size={args.decode_batch_size}",
+                f"extract.keras_backend={args.keras_backend}",
+                f"extract.compilation_cache_dir={work / 'jax-cache'}",
             ],
         )
         runs.append(timed_run(cfg, work / "events.jsonl"))
@@ -130,7 +138,8 @@ def markdown(args: argparse.Namespace, runs: list, init_seconds: float) -> str:
         f"\n### Extraction start-up timeline, {datetime.date.today().isoformat()}\n\n"
         f"`python jobs/bench_startup.py --n {args.n} --size {args.size} --precision "
         f"{args.precision} --image-size {args.image_size} --weights {args.weights} "
-        f"--batch-size {args.batch_size}` on {machine} (load average at the end {load}), Ray "
+        f"--batch-size {args.batch_size} --decode-batch-size {args.decode_batch_size} "
+        f"--keras-backend {args.keras_backend}` on {machine} (load average at the end {load}), Ray "
         f"{ray.__version__}, GPUs: {int(ray.cluster_resources().get('GPU', 0))}. `ray.init` "
         f"took {init_seconds:.2f} s before the first run. Each run lists a folder of {args.n} "
         "new images and extracts them.\n\n" + table
@@ -145,6 +154,8 @@ def main() -> None:
     parser.add_argument("--image-size", default="400x500", help="HxW of the JPEG files")
     parser.add_argument("--weights", default="none", help="backbone.weights (none: no download)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--decode-batch-size", type=int, default=16)
+    parser.add_argument("--keras-backend", default="tensorflow", help="the actors' Keras backend")
     add_output_arguments(parser)
     args = parser.parse_args()
     start = time.perf_counter()
