@@ -1,7 +1,7 @@
 """Start-up timeline of an extraction: where the seconds before the first features go.
 
     python jobs/bench_startup.py --n 163 --size 224x224 --precision bfloat16 --weights hed-bsds500
-    KERAS_BACKEND=jax python jobs/bench_startup.py --n 2048 --size 400x500 --batch-size 128 \
+    KERAS_BACKEND=jax python jobs/bench_startup.py --n 512 --size 400x500 --batch-size 128 \
         --keras-backend jax   # a GPU node
 
 Starts a local Ray as `emotr extract` does, then extracts two folders of N new images: the first

@@ -25,7 +25,7 @@ export KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 if [[ ${SMOKE:-0} == 1 ]]; then
     n_core=64 n_pipeline=96 n_faces=16 n_startup=32 size=64x80 batch=16
 else
-    n_core=4096 n_pipeline=20000 n_faces=512 n_startup=2048 size=400x500 batch=128
+    n_core=4096 n_pipeline=20000 n_faces=512 n_startup=512 size=400x500 batch=128
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
