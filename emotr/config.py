@@ -126,14 +126,14 @@ class CacheConfig(_Section):
     root: str = ".emotr/cache"
 
 
-# The most hidden (Dense, Dropout) layers emotr.head.build_head stacks.
+# The most hidden (Dense, Dropout) layers emotr.search.head.build_head stacks.
 MAX_HEAD_LAYERS = 3
 
 
 class HeadParams(_Section):
     """Hyperparameters of a head; the defaults are the tutorial's recipe (tune.baseline).
 
-    Adding a hyperparameter: a field here (default and allowed range) and its use in emotr.head;
+    Adding a hyperparameter: a field here (default and allowed range) and its use in emotr.search.head;
     tune.search_space may then name it.
     """
 
@@ -148,7 +148,7 @@ class HeadParams(_Section):
     class_weight: bool = False
     # The cached taps the head reads: e.g. gap5, gap4+gap5, gap5_flipavg (emotr.taps).
     features: str = DEFAULT_FEATURES
-    # Deep fine-tuning (emotr.finetune): train the VGG16 blocks above extract.cache_activation
+    # Deep fine-tuning (emotr.search.finetune): train the VGG16 blocks above extract.cache_activation
     # with the head, at learning_rate * finetune_lr_scale, for up to finetune_epochs epochs after
     # the head's own fit (early stopping after finetune_patience epochs without a better val AUC).
     finetune: bool = False

@@ -13,17 +13,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from emotr.config import Config, to_yaml
-from emotr.data import Listing
-from emotr.features import load_feature_set
-from emotr.listing import Scan, scan_images
+from emotr.data.index import Scan, scan_images
+from emotr.data.listing import Listing
+from emotr.search.training_set import load_feature_set
 from emotr.storage import is_uri
 
 if TYPE_CHECKING:
-    from emotr.extract import ExtractSummary
-    from emotr.features import FeatureSet
-    from emotr.registry import Candidate
+    from emotr.deploy.registry import Candidate
+    from emotr.extract.driver import ExtractSummary
+    from emotr.search.report import SearchResult
+    from emotr.search.training_set import FeatureSet
     from emotr.track import Tracker
-    from emotr.tune_report import SearchResult
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def ensure_demo_data(cfg: Config) -> None:
     A root holding anything emotr did not make is the user's data: it is used as it is and
     nothing is written into it. Object-store roots are never written to either.
     """
-    from emotr.demo import generate_demo_dataset, is_complete_demo_root, is_demo_root
+    from emotr.data.demo import generate_demo_dataset, is_complete_demo_root, is_demo_root
 
     root = Path(cfg.data.root)
     if is_uri(cfg.data.root) or is_complete_demo_root(root):
@@ -114,7 +114,7 @@ def idle_extraction(cfg: Config, scan: Scan) -> ExtractSummary | None:
     Nothing to do (every file's hash known from the index and cached) starts neither Ray nor a
     model, and opens no MLflow run: a warm re-run costs the listing alone.
     """
-    from emotr.extract import extract_features, plan_extraction
+    from emotr.extract.driver import extract_features, plan_extraction
 
     planned = plan_extraction(cfg, scan)
     if len(planned[2]):
@@ -136,8 +136,8 @@ def extract(
     A Scan is completed by the extraction (`summary.listing`); `connect` starts Ray, called
     only when there is something to extract.
     """
-    from emotr.cache import compute_fingerprint
-    from emotr.extract import TooManyFailures, extract_features
+    from emotr.cache.store import compute_fingerprint
+    from emotr.extract.driver import TooManyFailures, extract_features
 
     fingerprint, inputs = compute_fingerprint(cfg.backbone, cfg.decode)
     with tracker.run("extract", parent_run_id, tags={"fingerprint": fingerprint}) as run_id:
@@ -190,9 +190,9 @@ def log_extract_summary(tracker: Tracker, run_id: str, summary: ExtractSummary) 
 
 def tune(cfg: Config, tracker: Tracker, listing: Listing):
     """Search heads on the listing's cached features (an EmotrError names what is not cached)."""
-    from emotr.cache import compute_fingerprint
-    from emotr.study import check_storage
-    from emotr.tune import run_search
+    from emotr.cache.store import compute_fingerprint
+    from emotr.search.study import check_storage
+    from emotr.search.tune import run_search
 
     check_storage(cfg.tune)
     fingerprint, _ = compute_fingerprint(cfg.backbone, cfg.decode)
@@ -201,8 +201,8 @@ def tune(cfg: Config, tracker: Tracker, listing: Listing):
 
 
 def with_activations(cfg: Config, listing: Listing, features: FeatureSet) -> FeatureSet:
-    """The features, plus the cached activations when a trial may fine-tune (emotr.finetune)."""
-    from emotr.finetune import load_finetune_set, may_finetune
+    """The features, plus the cached activations when a trial may fine-tune (emotr.search.finetune)."""
+    from emotr.search.finetune import load_finetune_set, may_finetune
 
     return load_finetune_set(cfg, listing, features) if may_finetune(cfg) else features
 
@@ -210,9 +210,9 @@ def with_activations(cfg: Config, listing: Listing, features: FeatureSet) -> Fea
 def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
     """Extract, tune and register the best head, all nested under one `pipeline` run; then the
     promotion gate (registry.auto_promote) decides whether it becomes the champion."""
-    from emotr.registry import register_model
-    from emotr.study import check_storage
-    from emotr.tune import run_search
+    from emotr.deploy.registry import register_model
+    from emotr.search.study import check_storage
+    from emotr.search.tune import run_search
 
     check_storage(cfg.tune)  # before the extraction, not after an hour of it
     with tracker.run("pipeline") as run_id:
@@ -252,7 +252,7 @@ def _run_gate(cfg: Config, tracker: Tracker) -> str | None:
     A gate that cannot compare (no images both versions score, one class) leaves the champion
     where it is and says so; the registered version stays the challenger.
     """
-    from emotr.promote import PromotionError, promote_challenger
+    from emotr.deploy.promote import PromotionError, promote_challenger
 
     if not cfg.registry.auto_promote:
         return None
@@ -265,7 +265,7 @@ def _run_gate(cfg: Config, tracker: Tracker) -> str | None:
 def _candidate(search: SearchResult, features: FeatureSet, summary: ExtractSummary) -> Candidate:
     """The search's best trial as a registry.Candidate, with the images it was validated on."""
     from emotr.config import HeadParams
-    from emotr.registry import Candidate
+    from emotr.deploy.registry import Candidate
     from emotr.taps import features_dim
 
     assert summary.listing is not None and search.best_run_id is not None

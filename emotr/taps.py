@@ -118,8 +118,8 @@ def features_dim(spec: str) -> int:
 def combine_features(spec: str, taps: Mapping[str, np.ndarray]) -> np.ndarray:
     """The (n, features_dim) float32 matrix of a features choice from its taps' matrices.
 
-    The one place where terms are combined: training (emotr.features) and serving
-    (emotr.serving) both call it, so a deployed model sees what its head was trained on.
+    The one place where terms are combined: training (emotr.search.training_set) and serving
+    (emotr.deploy.serving) both call it, so a deployed model sees what its head was trained on.
     """
     columns = []
     for term in parse_features(spec):

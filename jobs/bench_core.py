@@ -3,7 +3,7 @@
     KERAS_BACKEND=jax python jobs/bench_core.py --size 400x500 --precisions float32,bfloat16
 
 Images/s of
-  decode: emotr.imageio.decode_image (Pillow) in one process per CPU, JPEG bytes -> uint8 pixels
+  decode: emotr.data.imageio.decode_image (Pillow) in one process per CPU, JPEG bytes -> uint8 pixels
           (what the decode tasks of the Ray pipeline do; the pixels stay in the worker, since
           piping them back would measure the pipe: Ray hands them over in shared memory);
   keras:  a plain Keras loop, model.predict_on_batch on host uint8 batches;
@@ -31,7 +31,7 @@ from emotr.config import BackboneConfig, DecodeConfig
 
 
 def _generate(args: tuple[Path, int, tuple[int, int], int]) -> list[Path]:
-    from emotr.demo import generate_demo_dataset
+    from emotr.data.demo import generate_demo_dataset
 
     folder, n, size, seed = args
     generate_demo_dataset(folder, n=n, size=size, seed=seed)
@@ -39,7 +39,7 @@ def _generate(args: tuple[Path, int, tuple[int, int], int]) -> list[Path]:
 
 
 def _decode_chunk(args: tuple[list[bytes], tuple[int, int], int]) -> int:
-    from emotr.imageio import decode_image
+    from emotr.data.imageio import decode_image
 
     blobs, size, max_pixels = args
     return sum(int(decode_image(blob, size, max_pixels=max_pixels)[0, 0, 0]) for blob in blobs)
@@ -65,7 +65,7 @@ def bench_decode(blobs: list[bytes], size, n: int, pool: ProcessPoolExecutor) ->
 
 def decoded_pixels(blobs: list[bytes], size, n: int) -> np.ndarray:
     """n uint8 images for the model benches: the distinct files decoded once, then repeated."""
-    from emotr.imageio import decode_image
+    from emotr.data.imageio import decode_image
 
     max_pixels = DecodeConfig().max_pixels
     distinct = np.stack([decode_image(blob, size, max_pixels=max_pixels) for blob in blobs])
@@ -88,7 +88,7 @@ def _seconds(run) -> float:
 def bench_models(cfg: BackboneConfig, pixels: np.ndarray, batch_sizes: list[int]) -> dict:
     import keras
 
-    from emotr.backbone import FeatureExtractor
+    from emotr.extract.backbone import FeatureExtractor
 
     results = {}
     for batch_size in batch_sizes:

@@ -27,14 +27,14 @@ import numpy as np
 import ray
 from benchlib import add_output_arguments, publish
 
-from emotr.backbone import FeatureExtractor, build_extractor
-from emotr.cache import FeatureCache, compute_fingerprint
+from emotr.cache.store import FeatureCache, compute_fingerprint
 from emotr.config import load_config
-from emotr.data import list_images
-from emotr.demo import generate_demo_dataset
-from emotr.extract import extract_features
-from emotr.imageio import decode_image
-from emotr.listing import scan_images
+from emotr.data.demo import generate_demo_dataset
+from emotr.data.imageio import decode_image
+from emotr.data.index import scan_images
+from emotr.data.listing import list_images
+from emotr.extract.backbone import FeatureExtractor, build_extractor
+from emotr.extract.driver import extract_features
 
 COLUMNS = [
     "size",

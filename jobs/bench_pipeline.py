@@ -26,7 +26,7 @@ from bench_extract import bench_bare, bench_pipeline
 from benchlib import add_output_arguments, publish
 
 from emotr.config import load_config
-from emotr.data import list_images
+from emotr.data.listing import list_images
 
 
 def write_copies(blobs: list[bytes], root: Path, start: int, stop: int) -> None:

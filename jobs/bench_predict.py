@@ -3,7 +3,7 @@
     python jobs/bench_predict.py --n 2000 --input 64
 
 (a) The bare extraction core: decode every image, emotr's FeatureExtractor and the head, batch by
-batch, in this process, no Ray. (b) `emotr predict`'s job, emotr.predict.predict_paths, on a
+batch, in this process, no Ray. (b) `emotr predict`'s job, emotr.deploy.predict.predict_paths, on a
 private 2-CPU Ray: extraction's pipeline with the registered version's VGG16 in the actors, the
 head on the driver; resident memory of the driver and of the actors after a quarter, half and
 all of the images: flat when the batches bound memory. (a) and (b) alternate, so that other work
@@ -37,11 +37,11 @@ import yaml
 from benchlib import REPO, add_output_arguments, publish
 
 from emotr.config import HeadParams, load_config
-from emotr.demo import generate_demo_dataset
-from emotr.head import fit_head
-from emotr.imageio import decode_image
-from emotr.predict import open_predictor, predict_paths
-from emotr.registry import Candidate, keras_model_bytes, register_model
+from emotr.data.demo import generate_demo_dataset
+from emotr.data.imageio import decode_image
+from emotr.deploy.predict import open_predictor, predict_paths
+from emotr.deploy.registry import Candidate, keras_model_bytes, register_model
+from emotr.search.head import fit_head
 from emotr.track import Tracker
 
 
@@ -94,8 +94,8 @@ def register(work: Path, input_size: int):
 
 def bench_core(cfg, paths: list[str]) -> float:
     """(a) images/s of decode -> FeatureExtractor -> head in this process (model built first)."""
-    from emotr.backbone import FeatureExtractor
-    from emotr.head import build_head, predict_scores
+    from emotr.extract.backbone import FeatureExtractor
+    from emotr.search.head import build_head, predict_scores
 
     batch = cfg.extract.batch_size
     extractor = FeatureExtractor(cfg.backbone, batch_size=batch)

@@ -14,7 +14,7 @@ resamples of the validation images), accuracy at 0.5 and wall time:
 - finetune: a few trials of deep fine-tuning of block 5 on the cached block4_pool activations;
 - logreg: scikit-learn logistic regression (standardised features), fitted on the train split;
   its 5-fold cross-validated AUC over all images is noted beside it;
-- ceiling: the generator's Bayes ceiling (emotr.demo.bayes_ceiling), a property of the model.
+- ceiling: the generator's Bayes ceiling (emotr.data.demo.bayes_ceiling), a property of the model.
 
 `--only` runs some parts (the others keep their last rows); the table shows every row.
 """
@@ -37,7 +37,7 @@ from sklearn.metrics import roc_auc_score
 
 from emotr import pipeline
 from emotr.config import Config, load_config
-from emotr.features import FeatureSet, load_feature_set
+from emotr.search.training_set import FeatureSet, load_feature_set
 from emotr.track import Tracker
 
 PARTS = ("tutorial", "search", "taps", "finetune", "logreg", "ceiling", "cost")
@@ -128,7 +128,7 @@ def prepare(cfg: Config, tracker: Tracker) -> tuple[FeatureSet, dict]:
 
 def run_tutorial(cfg: Config, features: FeatureSet, args: argparse.Namespace) -> dict:
     """The tutorial's head, fitted once in this process (early stopping as in a trial)."""
-    from emotr.head import fit_head
+    from emotr.search.head import fit_head
 
     started = time.perf_counter()
     result = fit_head(
@@ -149,12 +149,12 @@ def run_tutorial(cfg: Config, features: FeatureSet, args: argparse.Namespace) ->
 def run_search_part(
     cfg: Config, features: FeatureSet, tracker: Tracker, option: str, n_trials: int
 ) -> dict:
-    """A fresh study of n_trials trials (emotr.tune.run_search); the best trial's val scores."""
+    """A fresh study of n_trials trials (emotr.search.tune.run_search); the best trial's val scores."""
     import mlflow
 
-    from emotr.finetune import FineTuneSet, predict_batched
-    from emotr.head import predict_scores
-    from emotr.tune import run_search
+    from emotr.search.finetune import FineTuneSet, predict_batched
+    from emotr.search.head import predict_scores
+    from emotr.search.tune import run_search
 
     study = f"{option}-{int(time.time())}"
     cfg = cfg.model_copy(
@@ -198,7 +198,7 @@ def run_ceiling() -> dict:
     """The generator's Bayes ceiling (generate_demo_dataset's default ambiguity model)."""
     import inspect
 
-    from emotr.demo import bayes_ceiling, generate_demo_dataset
+    from emotr.data.demo import bayes_ceiling, generate_demo_dataset
 
     defaults = inspect.signature(generate_demo_dataset).parameters
     accuracy, auc = bayes_ceiling(
@@ -223,7 +223,7 @@ def rich_config(args: argparse.Namespace, *overrides: str) -> Config:
 
 def split_hashes(cfg: Config, listing, features: FeatureSet) -> dict[str, list[str]]:
     """sha256 of the train and val rows of `features`, in their order (load_feature_set's)."""
-    from emotr.cache import FeatureCache
+    from emotr.cache.store import FeatureCache
 
     cached = FeatureCache.open(cfg.cache.root, features.fingerprint).cached_hashes()
     images = listing.images[listing.images["sha256"].isin(cached)]
@@ -235,9 +235,9 @@ def split_hashes(cfg: Config, listing, features: FeatureSet) -> dict[str, list[s
 def run_taps(features: FeatureSet, tracker: Tracker, args, best: dict) -> dict:
     """A head with the search's best params (else the tutorial's) on each features choice, one
     extraction pass for every tap; the logistic regression's val AUC noted beside each."""
-    from emotr.cache_set import open_cache_set
+    from emotr.cache.sets import open_cache_set
     from emotr.config import HeadParams
-    from emotr.head import fit_head
+    from emotr.search.head import fit_head
     from emotr.taps import combine_features
 
     cfg = rich_config(args)
@@ -270,7 +270,7 @@ def run_taps(features: FeatureSet, tracker: Tracker, args, best: dict) -> dict:
 def run_finetune(cfg: Config, features: FeatureSet, tracker: Tracker, args, best: dict) -> dict:
     """A few fine-tuning trials: the search's best head (else the tutorial's) with block 5
     trained on the cached block4_pool activations; the trials vary finetune_lr_scale."""
-    from emotr.finetune import load_finetune_set
+    from emotr.search.finetune import load_finetune_set
 
     head = {**best, "finetune": True}
     overrides = [
@@ -291,8 +291,8 @@ def run_cost(args: argparse.Namespace) -> dict:
     import keras
 
     from emotr.config import HeadParams
-    from emotr.finetune import build_finetune_model, train_step
-    from emotr.head import build_head
+    from emotr.search.finetune import build_finetune_model, train_step
+    from emotr.search.head import build_head
     from emotr.taps import activation_shape
 
     params = HeadParams(finetune=True, batch_size=args.cost_batch)

@@ -25,11 +25,11 @@ import ray
 from benchlib import add_output_arguments, publish
 from ray.cluster_utils import Cluster
 
-from emotr.backbone import feature_dim
 from emotr.config import load_config
-from emotr.demo import generate_demo_dataset
-from emotr.extract import extract_features
-from emotr.listing import scan_images
+from emotr.data.demo import generate_demo_dataset
+from emotr.data.index import scan_images
+from emotr.extract.backbone import feature_dim
+from emotr.extract.driver import extract_features
 
 REPO_SMOKE = Path(__file__).resolve().parent.parent / "conf" / "smoke.yaml"
 # Small object stores: several nodes share this host's memory.

@@ -8,7 +8,7 @@ Starts a local Ray as `emotr extract` does, then extracts two folders of N new i
 run meets a Ray that has just started (Ray Data's own actors start with it), the second is a
 re-run in the same Ray, as the +10 % run of jobs/bench_extract.py is. Each event is timed from
 the run's start (listing included). The actor's events come from an instrumented subclass of
-emotr.extract.Extractor (the same code, with timestamps written to a file); its model-load steps
+emotr.extract.driver.Extractor (the same code, with timestamps written to a file); its model-load steps
 are the Extractor's own `load_phases` (Keras import, the device runtime's start: CUDA on a GPU,
 the model build with its weights, and on GPU plans the first compile). On JAX the compilation
 cache is a new folder: the first run compiles without it, the re-run with it warm.
@@ -29,10 +29,10 @@ from pathlib import Path
 import ray
 from benchlib import add_output_arguments, publish
 
-from emotr import extract
 from emotr.config import load_config
-from emotr.demo import generate_demo_dataset
-from emotr.listing import scan_images
+from emotr.data.demo import generate_demo_dataset
+from emotr.data.index import scan_images
+from emotr.extract import driver as extract
 
 
 class TimedExtractor(extract.Extractor):

@@ -22,11 +22,11 @@ from pathlib import Path
 import ray
 from benchlib import add_output_arguments, publish
 
-from emotr.cache_maint import list_caches
+from emotr.cache.maintenance import list_caches
 from emotr.config import load_config
-from emotr.demo import generate_demo_dataset
-from emotr.extract import extract_features
-from emotr.listing import scan_images
+from emotr.data.demo import generate_demo_dataset
+from emotr.data.index import scan_images
+from emotr.extract.driver import extract_features
 
 STEPS = [
     ("cold: gap5", "[gap5]", None),

@@ -26,10 +26,10 @@ import ray
 from benchlib import add_output_arguments, publish
 
 from emotr.config import load_config
-from emotr.features import FeatureSet
-from emotr.head import fit_head
+from emotr.search.head import fit_head
+from emotr.search.training_set import FeatureSet
+from emotr.search.tune import run_search
 from emotr.track import Tracker
-from emotr.tune import run_search
 
 COLUMNS = [
     "search",

@@ -6,7 +6,7 @@ ray job submit --address http://HEAD:8265 --working-dir . -- \\
 
 import sys
 
-from emotr.cli import app
+from emotr.cli.main import app
 
 if __name__ == "__main__":
     app(["run", *sys.argv[1:]])

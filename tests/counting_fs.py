@@ -97,7 +97,7 @@ class CountingHandler(LocalPassThrough):
 
 def install(log: str) -> None:
     """Make emotr's modules resolve local paths to the counting filesystem in this process."""
-    from emotr import cache, data, listing, storage, walk
+    from emotr import storage
 
     original = getattr(storage.resolve, "original", storage.resolve)
 
@@ -108,8 +108,16 @@ def install(log: str) -> None:
         return filesystem, path
 
     resolve.original = original  # type: ignore[attr-defined]
-    for module in (storage, data, listing, cache, walk):
+    for module in modules_resolving():
         module.resolve = resolve  # type: ignore[attr-defined]
+
+
+def modules_resolving() -> list:
+    """The emotr modules that open files through their own name `resolve` (storage.resolve)."""
+    import importlib
+
+    names = ["storage", "data.listing", "data.index", "data.walk", "cache.store"]
+    return [importlib.import_module(f"emotr.{name}") for name in names]
 
 
 def opened(log: str | Path, under: str | Path) -> list[str]:

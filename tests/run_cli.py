@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 def emotr(
     *args: str, env: dict[str, str] | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess:
-    """Run `python -m emotr.cli ARGS` and capture its exit code, stdout and stderr."""
+    """Run `python -m emotr.cli.main ARGS` and capture its exit code, stdout and stderr."""
     return subprocess.run(
         [sys.executable, "-m", "emotr.cli", *args],
         cwd=REPO,

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from emotr.demo import generate_demo_dataset
+from emotr.data.demo import generate_demo_dataset
 from tests.conftest import REPO, _free_port
 from tests.integration.test_doctor import check_lines
 

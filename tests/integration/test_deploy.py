@@ -22,11 +22,11 @@ from mlflow.tracking import MlflowClient
 from PIL import Image, ImageOps
 
 from emotr import pipeline
-from emotr.features import load_feature_set
-from emotr.head import fit_head
-from emotr.predict import load_predictor, open_cached_features
-from emotr.promote import promote_challenger
-from emotr.registry import Candidate, keras_model_bytes, load_validation_set, register_model
+from emotr.deploy.predict import load_predictor, open_cached_features
+from emotr.deploy.promote import promote_challenger
+from emotr.deploy.registry import Candidate, keras_model_bytes, load_validation_set, register_model
+from emotr.search.head import fit_head
+from emotr.search.training_set import load_feature_set
 from emotr.track import Tracker
 from tests.conftest import smoke_config
 from tests.run_cli import emotr

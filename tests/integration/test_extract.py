@@ -31,14 +31,14 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from emotr import pipeline
-from emotr.backbone import FeatureExtractor
-from emotr.cache import FeatureCache
-from emotr.cache_maint import gc_cache, list_caches, verify_cache
+from emotr.cache.maintenance import gc_cache, list_caches, verify_cache
+from emotr.cache.store import FeatureCache
 from emotr.config import Config, MlflowConfig, to_yaml
-from emotr.data import Listing, list_images
-from emotr.demo import generate_demo_dataset
-from emotr.extract import TooManyFailures, _ProgressLog, extract_features
-from emotr.imageio import decode_image
+from emotr.data.demo import generate_demo_dataset
+from emotr.data.imageio import decode_image
+from emotr.data.listing import Listing, list_images
+from emotr.extract.backbone import FeatureExtractor
+from emotr.extract.driver import TooManyFailures, _ProgressLog, extract_features
 from emotr.track import Tracker
 from tests.conftest import REPO, smoke_config
 from tests.run_cli import run_python
@@ -62,7 +62,7 @@ class SlowModel:
 
 
 def listing_of(paths: list[Path]) -> Listing:
-    """A Listing of files as they are now (what emotr.data.list_images returns for good folders)."""
+    """A Listing of files as they are now (what emotr.data.listing.list_images returns for good folders)."""
     rows = [
         (str(path), 0, "negative", hashlib.sha256(path.read_bytes()).hexdigest(), "train")
         for path in paths
@@ -194,8 +194,8 @@ TWO_GPU_NODES = """
     import ray
     from ray.cluster_utils import Cluster
     from emotr.config import load_config
-    from emotr.data import list_images
-    from emotr.extract import extract_features
+    from emotr.data.listing import list_images
+    from emotr.extract.driver import extract_features
     from tests.integration.test_extract import SlowModel
 
     cfg = load_config([sys.argv[1]])
@@ -291,8 +291,8 @@ DRIVER = """
     import sys
     import ray
     from emotr.config import load_config
-    from emotr.data import list_images
-    from emotr.extract import extract_features
+    from emotr.data.listing import list_images
+    from emotr.extract.driver import extract_features
     from tests.integration.test_extract import SlowModel
 
     cfg = load_config([sys.argv[1]])
@@ -496,7 +496,7 @@ PROGRESS = re.compile(r"extract: (\d+)/24 images")
 
 
 def test_progress_lines_come_every_tenth_or_when_the_interval_has_passed(caplog):
-    caplog.set_level(logging.INFO, logger="emotr.extract")
+    caplog.set_level(logging.INFO, logger="emotr.extract.driver")
     by_fraction = _ProgressLog(total=95, every_s=1e9)
     for n_done in range(1, 96):
         by_fraction.update(n_done, n_failed=0)

@@ -10,9 +10,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from emotr import pipeline
-from emotr.features import load_feature_set
-from emotr.finetune import load_finetune_set
-from emotr.registry import load_validation_set
+from emotr.deploy.registry import load_validation_set
+from emotr.search.finetune import load_finetune_set
+from emotr.search.training_set import load_feature_set
 from emotr.track import Tracker
 from tests.conftest import smoke_config
 

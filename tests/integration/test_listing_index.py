@@ -20,8 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from emotr import pipeline
 from emotr.config import Config, DataConfig, to_yaml
-from emotr.demo import generate_demo_dataset
-from emotr.listing import index_location, read_index, scan_images, write_index
+from emotr.data.demo import generate_demo_dataset
+from emotr.data.index import index_location, read_index, scan_images, write_index
 from emotr.track import Tracker
 from tests.conftest import smoke_config
 from tests.run_cli import run_python
@@ -39,7 +39,7 @@ RUNS = """
     import tests.counting_fs as counting
     from emotr import pipeline
     from emotr.config import load_config
-    from emotr.extract import extract_features
+    from emotr.extract.driver import extract_features
 
     cfg, log, out = load_config([sys.argv[1]]), sys.argv[2], Path(sys.argv[3])
     ray.cloudpickle.register_pickle_by_value(counting)
@@ -148,7 +148,7 @@ WARM_CLI = """
 
     atexit.register(report)
     sys.argv = ["emotr", "extract", "-c", sys.argv[1]]
-    from emotr.cli import app
+    from emotr.cli.main import app
     app()
 """
 
@@ -167,7 +167,7 @@ def test_extract_command_with_nothing_to_do_starts_neither_ray_tensorflow_nor_ml
 WRITER = """
     import sys
     import pandas as pd
-    from emotr.listing import write_index
+    from emotr.data.index import write_index
 
     n = 1_000_000
     frame = pd.DataFrame({"location": [f"/data/img_{i:08d}.jpg" for i in range(n)],
@@ -231,7 +231,7 @@ def test_an_s3_data_root_is_listed_from_metadata_with_its_index_in_an_s3_cache(s
 
     with filesystem.open_output_stream(f"{bucket}/data/negative/b.jpg") as stream:
         # Another size: LastModified has 1 s resolution, so a same-size rewrite within the
-        # second of the first write would look unchanged (emotr.listing says so).
+        # second of the first write would look unchanged (emotr.data.index says so).
         stream.write(b"changed, and longer")
     changed = scan_images(data, cache).unknown()["path"].tolist()
     assert changed == [f"{s3_bucket}/data/negative/b.jpg"]

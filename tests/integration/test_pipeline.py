@@ -9,9 +9,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from emotr import pipeline
-from emotr.features import load_feature_set
-from emotr.predict import load_predictor, predict_chunks
-from emotr.registry import RegistryError, load_validation_set
+from emotr.deploy.predict import load_predictor, predict_chunks
+from emotr.deploy.registry import RegistryError, load_validation_set
+from emotr.search.training_set import load_feature_set
 from emotr.track import Tracker
 from tests.conftest import smoke_config
 

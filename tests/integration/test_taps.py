@@ -10,17 +10,17 @@ import pandas as pd
 import pytest
 
 from emotr import pipeline
-from emotr.activations import ActivationsMissing, load_activations, open_activation_cache
-from emotr.backbone import FeatureExtractor, _set_seeded_weights
-from emotr.cache import FeatureCache, compute_fingerprint, open_tap
-from emotr.cache_maint import compact_cache, list_caches, verify_cache
+from emotr.cache.activations import ActivationsMissing, load_activations, open_activation_cache
+from emotr.cache.maintenance import compact_cache, list_caches, verify_cache
+from emotr.cache.store import FeatureCache, compute_fingerprint, open_tap
 from emotr.config import Config
-from emotr.data import list_images
-from emotr.demo import generate_demo_dataset
-from emotr.extract import extract_features
-from emotr.features import load_feature_set
-from emotr.imageio import decode_image
-from emotr.registry import get_version, load_model, load_validation_set
+from emotr.data.demo import generate_demo_dataset
+from emotr.data.imageio import decode_image
+from emotr.data.listing import list_images
+from emotr.deploy.registry import get_version, load_model, load_validation_set
+from emotr.extract.backbone import FeatureExtractor, _set_seeded_weights
+from emotr.extract.driver import extract_features
+from emotr.search.training_set import load_feature_set
 from emotr.track import Tracker
 from tests.conftest import smoke_config
 

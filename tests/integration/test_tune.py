@@ -23,10 +23,10 @@ from mlflow.tracking import MlflowClient
 
 from emotr.config import HeadParams, MlflowConfig
 from emotr.errors import EmotrError
-from emotr.features import FeatureSet
-from emotr.study import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG, open_study
+from emotr.search.study import ROLE_TAG, STATE_TAG, STUDY_TAG, TRIAL_TAG, open_study
+from emotr.search.training_set import FeatureSet
+from emotr.search.tune import run_search
 from emotr.track import Tracker
-from emotr.tune import run_search
 from tests.conftest import REPO, smoke_config
 
 pytestmark = pytest.mark.slow
@@ -159,7 +159,7 @@ import sys
 import ray
 from emotr.track import Tracker
 from emotr.config import load_config
-from emotr.tune import run_search
+from emotr.search.tune import run_search
 from tests.integration.test_tune import make_features
 
 address, config_file, *overrides = sys.argv[1:]

@@ -11,7 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from emotr.backbone import (
+from emotr.config import BackboneConfig
+from emotr.extract.backbone import (
     FEATURE_FORMAT_VERSION,
     FeatureExtractor,
     WeightsUnavailable,
@@ -20,7 +21,6 @@ from emotr.backbone import (
     feature_dim,
     weights_identity,
 )
-from emotr.config import BackboneConfig
 
 keras = pytest.importorskip("keras")
 
@@ -59,7 +59,7 @@ def test_random_weights_give_float32_features_that_repeat(none_small, caplog):
     assert features.shape == (3, 512)
     assert features.dtype == np.float32
     assert np.abs(features).sum() > 0
-    with caplog.at_level(logging.WARNING, logger="emotr.backbone"):
+    with caplog.at_level(logging.WARNING, logger="emotr.extract.backbone"):
         again = FeatureExtractor(backbone("none"))(pixels)
     np.testing.assert_array_equal(features, again)
     assert "MEANINGLESS" in caplog.text

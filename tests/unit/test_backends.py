@@ -8,15 +8,15 @@ import sys
 import numpy as np
 import pytest
 
-from emotr.backbone import FeatureExtractor
 from emotr.config import BackboneConfig
+from emotr.extract.backbone import FeatureExtractor
 
 # VGG16 on another backend in a subprocess: ~10 s, so `make test` runs it, not `make test-fast`.
 pytestmark = pytest.mark.slow
 
 SCRIPT = """
 import sys, numpy as np
-from emotr.backbone import FeatureExtractor
+from emotr.extract.backbone import FeatureExtractor
 from emotr.config import BackboneConfig
 pixels = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
 cfg = BackboneConfig(weights="hed-bsds500", input_size=(64, 64))

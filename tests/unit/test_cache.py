@@ -13,7 +13,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from emotr.cache import (
+from emotr.cache.maintenance import compact_cache, gc_cache, list_caches, verify_cache
+from emotr.cache.store import (
     CacheMiss,
     FeatureCache,
     compute_fingerprint,
@@ -21,7 +22,6 @@ from emotr.cache import (
     fingerprint_of,
     part_name,
 )
-from emotr.cache_maint import compact_cache, gc_cache, list_caches, verify_cache
 from emotr.config import BackboneConfig, DecodeConfig
 from tests.counting_fs import LocalPassThrough
 
@@ -278,7 +278,7 @@ WRITER = """
 import sys, time
 from pathlib import Path
 from tests.unit.test_cache import INPUTS, commit, keys
-from emotr.cache import FeatureCache, fingerprint_of
+from emotr.cache.store import FeatureCache, fingerprint_of
 
 root, ready, other, first, last, batch = sys.argv[1:]
 cache = FeatureCache(root, fingerprint_of(INPUTS), INPUTS)
@@ -366,7 +366,7 @@ def test_cache_compact_command_reports_what_it_merged(tmp_path):
 
 
 def test_complete_hashes_are_those_every_output_holds_and_follow_commits(tmp_path):
-    from emotr.cache_set import CacheSet
+    from emotr.cache.sets import CacheSet
 
     gap5 = new_cache(tmp_path)
     other_inputs = {**INPUTS, "tap": "gmp5"}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from emotr.compare import compare_auc, decide
+from emotr.deploy.gate import compare_auc, decide
 
 
 def _scores(seed: int, n: int = 200, strength: float = 2.0):

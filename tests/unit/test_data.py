@@ -1,4 +1,4 @@
-"""Data discovery, manifests, content hashes and the deterministic split (emotr.data)."""
+"""Data discovery, manifests, content hashes and the deterministic split (emotr.data.listing)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from emotr.config import DataConfig
-from emotr.data import IMAGE_EXTENSIONS, DataError, assign_split, list_images
+from emotr.data.listing import IMAGE_EXTENSIONS, DataError, assign_split, list_images
 
 _FORMATS = {
     ".jpg": "JPEG",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emotr.demo import (
+from emotr.data.demo import (
     RENDER_SIGMA,
     bayes_ceiling,
     draw_curvature,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from emotr.config import load_config
-from emotr.doctor import check_paths
 from emotr.errors import EmotrError
+from emotr.ops.doctor import check_paths
 from emotr.storage import absolute_path
 from tests.conftest import SMOKE, smoke_config
 
@@ -69,8 +69,8 @@ def test_a_relative_path_in_a_vanished_working_dir_names_the_key_and_the_cause(v
 
 
 def test_errors_from_a_vanished_working_dir_say_why_it_vanished(vanished_cwd, tmp_path: Path):
+    from emotr.cli.messages import describe_os_error
     from emotr.config import MlflowConfig
-    from emotr.oserrors import describe_os_error
     from emotr.track import artifact_location
 
     with pytest.raises(EmotrError, match="own --temp-dir"):
@@ -83,7 +83,7 @@ def test_errors_from_a_vanished_working_dir_say_why_it_vanished(vanished_cwd, tm
 
 
 def test_nodes_of_one_host_sharing_a_temp_dir_are_named():
-    from emotr.cluster import shared_session_dirs
+    from emotr.ops.cluster import shared_session_dirs
 
     def node(node_id: str, ip: str, socket: str) -> dict[str, str]:
         return {"NodeID": node_id, "NodeManagerAddress": ip, "RayletSocketName": socket}
@@ -100,7 +100,7 @@ def test_nodes_of_one_host_sharing_a_temp_dir_are_named():
 def test_the_study_check_reports_the_schema_and_the_trials_of_the_study(tmp_path: Path):
     import optuna
 
-    from emotr.doctor import check_optuna
+    from emotr.ops.doctor import check_optuna
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     cfg = load_config([SMOKE], [f"tune.storage={url}", "tune.study_name=s"])
@@ -112,7 +112,7 @@ def test_the_study_check_reports_the_schema_and_the_trials_of_the_study(tmp_path
 
 
 def test_an_unwritable_cache_is_red_with_the_key_the_path_and_the_fix(tmp_path: Path):
-    from emotr.doctor import check_cache
+    from emotr.ops.doctor import check_cache
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from emotr.config import ExtractConfig
-from emotr.extract import (
+from emotr.extract.driver import (
     _MAX_DECODE_BLOCKS,
     _rows_per_block,
     _split_rows,

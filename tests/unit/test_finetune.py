@@ -7,9 +7,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from emotr.backbone import FeatureExtractor
 from emotr.config import ConfigError, HeadParams, load_config
-from emotr.finetune import (
+from emotr.extract.backbone import FeatureExtractor
+from emotr.search.finetune import (
     ActivationInput,
     FineTuneSet,
     backbone_block_weights,
@@ -18,7 +18,7 @@ from emotr.finetune import (
     predict_batched,
     trained_blocks,
 )
-from emotr.head import fit_head
+from emotr.search.head import fit_head
 from tests.conftest import SMOKE
 
 

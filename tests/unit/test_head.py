@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from emotr.config import MAX_HEAD_LAYERS, load_config
-from emotr.head import HeadParams, build_head, evaluate_scores, fit_head
+from emotr.search.head import HeadParams, build_head, evaluate_scores, fit_head
 
 BASE = HeadParams(
     n_layers=1,
@@ -176,7 +176,7 @@ def test_a_trial_head_fits_and_packs_quietly_into_a_loadable_mlflow_model(tmp_pa
 
     import mlflow.pyfunc
 
-    from emotr.registry import keras_model_bytes
+    from emotr.deploy.registry import keras_model_bytes
 
     x_train, y_train, x_val, y_val = separable(n=200, d=16)
     capfd.readouterr()

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, features
 
 from emotr.config import DecodeConfig
-from emotr.imageio import (
+from emotr.data.imageio import (
     DECODE_RULES_VERSION,
     DecodeError,
     _in_keys,

@@ -1,4 +1,4 @@
-"""The listing index (emotr.listing): unchanged files are not read, changed ones are, atomically."""
+"""The listing index (emotr.data.index): unchanged files are not read, changed ones are, atomically."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 
 from emotr.config import DataConfig
-from emotr.data import DataError, list_images
-from emotr.listing import (
+from emotr.data.index import (
     index_location,
     list_images_indexed,
     read_index,
     scan_images,
     write_index,
 )
+from emotr.data.listing import DataError, list_images
 from tests import counting_fs
 from tests.unit.test_data import write_folders, write_image
 
@@ -31,9 +31,8 @@ def ids():
 @pytest.fixture
 def counted(tmp_path, monkeypatch) -> Path:
     """Every local open for reading by emotr in this test goes through a counting filesystem."""
-    from emotr import cache, data, listing, storage, walk
 
-    for module in (storage, data, listing, cache, walk):
+    for module in counting_fs.modules_resolving():
         monkeypatch.setattr(module, "resolve", module.resolve)  # restored after the test
     log = tmp_path / "opens.log"
     counting_fs.install(str(log))
@@ -154,7 +153,7 @@ def test_a_temporary_index_left_by_a_killed_writer_is_ignored(tmp_path, ids):
 
 
 def test_cache_gc_deletes_what_a_killed_index_writer_left(tmp_path, ids):
-    from emotr.cache_maint import gc_cache
+    from emotr.cache.maintenance import gc_cache
 
     root, cache = tmp_path / "data", str(tmp_path / "cache")
     write_folders(root, ids)

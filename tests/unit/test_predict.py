@@ -9,7 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from emotr.config import load_config
-from emotr.predict import PredictError, check_output, list_inputs, model_uri, write_predictions
+from emotr.deploy.predict import (
+    PredictError,
+    check_output,
+    list_inputs,
+    model_uri,
+    write_predictions,
+)
 
 
 def _frame(start: int, n: int) -> pd.DataFrame:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import time
 from pathlib import Path
 
@@ -12,20 +11,19 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from emotr.cache import FeatureCache
+from emotr.cache.store import FeatureCache
 from emotr.config import load_config
-from emotr.data import Listing
+from emotr.data.listing import Listing
 from emotr.errors import EmotrError
-from emotr.features import FeatureSet, load_feature_set
-from emotr.study import LEASE_ATTR, check_storage, count_trials, is_stale
-from emotr.tune_report import (
+from emotr.search.report import (
     FailedTrial,
     SearchResult,
     history_figure,
     importance_figure,
     search_failure,
 )
-from tests.conftest import REPO
+from emotr.search.study import LEASE_ATTR, check_storage, count_trials, is_stale
+from emotr.search.training_set import FeatureSet, load_feature_set
 
 FINGERPRINT = "f" * 16
 
@@ -76,23 +74,13 @@ def test_a_partial_cache_is_an_error_unless_allowed(tmp_path: Path, caplog):
     assert len(load_feature_set(cfg, listing, FINGERPRINT, failed=failed).y_val) == 4
 
 
-def test_feature_sets_check_their_shapes_and_the_modules_have_no_cycle():
+def test_feature_sets_check_their_shapes():
     x, y = np.zeros((4, 3), np.float32), np.array([0, 1, 0, 1])
     with pytest.raises(EmotrError, match="both labels"):
         FeatureSet(x, np.zeros(4), x, y, "f", "s")
     with pytest.raises(EmotrError, match=r"must be \(n, d\)"):
         FeatureSet(x, y[:3], x, y, "f", "s")
-    # trial.py -> tune.py -> trial.py was a cycle (hidden under TYPE_CHECKING): no longer.
-    assert "emotr.tune" not in emotr_imports("trial")
-    assert not {"emotr.tune", "emotr.trial"} & emotr_imports("features")
-
-
-def emotr_imports(module: str) -> set[str]:
-    """The emotr modules a module of the package imports, wherever in the file."""
-    tree = ast.parse((REPO / "emotr" / f"{module}.py").read_text())
-    names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    names |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
-    return {name for name in names if name and name.startswith("emotr")}
+    # Cycles (trial -> tune -> trial was one): tests/unit/test_imports.py walks the whole graph.
 
 
 def frozen(state: TrialState, number: int, **attrs) -> optuna.trial.FrozenTrial:
@@ -216,7 +204,7 @@ def test_check_storage_creates_the_sqlite_folder_and_names_an_unusable_storage(t
 
 def test_a_trial_hands_back_a_typed_outcome():
     from emotr.config import HeadParams
-    from emotr.trial import TrialJob, TrialOutcome, train_trial
+    from emotr.search.trial import TrialJob, TrialOutcome, train_trial
 
     rng = np.random.default_rng(0)
     y = np.arange(120) % 2

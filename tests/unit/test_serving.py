@@ -1,4 +1,4 @@
-"""The deployable model (emotr.serving) rebuilt from its weight files: rows in, rows out."""
+"""The deployable model (emotr.deploy.serving) rebuilt from its weight files: rows in, rows out."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from emotr.backbone import FeatureExtractor, save_conv_base_weights
 from emotr.config import BackboneConfig, DecodeConfig, HeadParams
-from emotr.head import build_head, predict_scores
-from emotr.imageio import decode_image
-from emotr.serving import ImageScorer, ServingSpec
+from emotr.data.imageio import decode_image
+from emotr.deploy.serving import ImageScorer, ServingSpec
+from emotr.extract.backbone import FeatureExtractor, save_conv_base_weights
+from emotr.search.head import build_head, predict_scores
 
 BACKBONE = BackboneConfig(weights="none", input_size=(32, 32))
 

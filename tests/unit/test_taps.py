@@ -6,18 +6,18 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from emotr.activations import ActivationCache, ActivationsMissing, load_activations
-from emotr.backbone import FeatureExtractor, features_extractor
-from emotr.cache import (
+from emotr.cache.activations import ActivationCache, ActivationsMissing, load_activations
+from emotr.cache.maintenance import gc_cache, list_caches, verify_cache
+from emotr.cache.store import (
     compute_fingerprint,
     export_npy,
     features_fingerprint,
     open_tap,
     tap_inputs,
 )
-from emotr.cache_maint import gc_cache, list_caches, verify_cache
 from emotr.config import ConfigError, load_config
-from emotr.features import FeatureError, FeatureSet
+from emotr.extract.backbone import FeatureExtractor, features_extractor
+from emotr.search.training_set import FeatureError, FeatureSet
 from emotr.taps import combine_features, features_dim, parse_features, taps_of
 
 SHA = [f"{i:064x}" for i in range(6)]

@@ -1,4 +1,4 @@
-"""The class-folder walk (emotr.walk): what the filesystem holds, one listing per class folder."""
+"""The class-folder walk (emotr.data.walk): what the filesystem holds, one listing per class folder."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from emotr.data.walk import IMAGE_EXTENSIONS, walk_root
 from emotr.errors import DataError
-from emotr.walk import IMAGE_EXTENSIONS, walk_root
 
 CLASSES = ("negative", "positive")
 

@@ -20,10 +20,10 @@ import numpy as np
 import optuna
 import ray
 
-from emotr import plots
 from emotr.config import HeadParams
-from emotr.features import FeatureSet
-from emotr.registry import keras_model_bytes
+from emotr.deploy.registry import keras_model_bytes
+from emotr.search import plots
+from emotr.search.training_set import FeatureSet
 
 # A task that died with its worker or node, as opposed to one whose code raised.
 _LOST_ERRORS = (
@@ -109,11 +109,11 @@ class TrialOutcome:
 def train_trial(features: FeatureSet, job: TrialJob) -> TrialOutcome:
     """Fit one head, render its plots, pack its MLflow model."""
     # Imported on the worker: the driver, which imports this module, never loads TensorFlow.
-    from emotr.head import fit_head
+    from emotr.search.head import fit_head
 
     started, cpu_started = time.time(), time.process_time()
     if job.params.finetune:
-        from emotr.finetune import fit_finetune
+        from emotr.search.finetune import fit_finetune
 
         result = fit_finetune(
             job.params,

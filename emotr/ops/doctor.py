@@ -11,7 +11,6 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from emotr import probes
 from emotr.config import (
     BackboneConfig,
     CacheConfig,
@@ -20,6 +19,7 @@ from emotr.config import (
     MlflowConfig,
     TuneConfig,
 )
+from emotr.ops import checks as probes
 from emotr.redaction import redact
 from emotr.storage import is_relative_path
 
@@ -238,7 +238,7 @@ def check_ray(
         if address:
             probes.require_listening(address)
         connect()
-        from emotr.cluster import describe_cluster
+        from emotr.ops.cluster import describe_cluster
 
         return describe_cluster(keras_backend)
 

@@ -1,7 +1,7 @@
 """Find the images (class folders or a manifest), hash their bytes and split them train/val.
 
 Finding reads metadata only (name, size, mtime): `list_files`. Hashes come from the listing index
-(emotr.listing), from the extraction's workers, or from `hash_files` here; `complete_listing` then
+(emotr.data.index), from the extraction's workers, or from `hash_files` here; `complete_listing` then
 drops label conflicts and splits. Each image's split is decided by a keyed hash of its content,
 so it is the same on every machine, does not depend on listing order and does not move when
 other images are added or removed.
@@ -22,11 +22,11 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from emotr.config import DataConfig
+from emotr.data.manifest import Source, named, read_manifest, require_found
+from emotr.data.walk import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # where predict and tests find it
+from emotr.data.walk import walk_root
 from emotr.errors import DataError
-from emotr.manifest import Source, named, read_manifest, require_found
 from emotr.storage import resolve
-from emotr.walk import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # where predict and tests find it
-from emotr.walk import walk_root
 
 _CHUNK_BYTES = 1 << 20
 CONFLICT = "conflict"  # the split the listing index records for a file left out as a conflict
@@ -168,7 +168,7 @@ def listing_from_splits(
     """The Listing of `found` whose split ("train", "val" or "conflict") each file has already.
 
     What complete_listing would give for the same files, hashes and split rule, without its
-    per-image work: the listing index keeps the splits of the last listing (emotr.listing).
+    per-image work: the listing index keeps the splits of the last listing (emotr.data.index).
     """
     frame = _with_hashes(found, sha256s)
     conflict = splits == CONFLICT

@@ -3,7 +3,7 @@
 
 Files the listing index does not know are hashed by the task that reads them (the driver never
 reads an image): one whose bytes turn out to be cached (a renamed file) is not decoded, and the
-driver completes the Listing from the hashes the tasks hand back (emotr.listing.Scan).
+driver completes the Listing from the hashes the tasks hand back (emotr.data.index.Scan).
 
 With GPUs, decoding runs in CPU tasks across the cluster and only uint8 pixels travel to the GPU
 actors. Without GPUs the two stages ask for the same resources and Ray Data fuses them into the
@@ -35,12 +35,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from emotr.cache_set import CacheSet, open_cache_set
+from emotr.cache.sets import CacheSet, open_cache_set
 from emotr.config import Config, ExtractConfig
-from emotr.data import Listing
+from emotr.data.imageio import decode_batch, hash_keys
+from emotr.data.index import Scan
+from emotr.data.listing import Listing
 from emotr.errors import EmotrError
-from emotr.imageio import decode_batch, hash_keys
-from emotr.listing import Scan
 from emotr.taps import ACTIVATIONS, DEFAULT_TAP
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class Extractor:
     """Ray Data callable class: loads the model once, turns decoded pixels into features.
 
     `outputs` (name -> shape per image) names what the model gives: a model with
-    `extract_outputs` (emotr.backbone.FeatureExtractor) gives each by name, any other callable
+    `extract_outputs` (emotr.extract.backbone.FeatureExtractor) gives each by name, any other callable
     gives gap5's features. gap5 comes out as the `features` column, any other output as
     `out_<name>`; activations travel as bfloat16 bits (uint16), half the bytes of float32.
     """
@@ -390,7 +390,7 @@ def build_dataset(
     """
     import ray
 
-    from emotr.backbone import feature_dim
+    from emotr.extract.backbone import feature_dim
 
     decode_compute = ray.data.TaskPoolStrategy(size=cfg.extract.decode_concurrency or None)
     decode_args = {
@@ -651,7 +651,7 @@ def extract_features(
         if connect is not None:
             connect()
         if load_model is None:
-            from emotr.backbone import FeatureExtractor, check_weights
+            from emotr.extract.backbone import FeatureExtractor, check_weights
 
             check_weights(cfg.backbone)
             load_model = functools.partial(
@@ -696,7 +696,7 @@ def extract_features(
 
 
 def _shapes(cfg: Config, outputs: list[str]) -> dict[str, tuple[int, ...]]:
-    from emotr.backbone import output_shape
+    from emotr.extract.backbone import output_shape
 
     return {name: output_shape(cfg.backbone, name) for name in outputs}
 

@@ -1,7 +1,7 @@
 """The file MLflow logs as the deployable model's code (models-from-code, no pickle).
 
 `mlflow.pyfunc.load_model` and `mlflow models serve` run this file, which rebuilds the classifier
-from the version's artifacts with emotr's own code (emotr.serving). Like track.py and registry.py
+from the version's artifacts with emotr's own code (emotr.deploy.serving). Like track.py and registry.py
 it imports MLflow: it is the MLflow side of the deployable model.
 """
 
@@ -13,9 +13,9 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow.models import set_model
 
-from emotr.serving import ImageScorer, ServingSpec
+from emotr.deploy.serving import ImageScorer, ServingSpec
 
-# Names of the artifacts in the logged model, set by emotr.registry.
+# Names of the artifacts in the logged model, set by emotr.deploy.registry.
 SPEC = "spec"
 BACKBONE_WEIGHTS = "backbone_weights"
 HEAD_WEIGHTS = "head_weights"

@@ -1,6 +1,6 @@
 """The features a search trains on: one cache's train/val matrices, checked, with their identity.
 
-A leaf module: the search driver (emotr.tune) and its trial tasks (emotr.trial) both use it.
+A leaf module: the search driver (emotr.search.tune) and its trial tasks (emotr.search.trial) both use it.
 Besides gap5 (x_train, x_val) a FeatureSet holds every tap the search's `features` choices read
 (emotr.taps); a trial takes its choice with `select`.
 """
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from emotr.cache import FeatureCache, open_tap, read_inputs
+from emotr.cache.store import FeatureCache, open_tap, read_inputs
 from emotr.config import CategoricalSpace, Config, TuneConfig
-from emotr.data import Listing
+from emotr.data.listing import Listing
 from emotr.errors import EmotrError
 from emotr.taps import DEFAULT_FEATURES, DEFAULT_TAP, combine_features, taps_of
 
@@ -41,7 +41,7 @@ class FeatureSet:
     # Every tap the search may choose (gap5 included), by split, rows as in x_train and x_val.
     taps_train: dict[str, np.ndarray] = field(default_factory=dict)
     taps_val: dict[str, np.ndarray] = field(default_factory=dict)
-    # The images of the rows: what other caches (emotr.activations) are read by.
+    # The images of the rows: what other caches (emotr.cache.activations) are read by.
     sha256_train: tuple[str, ...] = ()
     sha256_val: tuple[str, ...] = ()
 

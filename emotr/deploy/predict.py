@@ -1,6 +1,6 @@
 """Batch prediction with a registered (image-in) model: files, folders or manifests -> rows.
 
-`emotr predict` runs as a Ray Data job through extraction's own pipeline (emotr.extract: read,
+`emotr predict` runs as a Ray Data job through extraction's own pipeline (emotr.extract.driver: read,
 hash, decode in bounded batches -> extractor actors running the version: its backbone, then its
 head), so a batch job decodes exactly as extraction and serving do. Images whose bytes are in the
 feature cache of the version's fingerprint are hashed but not decoded: the driver scores their
@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 
 from emotr.config import Config, MlflowConfig
-from emotr.data import IMAGE_EXTENSIONS
+from emotr.data.listing import IMAGE_EXTENSIONS
+from emotr.data.manifest import MANIFEST_EXTENSIONS
+from emotr.deploy.registry import get_version, load_model, scorer_of
 from emotr.errors import EmotrError
-from emotr.manifest import MANIFEST_EXTENSIONS
-from emotr.registry import get_version, load_model, scorer_of
 from emotr.taps import DEFAULT_TAP
 from emotr.track import Tracker
 
@@ -98,13 +98,13 @@ def _manifest_paths(manifest: Path) -> list[str]:
 class CachedFeatures:
     """The feature cache of a version's fingerprint: predict takes these images' features."""
 
-    cache: Any  # emotr.cache.FeatureCache
+    cache: Any  # emotr.cache.store.FeatureCache
     known: frozenset[str]  # sha256 of the cached images
 
 
 def open_cached_features(cfg: Config, tracker: Tracker, uri: str) -> CachedFeatures | None:
     """The cache (under cfg.cache.root) holding features of the model's fingerprint, if any."""
-    from emotr.cache import FeatureCache
+    from emotr.cache.store import FeatureCache
 
     if not uri.startswith("models:/"):
         return None
@@ -124,7 +124,7 @@ class Predictor:
     """A registered emotr version loaded on the driver, ready for a batch job."""
 
     uri: str  # models:/NAME/N (resolved) or another URI MLflow loads
-    scorer: Any  # emotr.serving.ImageScorer: its head scores the features
+    scorer: Any  # emotr.deploy.serving.ImageScorer: its head scores the features
     cached: CachedFeatures | None
     mlflow: MlflowConfig  # the tracking URI made absolute: the actors load the model from it
 
@@ -185,12 +185,12 @@ def predict_paths(
 ) -> Iterator[pd.DataFrame]:
     """path, p_positive, label, error for each path, in input order, one frame per batch.
 
-    A Ray Data job: extraction's pipeline (emotr.extract.build_dataset) reads, hashes and
+    A Ray Data job: extraction's pipeline (emotr.extract.driver.build_dataset) reads, hashes and
     decodes each file once with the version's decode rules and input size; its extractor actors
     run the version (VersionScores). `connect` is called before the first use of Ray.
     """
-    from emotr.extract import build_dataset, plan_actors, stream_batches
-    from emotr.imageio import hash_keys
+    from emotr.data.imageio import hash_keys
+    from emotr.extract.driver import build_dataset, plan_actors, stream_batches
 
     if not paths:
         return
@@ -216,7 +216,7 @@ def predict_paths(
 def score_batch(predictor: Predictor, batch: dict[str, np.ndarray]) -> pd.DataFrame:
     """Rows of one pipeline batch: the actors' probabilities, the head on cached features (on
     the driver, which holds the same version), else the reason the file could not be used."""
-    from emotr.extract import output_column
+    from emotr.extract.driver import output_column
 
     scorer, n_rows = predictor.scorer, len(batch["path"])
     ok, cached = batch["ok"].astype(bool), batch["cached"].astype(bool)

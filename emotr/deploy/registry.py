@@ -2,7 +2,7 @@
 
 A registered version is one MLflow pyfunc model that takes image bytes (or paths) and returns
 p_positive, label and error: decode (emotr's rules), resize, VGG16 with its weights and the head.
-It is logged from code (emotr/serving_model.py) with native Keras `.weights.h5` files and a JSON
+It is logged from code (emotr/deploy/serving_model.py) with native Keras `.weights.h5` files and a JSON
 spec as artifacts, so loading it unpickles nothing. Its version carries the lineage as tags.
 """
 
@@ -117,7 +117,7 @@ def find_version_of_run(tracker: Tracker, name: str, run_id: str) -> ModelVersio
 def _register_new(cfg: Config, tracker: Tracker, candidate: Candidate) -> ModelVersion:
     import mlflow
 
-    from emotr.serving import ServingSpec
+    from emotr.deploy.serving import ServingSpec
 
     spec = ServingSpec(
         backbone=cfg.backbone.model_copy(update={"weights": _weights_identity(cfg)}),
@@ -158,7 +158,7 @@ def _write_artifacts(cfg: Config, candidate: Candidate, spec: Any, folder: Path)
     """spec.json and the backbone's and head's native Keras weight files, by artifact name."""
     import mlflow.keras
 
-    from emotr.backbone import save_conv_base_weights
+    from emotr.extract.backbone import save_conv_base_weights
 
     paths = {
         "spec": folder / "spec.json",
@@ -203,7 +203,7 @@ def _example_jpeg() -> bytes:
 
 
 def _weights_identity(cfg: Config) -> str:
-    from emotr.backbone import weights_identity
+    from emotr.extract.backbone import weights_identity
 
     return weights_identity(cfg.backbone)
 
@@ -227,7 +227,7 @@ def _version_tags(
         "git_commit": git_commit(),
     }
     if spec.activation is None:
-        from emotr.cache import features_fingerprint
+        from emotr.cache.store import features_fingerprint
 
         tags["features"] = spec.head.features
         # The folder of exactly the head's features (gap5's is the cache's own fingerprint):
@@ -320,7 +320,7 @@ def load_model(tracker: Tracker, uri: str) -> Any:
 
 
 def load_scorer(tracker: Tracker, version: ModelVersion) -> Any:
-    """A registered version's emotr.serving.ImageScorer (to score cached features too)."""
+    """A registered version's emotr.deploy.serving.ImageScorer (to score cached features too)."""
     scorer = scorer_of(load_model(tracker, f"models:/{version.name}/{version.version}"))
     if scorer is None:
         raise RegistryError(
@@ -331,7 +331,7 @@ def load_scorer(tracker: Tracker, version: ModelVersion) -> Any:
 
 
 def scorer_of(model: Any) -> Any:
-    """The emotr.serving.ImageScorer inside a loaded pyfunc model, or None for other models."""
+    """The emotr.deploy.serving.ImageScorer inside a loaded pyfunc model, or None for other models."""
     try:
         return getattr(model.unwrap_python_model(), "scorer", None)
     except MlflowException:  # another flavor (no python_model): not emotr's

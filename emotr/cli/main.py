@@ -19,8 +19,8 @@ from rich.logging import RichHandler
 from rich.table import Table
 from rich.text import Text
 
+from emotr.cli.messages import describe_os_error
 from emotr.config import DEFAULT_CONFIG, Config, ConfigError, load_config
-from emotr.oserrors import describe_os_error
 from emotr.redaction import RedactingFilter, redact
 
 app = typer.Typer(
@@ -100,7 +100,7 @@ def _connect_ray(cfg: Config) -> None:
     """Connect once, then check the cluster (nodes, temp dirs, the backend on every node)."""
     import ray
 
-    from emotr import doctor
+    from emotr.ops import doctor
 
     if ray.is_initialized():
         return
@@ -178,7 +178,7 @@ def _on_cluster(cfg: Config) -> bool:
 
 def _check_before_work(cfg: Config) -> None:
     """The doctor's local checks a job runs first (paths, weights, cache); red ones end it."""
-    from emotr import doctor
+    from emotr.ops import doctor
 
     _require_green(list(doctor.check_stores(cfg, _on_cluster(cfg), tracking=False)))
 
@@ -190,7 +190,7 @@ def _connect_ray_checking_tracking(cfg: Config) -> None:
     check on MLflow's import and the store's answer. (Ray starts in this, the main thread: it
     sets signal handlers.)
     """
-    from emotr import doctor
+    from emotr.ops import doctor
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="emotr-checks") as pool:
         checks = pool.submit(lambda: list(doctor.check_tracking_stores(cfg, _on_cluster(cfg))))
@@ -216,7 +216,7 @@ def demo_data(
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same files.")] = 0,
 ) -> None:
     """Write the synthetic smile/frown face data set and print its Bayes ceiling."""
-    from emotr.demo import generate_demo_dataset
+    from emotr.data.demo import generate_demo_dataset
 
     try:
         height, width = (int(part) for part in size.lower().split("x"))
@@ -322,12 +322,12 @@ def promote(
     cfg = _load(config, overrides)
     name, champion = cfg.registry.model_name, cfg.registry.champion_alias
     if version is not None:
-        from emotr.promote import point_champion
+        from emotr.deploy.promote import point_champion
 
         target = _run_guarded(lambda: point_champion(cfg, _tracker(cfg), version), cfg)
         console.print(f"{name}@{champion} -> version {target.version}")
         return
-    from emotr.promote import promote_challenger
+    from emotr.deploy.promote import promote_challenger
 
     _load_keras_quietly()  # the gate scores both versions' Keras heads
     images = _comparison_images(cfg, data) if data is not None else None
@@ -381,7 +381,7 @@ def predict(
     Runs extraction's pipeline (decode tasks, extractor actors) with the model's own decode
     rules and backbone; images whose features are cached skip VGG16.
     """
-    from emotr import predict as batch_predict
+    from emotr.deploy import predict as batch_predict
 
     cfg = _load(config, [f"extract.batch_size={batch}"] if batch else [])
     uri = batch_predict.model_uri(cfg, model)
@@ -464,7 +464,7 @@ def doctor(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -
     storage (reachable, schema), Ray (nodes, CPUs/GPUs, the Keras backend on every node) and,
     on a cluster, relative paths that a submitted job would resolve in a temporary folder.
     """
-    from emotr import doctor as checks
+    from emotr.ops import doctor as checks
 
     cfg = _load(config, overrides)
     results = []
@@ -483,7 +483,7 @@ def doctor(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -
 @cache_app.command("ls")
 def cache_ls(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
     """List fingerprints in the cache with their rows and bytes."""
-    from emotr.cache_maint import list_caches
+    from emotr.cache.maintenance import list_caches
 
     cfg = _load(config, overrides)
     table = Table("fingerprint", "holds", "rows", "parts", "MiB", "backbone", "weights", "input")
@@ -507,7 +507,7 @@ def cache_verify(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = N
 
     Warnings (rows repeated across parts, which readers de-duplicate) are printed but pass.
     """
-    from emotr.cache_maint import verify_cache
+    from emotr.cache.maintenance import verify_cache
 
     cfg = _load(config, overrides)
     problems = _run_guarded(lambda: verify_cache(cfg.cache.root), cfg)
@@ -525,7 +525,7 @@ def cache_gc(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None)
 
     A part that cannot be read now (permissions, network) is kept and listed.
     """
-    from emotr.cache_maint import gc_cache
+    from emotr.cache.maintenance import gc_cache
 
     cfg = _load(config, overrides)
     result = _run_guarded(lambda: gc_cache(cfg.cache.root), cfg)
@@ -540,7 +540,7 @@ def cache_gc(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None)
 @cache_app.command("compact")
 def cache_compact(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
     """Merge rows repeated across parts (left by two extractions at once) into one per image."""
-    from emotr.cache_maint import compact_cache
+    from emotr.cache.maintenance import compact_cache
 
     cfg = _load(config, overrides)
     result = _run_guarded(lambda: compact_cache(cfg.cache.root), cfg)
@@ -561,7 +561,7 @@ def cache_export(
     overrides: Overrides = None,
 ) -> None:
     """Export the current fingerprint's features as .npy for users who want plain numpy."""
-    from emotr.cache import compute_fingerprint, export_npy
+    from emotr.cache.store import compute_fingerprint, export_npy
 
     cfg = _load(config, overrides)
     fingerprint, _ = compute_fingerprint(cfg.backbone, cfg.decode)
@@ -570,7 +570,7 @@ def cache_export(
 
 
 def main() -> None:  # pragma: no cover - console script shim
-    """Entry point for `python -m emotr.cli`."""
+    """Entry point for `python -m emotr.cli.main`."""
     app()
 
 

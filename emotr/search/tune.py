@@ -1,8 +1,8 @@
 """The Optuna search over head hyperparameters: the driver owns the study, trials run as Ray tasks.
 
-The driver loop asks the study for params, starts each trial as a Ray task (emotr.trial), waits,
+The driver loop asks the study for params, starts each trial as a Ray task (emotr.search.trial), waits,
 logs what a task hands back to the trial's MLflow run, then tells the study -- in that order, so a
-resumed study can settle from MLflow what a dead driver left (emotr.study). Only the driver
+resumed study can settle from MLflow what a dead driver left (emotr.search.study). Only the driver
 touches the study and MLflow. With tune.pruner=median the driver stores each trial's curve as the
 user attribute `val_auc_curve` (one write, where reporting 100 epochs took 100) for the snapshots
 later trials prune against.
@@ -27,8 +27,14 @@ from rich.live import Live
 
 from emotr.config import Config
 from emotr.errors import EmotrError
-from emotr.features import FeatureSet
-from emotr.study import (
+from emotr.search.report import (
+    SearchResult,
+    search_failure,
+    status_line,
+    summarize_search,
+    top_table,
+)
+from emotr.search.study import (
     LOST_PREFIX,
     ROLE_TAG,
     STATE_TAG,
@@ -47,15 +53,9 @@ from emotr.study import (
     renew_lease,
     suggest_params,
 )
+from emotr.search.training_set import FeatureSet
+from emotr.search.trial import TrialJob, TrialOutcome, submit_trial, task_failure
 from emotr.track import MLFLOW_PARENT_RUN_ID, Tracker
-from emotr.trial import TrialJob, TrialOutcome, submit_trial, task_failure
-from emotr.tune_report import (
-    SearchResult,
-    search_failure,
-    status_line,
-    summarize_search,
-    top_table,
-)
 
 
 class SearchError(EmotrError, RuntimeError):

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from emotr.activations import activation_schema
-from emotr.cache import (
+from emotr.cache.activations import activation_schema
+from emotr.cache.store import (
     _META_FINGERPRINT,
     INPUTS_FILE,
     FeatureCache,
@@ -31,8 +31,8 @@ from emotr.cache import (
     part_name,
     read_inputs,
 )
+from emotr.data.index import INDEX_FOLDER
 from emotr.errors import EmotrError
-from emotr.listing import INDEX_FOLDER
 from emotr.storage import join, resolve
 
 

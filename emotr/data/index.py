@@ -2,7 +2,7 @@
 
 A file whose size and mtime match its index row takes its sha256 from the index without being
 read. New or changed files are hashed where their bytes are read anyway: by the extraction's
-workers (emotr.extract), or here on the driver for commands that extract nothing (tune).
+workers (emotr.extract.driver), or here on the driver for commands that extract nothing (tune).
 
 The index of a data root (or manifest) is one Parquet file,
 `<cache.root>/_listings/<digest of the root's URI>.parquet`: emotr never writes into a data root.
@@ -30,9 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from emotr.cache import put_atomically
+from emotr.cache.store import put_atomically
 from emotr.config import DataConfig
-from emotr.data import (
+from emotr.data.listing import (
     CONFLICT,
     DataError,
     FileList,

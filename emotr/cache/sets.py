@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from emotr.activations import ActivationCache
-from emotr.cache import FeatureCache, compute_fingerprint, open_tap
+from emotr.cache.activations import ActivationCache
+from emotr.cache.store import FeatureCache, compute_fingerprint, open_tap
 from emotr.config import Config
 from emotr.taps import DEFAULT_TAP, activation_shape
 

@@ -59,8 +59,8 @@ def compute_fingerprint(
 ) -> tuple[str, dict[str, str]]:
     """The cache fingerprint and the inputs it hashes (extractor identity + decode rules)."""
     # Imported here so that reading features does not import TensorFlow.
-    from emotr.backbone import extractor_inputs
-    from emotr.imageio import decode_rules
+    from emotr.data.imageio import decode_rules
+    from emotr.extract.backbone import extractor_inputs
 
     inputs = {**extractor_inputs(backbone), **decode_rules(decode), "cache_format": CACHE_FORMAT}
     inputs = {key: str(value) for key, value in inputs.items()}
@@ -121,7 +121,7 @@ def feature_schema(dim: int, metadata: dict[bytes, bytes] | None = None) -> pa.S
 class FeatureCache:
     """The features of one fingerprint; concurrent writers are safe (readers de-duplicate).
 
-    Subclasses store other per-image values (emotr.activations) by overriding the `_encode`,
+    Subclasses store other per-image values (emotr.cache.activations) by overriding the `_encode`,
     `_decode` and `_schema` of the value column.
     """
 
@@ -140,10 +140,10 @@ class FeatureCache:
     @classmethod
     def open(cls, root: str, fingerprint: str) -> FeatureCache:
         """An existing cache, its inputs read back from fingerprint.json (an activation's folder
-        opens as an emotr.activations.ActivationCache)."""
+        opens as an emotr.cache.activations.ActivationCache)."""
         inputs = read_inputs(root, fingerprint)
         if "activation" in inputs and cls is FeatureCache:
-            from emotr.activations import ActivationCache
+            from emotr.cache.activations import ActivationCache
 
             return ActivationCache(root, fingerprint, inputs)
         return cls(root, fingerprint, inputs)

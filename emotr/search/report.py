@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
 from emotr.config import Config, HeadParams, TuneConfig, to_yaml
-from emotr.study import (
+from emotr.search.study import (
     ERROR_ATTR,
     FAILURE_ATTR,
     LEASE_ATTR,

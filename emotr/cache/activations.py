@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 import pyarrow as pa
 
-from emotr.cache import (
+from emotr.cache.store import (
     CacheMiss,
     FeatureCache,
     compute_fingerprint,

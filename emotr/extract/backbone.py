@@ -224,7 +224,7 @@ class FeatureExtractor:
         if pixels.dtype != np.uint8 or pixels.shape[1:] != self.input_shape:
             raise ValueError(
                 f"expected uint8 pixels of shape (B, {', '.join(map(str, self.input_shape))}), "
-                f"got {pixels.dtype} {pixels.shape}; decode with emotr.imageio.decode_image"
+                f"got {pixels.dtype} {pixels.shape}; decode with emotr.data.imageio.decode_image"
             )
         # On JAX, _forward returns before the device is done: chunk k+1 is copied to the device
         # while chunk k computes. At most _IN_FLIGHT chunks wait, to bound device memory.

@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from emotr.compare import Comparison, Decision, compare_auc, decide
 from emotr.config import Config
-from emotr.errors import EmotrError
-from emotr.registry import (
+from emotr.deploy.gate import Comparison, Decision, compare_auc, decide
+from emotr.deploy.registry import (
     find_version,
     get_version,
     load_scorer,
@@ -26,6 +25,7 @@ from emotr.registry import (
     set_alias,
     tag_version,
 )
+from emotr.errors import EmotrError
 from emotr.track import Tracker
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ def score_images(
 
 def _cached_features(cfg: Config, version: ModelVersion, sha256s: list[str]) -> np.ndarray | None:
     """The images' features from the cache of the version's fingerprint, if it holds them all."""
-    from emotr.cache import FeatureCache
+    from emotr.cache.store import FeatureCache
 
     fingerprint = version.tags.get("feature_fingerprint")
     if not fingerprint:

@@ -6,13 +6,13 @@ image (extract.cache_activation, e.g. block4_pool, bfloat16). A trial with HeadP
 
 1. runs the blocks above that activation (block 5 for block4_pool) with the backbone's weights
    once over the cached activations and global-average-pools them: the gap5 features;
-2. fits the head on those like any trial (emotr.head.fit_head: tune.epochs, early stopping);
+2. fits the head on those like any trial (emotr.search.head.fit_head: tune.epochs, early stopping);
 3. trains those blocks and that head together for up to finetune_epochs epochs, the blocks at
    learning_rate * finetune_lr_scale, with early stopping on val AUC counted from the head's own
    val AUC (best weights restored: fine-tuning never returns a worse model than step 2).
 
 Starting from a fitted head is the usual recipe: a random head's large gradients would first
-wreck the pretrained filters. The deployable model (emotr.serving) runs the frozen blocks on
+wreck the pretrained filters. The deployable model (emotr.deploy.serving) runs the frozen blocks on
 pixels, rounds their output to the cache's dtype (what the trial trained on), then this model.
 """
 
@@ -26,19 +26,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from emotr.config import BackboneConfig, Config, HeadParams
-from emotr.features import FeatureError, FeatureSet
+from emotr.search.training_set import FeatureError, FeatureSet
 
 if TYPE_CHECKING:
     import keras
 
-    from emotr.data import Listing
-    from emotr.head import HeadResult
+    from emotr.data.listing import Listing
+    from emotr.search.head import HeadResult
 
 # VGG16's blocks 4 and 5: three 3x3 convolutions of 512 filters, then a 2x2 max pool.
 _CONVS_PER_BLOCK = 3
 _FILTERS = 512
 _TOP_BLOCK = 5
-# How the cache stores activations (emotr.activations); the deployable model rounds to it too.
+# How the cache stores activations (emotr.cache.activations); the deployable model rounds to it too.
 ACTIVATION_DTYPE = "bfloat16"
 # Activations per forward pass outside training: bounds memory at large input sizes.
 _PREDICT_BATCH = 64
@@ -76,7 +76,7 @@ def backbone_block_weights(cfg: BackboneConfig, activation: str) -> dict[str, li
     """The configured backbone's weights of the convolutions above `activation`, by layer."""
     import keras
 
-    from emotr.backbone import build_extractor
+    from emotr.extract.backbone import build_extractor
 
     # float32 build: a bfloat16 policy clone holds the same float32 variables anyway.
     model = build_extractor(cfg.model_copy(update={"precision": "float32"}))
@@ -99,7 +99,7 @@ def build_finetune_model(
     """
     import keras
 
-    from emotr.head import build_head
+    from emotr.search.head import build_head
 
     inputs = keras.Input(tuple(activation_shape), name="activation")
     hidden = inputs
@@ -152,7 +152,7 @@ def fit_finetune(
     """
     import keras
 
-    from emotr.head import fit_head, head_result
+    from emotr.search.head import fit_head, head_result
 
     if not isinstance(data, FineTuneSet):
         raise FeatureError(
@@ -195,7 +195,7 @@ def _train_jointly(
     """Up to finetune_epochs joint epochs with early stopping on val AUC counted from start_auc
     (the model's own); leaves the best weights in `model`. Returns the curves and whether
     on_epoch_end stopped it."""
-    from emotr.head import score_epoch
+    from emotr.search.head import score_epoch
 
     step = train_step(model, params)
     best_auc, best_weights, waited, stopped = start_auc, model.get_weights(), 0, False
@@ -222,7 +222,7 @@ def _train_jointly(
 
 
 def _sample_weights(params: HeadParams, y_train: np.ndarray) -> np.ndarray:
-    from emotr.head import sample_weights
+    from emotr.search.head import sample_weights
 
     return sample_weights(params, np.asarray(y_train).astype(np.int64))
 
@@ -289,8 +289,8 @@ def load_finetune_set(cfg: Config, listing: Listing, features: FeatureSet) -> Fi
     """features plus the cached activations of the same images, in the same order."""
     import ml_dtypes
 
-    from emotr.activations import load_activations
-    from emotr.cache import FeatureCache
+    from emotr.cache.activations import load_activations
+    from emotr.cache.store import FeatureCache
 
     activation = cfg.extract.cache_activation
     if activation is None:
@@ -324,7 +324,7 @@ class ActivationInput:
     cache's dtype, as float32. The input side of a deployable fine-tuned model."""
 
     def __init__(self, cfg: BackboneConfig, activation: str, batch_size: int):
-        from emotr.backbone import FeatureExtractor
+        from emotr.extract.backbone import FeatureExtractor
 
         self.activation = activation
         self.extractor = FeatureExtractor(cfg, batch_size=batch_size, outputs=(activation,))

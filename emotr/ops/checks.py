@@ -1,7 +1,7 @@
 """What each `emotr doctor` check looks at: a probe returns what it found or raises why not.
 
 Probes touch the stores (a probe object written and deleted, a database connection, a listing);
-emotr.doctor turns their outcome into green and red lines.
+emotr.ops.doctor turns their outcome into green and red lines.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ CONNECT_TIMEOUT_S = 5
 
 def describe_weights(backbone: BackboneConfig) -> str:
     """The weights' identity: a file's sha256, Keras' cache, or random weights."""
-    from emotr.backbone import weights_identity
+    from emotr.extract.backbone import weights_identity
 
     kind, _, value = weights_identity(backbone).partition(":")
     if kind == "none":
@@ -35,7 +35,7 @@ def describe_weights(backbone: BackboneConfig) -> str:
 
 def count_images(data: DataConfig) -> str:
     """Images per class, from file metadata alone (no byte read)."""
-    from emotr.data import list_files
+    from emotr.data.listing import list_files
 
     if _demo_pending(data):
         return f"the demo data set ({data.demo_n} images) is generated there first"

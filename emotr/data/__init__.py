@@ -1,0 +1,5 @@
+"""The images a job sees: folders and manifests listed, hashed, split, decoded; the demo set.
+
+May import emotr's leaves (config, errors, storage) and nothing else of emotr: every other
+room builds on the listing and the decode rules defined here.
+"""
