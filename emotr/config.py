@@ -282,6 +282,16 @@ class TuneConfig(_Section):
             _check_space(name, space, baseline)
         return value
 
+    def choices(self, name: str) -> tuple:
+        """The choices of a categorical search-space entry; () when it is absent or numeric."""
+        space = self.search_space.get(name)
+        return tuple(space.choices) if isinstance(space, CategoricalSpace) else ()
+
+    def searched(self, name: str) -> list:
+        """Every value of HeadParams field `name` that a trial may take: the baseline's, then the
+        search space's choices (a numeric range adds none)."""
+        return [getattr(self.baseline, name), *self.choices(name)]
+
 
 class MlflowConfig(_Section):
     tracking_uri: str = "sqlite:///.emotr/mlflow.db"
@@ -325,9 +335,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _activation_for_finetune(self) -> Config:
         """A search that may fine-tune needs the cached activation its trials train on."""
-        space = self.tune.search_space.get("finetune")
-        choices = space.choices if isinstance(space, CategoricalSpace) else ()
-        if (self.tune.baseline.finetune or True in choices) and not self.extract.cache_activation:
+        if True in self.tune.searched("finetune") and not self.extract.cache_activation:
             raise ValueError(
                 "tune.baseline.finetune or tune.search_space.finetune asks for fine-tuning, "
                 "which trains on a cached activation: set extract.cache_activation=block4_pool"
@@ -337,10 +345,9 @@ class Config(_Section):
     @model_validator(mode="after")
     def _features_are_cached(self) -> Config:
         """Every features choice of the search reads taps that extract.taps caches."""
-        choices = [("tune.baseline.features", self.tune.baseline.features)]
-        space = self.tune.search_space.get("features")
-        if isinstance(space, CategoricalSpace):
-            choices += [("tune.search_space.features", str(c)) for c in space.choices]
+        baseline, *searched = self.tune.searched("features")
+        choices = [("tune.baseline.features", baseline)]
+        choices += [("tune.search_space.features", str(choice)) for choice in searched]
         for key, choice in choices:
             missing = [tap for tap in taps_of(choice) if tap not in self.extract.taps]
             if missing:
@@ -447,3 +454,17 @@ def to_flat_dict(config: Config) -> dict[str, Any]:
 def to_yaml(config: Config) -> str:
     """The resolved config as YAML, logged with every run."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# Config keys whose value names a file, folder or store, most specific first (the first whose
+# value holds a failing path names it): the CLI's error messages and the doctor's path check.
+PATH_KEYS = (
+    "data.manifest",
+    "data.root",
+    "cache.root",
+    "mlflow.artifact_location",
+    "mlflow.tracking_uri",
+    "tune.storage",
+    "backbone.weights",
+    "extract.compilation_cache_dir",
+)

@@ -1,26 +1,36 @@
 """The lifecycle verbs that the CLI and jobs call: prepare data, extract, tune, run them all.
 
-Each verb takes the validated Config; the caller (cli.py) has already connected to Ray, or, for
-`extract`, passes how to connect when there is work.
+Each verb takes the validated Config and hands each room the sub-config (or the job's cache
+key, computed once) it needs; the caller (emotr.cli) has already connected to Ray, or, for
+`extract`, passes how to connect when there is work. The search and the registry (Optuna, Ray,
+MLflow, Keras) are imported by the verbs that use them, so that a warm `emotr extract` loads none.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from emotr.config import Config, to_yaml
+import numpy as np
+
+from emotr.cache.activations import ActivationCache, open_activation_cache
+from emotr.cache.fingerprint import CacheKey
+from emotr.config import Config, HeadParams, to_yaml
+from emotr.data.demo import generate_demo_dataset, is_complete_demo_root, is_demo_root
 from emotr.data.index import Scan, scan_images
 from emotr.data.listing import Listing
+from emotr.extract.driver import ExtractSummary, TooManyFailures, extract_features, plan_extraction
+from emotr.extract.fingerprint import cache_key
+from emotr.search.finetune_set import load_finetune_set, may_finetune
 from emotr.search.training_set import load_feature_set
 from emotr.storage import is_uri
+from emotr.taps import features_dim
 
 if TYPE_CHECKING:
-    from emotr.deploy.registry import Candidate
-    from emotr.extract.driver import ExtractSummary
+    from emotr.deploy.package import Candidate
     from emotr.search.report import SearchResult
     from emotr.search.training_set import FeatureSet
     from emotr.track import Tracker
@@ -62,8 +72,6 @@ def ensure_demo_data(cfg: Config) -> None:
     A root holding anything emotr did not make is the user's data: it is used as it is and
     nothing is written into it. Object-store roots are never written to either.
     """
-    from emotr.data.demo import generate_demo_dataset, is_complete_demo_root, is_demo_root
-
     root = Path(cfg.data.root)
     if is_uri(cfg.data.root) or is_complete_demo_root(root):
         return
@@ -114,8 +122,6 @@ def idle_extraction(cfg: Config, scan: Scan) -> ExtractSummary | None:
     Nothing to do (every file's hash known from the index and cached) starts neither Ray nor a
     model, and opens no MLflow run: a warm re-run costs the listing alone.
     """
-    from emotr.extract.driver import extract_features, plan_extraction
-
     planned = plan_extraction(cfg, scan)
     if len(planned[2]):
         return None
@@ -128,18 +134,17 @@ def extract(
     listing: Listing | Scan,
     parent_run_id: str | None = None,
     connect: Callable[[], None] | None = None,
+    key: CacheKey | None = None,
 ) -> ExtractSummary:
     """Extract the listing's missing features into the cache, as an MLflow run named `extract`.
 
     The run holds the fingerprint's inputs as params, the config, the counts and speeds as
     metrics and failures.csv; it is FAILED, with all of these, when too many images fail.
     A Scan is completed by the extraction (`summary.listing`); `connect` starts Ray, called
-    only when there is something to extract.
+    only when there is something to extract. `key`: the job's cache key, if computed already.
     """
-    from emotr.cache.store import compute_fingerprint
-    from emotr.extract.driver import TooManyFailures, extract_features
-
-    fingerprint, inputs = compute_fingerprint(cfg.backbone, cfg.decode)
+    key = key or cache_key(cfg.cache, cfg.backbone, cfg.decode)
+    fingerprint, inputs = key.fingerprint, dict(key.inputs)
     with tracker.run("extract", parent_run_id, tags={"fingerprint": fingerprint}) as run_id:
         params = {
             **inputs,
@@ -150,7 +155,8 @@ def extract(
         tracker.log_params(run_id, params)
         tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
         try:
-            summary = extract_features(cfg, listing, connect=connect)
+            planned = plan_extraction(cfg, listing, key)
+            summary = extract_features(cfg, listing, connect=connect, planned=planned)
         except TooManyFailures as error:
             _log_extraction(tracker, run_id, cfg, error.summary, parent_run_id)
             raise
@@ -190,39 +196,63 @@ def log_extract_summary(tracker: Tracker, run_id: str, summary: ExtractSummary) 
 
 def tune(cfg: Config, tracker: Tracker, listing: Listing):
     """Search heads on the listing's cached features (an EmotrError names what is not cached)."""
-    from emotr.cache.store import compute_fingerprint
     from emotr.search.study import check_storage
     from emotr.search.tune import run_search
 
     check_storage(cfg.tune)
-    fingerprint, _ = compute_fingerprint(cfg.backbone, cfg.decode)
-    features = with_activations(cfg, listing, load_feature_set(cfg, listing, fingerprint))
-    return run_search(cfg, features, tracker)
+    key = cache_key(cfg.cache, cfg.backbone, cfg.decode)
+    features = load_feature_set(cfg.cache.root, cfg.tune, listing, key.fingerprint)
+    return run_search(cfg, with_activations(cfg, key, listing, features), tracker)
 
 
-def with_activations(cfg: Config, listing: Listing, features: FeatureSet) -> FeatureSet:
-    """The features, plus the cached activations when a trial may fine-tune (emotr.search.finetune)."""
-    from emotr.search.finetune import load_finetune_set, may_finetune
+def with_activations(
+    cfg: Config, key: CacheKey, listing: Listing, features: FeatureSet
+) -> FeatureSet:
+    """The features, plus the cached activations when a trial may fine-tune."""
+    if not may_finetune(cfg.tune):
+        return features
+    activation = cfg.extract.cache_activation
+    return load_finetune_set(key, cfg.backbone, activation, listing, features)
 
-    return load_finetune_set(cfg, listing, features) if may_finetune(cfg) else features
+
+def load_activations(cfg: Config, sha256s: Sequence[str]) -> np.ndarray:
+    """Cached activations (n, h, w, c) float32 of the images `sha256s`, in that order.
+
+    Which activation: extract.cache_activation (block4_pool if unset), for cfg's backbone and
+    decode settings; raises ActivationsMissing, saying how to cache them, when some are not.
+    """
+    name = cfg.extract.cache_activation or "block4_pool"
+    key = cache_key(cfg.cache, cfg.backbone, cfg.decode)
+    return open_activation_cache(key, name, cfg.backbone.input_size).load(sha256s)
+
+
+def activation_cache(cfg: Config) -> ActivationCache:
+    """The cache of extract.cache_activation beside cfg's features (an error when unset)."""
+    key = cache_key(cfg.cache, cfg.backbone, cfg.decode)
+    return open_activation_cache(key, cfg.extract.cache_activation, cfg.backbone.input_size)
 
 
 def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
     """Extract, tune and register the best head, all nested under one `pipeline` run; then the
     promotion gate (registry.auto_promote) decides whether it becomes the champion."""
-    from emotr.deploy.registry import register_model
+    from emotr.deploy.package import register_model
     from emotr.search.study import check_storage
     from emotr.search.tune import run_search
 
     check_storage(cfg.tune)  # before the extraction, not after an hour of it
+    key = cache_key(cfg.cache, cfg.backbone, cfg.decode)  # once: it hashes the weights file
     with tracker.run("pipeline") as run_id:
-        summary = extract(cfg, tracker, listing, run_id)
+        summary = extract(cfg, tracker, listing, run_id, key=key)
         assert summary.listing is not None
         log_listing(tracker, run_id, cfg, summary.listing)
         features = load_feature_set(
-            cfg, summary.listing, summary.fingerprint, failed=summary.failures["sha256"]
+            cfg.cache.root,
+            cfg.tune,
+            summary.listing,
+            summary.fingerprint,
+            failed=summary.failures["sha256"],
         )
-        features = with_activations(cfg, summary.listing, features)
+        features = with_activations(cfg, key, summary.listing, features)
         search = run_search(cfg, features, tracker, run_id)
         version = register_model(cfg, tracker, _candidate(search, features, summary))
         promotion = _run_gate(cfg, tracker)
@@ -264,9 +294,7 @@ def _run_gate(cfg: Config, tracker: Tracker) -> str | None:
 
 def _candidate(search: SearchResult, features: FeatureSet, summary: ExtractSummary) -> Candidate:
     """The search's best trial as a registry.Candidate, with the images it was validated on."""
-    from emotr.config import HeadParams
-    from emotr.deploy.registry import Candidate
-    from emotr.taps import features_dim
+    from emotr.deploy.package import Candidate
 
     assert summary.listing is not None and search.best_run_id is not None
     val = summary.listing.val()

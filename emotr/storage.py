@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from emotr.errors import EmotrError
@@ -71,3 +74,38 @@ def check_writable(location: str) -> None:
     with filesystem.open_output_stream(probe) as stream:
         stream.write(b"probe")
     filesystem.delete_file(probe)
+
+
+def put_atomically(
+    filesystem: pafs.FileSystem,
+    final: str,
+    write: Callable[[pa.NativeFile], object],
+    *,
+    remote: bool,
+) -> None:
+    """Write a file under a `_tmp-*` name beside `final` that readers ignore, then publish it whole.
+
+    `remote`: an object store, where the temporary key is copied server-side to `final` (a rename
+    there is a copy too, and not atomic); locally it is renamed.
+    """
+    folder, name = final.rsplit("/", 1)
+    temporary = f"{folder}/_tmp-{uuid.uuid4().hex}-{name}"
+    try:
+        # On S3/GCS, closing the stream completes the upload even when `write` raised, so
+        # a failed write must never go straight to the final key.
+        with filesystem.open_output_stream(temporary) as stream:
+            write(stream)
+        if not remote:
+            filesystem.move(temporary, final)  # a rename: atomic on local filesystems
+            return
+        filesystem.copy_file(temporary, final)  # server-side copy: the key appears whole
+    except BaseException:
+        _delete_leftover(filesystem, temporary)
+        raise
+    filesystem.delete_file(temporary)
+
+
+def _delete_leftover(filesystem: pafs.FileSystem, path: str) -> None:
+    # The error being raised matters more than this one; `emotr cache gc` deletes old leftovers.
+    with contextlib.suppress(OSError):
+        filesystem.delete_file(path)

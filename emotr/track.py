@@ -8,6 +8,7 @@ into a URI of the config never reaches the tracking server.
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import logging
@@ -224,6 +225,44 @@ def pack_dir(local_dir: str | Path) -> bytes:
     return buffer.getvalue()
 
 
+def keras_model_bytes(model: Any, x_example: Any) -> bytes:
+    """An MLflow Keras model (with signature) packed by `pack_dir`; runs in workers, no tracking.
+
+    The driver uploads it with `Tracker.log_dir_bytes(run_id, data, "model")`, so that
+    `runs:/<run_id>/model` loads with mlflow.pyfunc and registers like a model from log_model.
+    """
+    # mlflow.keras imports Keras: only the workers that pack a model load it.
+    import mlflow.keras
+    from mlflow.models import infer_signature
+
+    output = model(x_example, training=False)
+    signature = infer_signature(x_example, output.numpy() if hasattr(output, "numpy") else output)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model"
+        mlflow.keras.save_model(
+            model, str(path), signature=signature, pip_requirements=pinned_requirements()
+        )
+        return pack_dir(path)
+
+
+def pinned_requirements() -> list[str]:
+    """keras==..., tensorflow==...: what a logged Keras model needs, pinned as installed."""
+    # Explicit requirements: inferring them starts a subprocess that loads the model (seconds).
+    tf = pinned(("tensorflow",)) or pinned(("tensorflow-cpu",))
+    return pinned(("keras",)) + tf
+
+
+def pinned(names: tuple[str, ...]) -> list[str]:
+    """name==version for each of the packages that is installed."""
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, list | dict | tuple) else str(value)
     return redact(text)[:_MAX_PARAM_LENGTH]
@@ -307,6 +346,7 @@ def ui_command(cfg: MlflowConfig) -> str:
 __all__ = [
     "MLFLOW_PARENT_RUN_ID",
     "Tracker",
+    "keras_model_bytes",
     "mlflow",
     "pack_dir",
     "tracking_uri",

@@ -27,7 +27,7 @@ import numpy as np
 import ray
 from benchlib import add_output_arguments, publish
 
-from emotr.cache.store import FeatureCache, compute_fingerprint
+from emotr.cache.store import FeatureCache
 from emotr.config import load_config
 from emotr.data.demo import generate_demo_dataset
 from emotr.data.imageio import decode_image
@@ -35,6 +35,7 @@ from emotr.data.index import scan_images
 from emotr.data.listing import list_images
 from emotr.extract.backbone import FeatureExtractor, build_extractor
 from emotr.extract.driver import extract_features
+from emotr.extract.fingerprint import compute_fingerprint
 
 COLUMNS = [
     "size",

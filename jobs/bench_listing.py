@@ -39,11 +39,12 @@ import pyarrow.fs as pafs
 import yaml
 from benchlib import REPO, add_output_arguments, publish
 
-from emotr.cache.store import FeatureCache, compute_fingerprint
+from emotr.cache.store import FeatureCache
 from emotr.config import load_config
 from emotr.data.index import list_images_indexed
 from emotr.data.listing import list_images
-from emotr.extract.backbone import feature_dim
+from emotr.extract.fingerprint import compute_fingerprint
+from emotr.extract.weights import feature_dim
 
 
 def write_files(root: Path, start: int, stop: int, n_bytes: int = 0) -> None:

@@ -40,7 +40,8 @@ from emotr.config import HeadParams, load_config
 from emotr.data.demo import generate_demo_dataset
 from emotr.data.imageio import decode_image
 from emotr.deploy.predict import open_predictor, predict_paths
-from emotr.deploy.registry import Candidate, keras_model_bytes, register_model
+from emotr.deploy.package import Candidate, register_model
+from emotr.track import keras_model_bytes
 from emotr.search.head import fit_head
 from emotr.track import Tracker
 

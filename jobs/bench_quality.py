@@ -113,7 +113,7 @@ def prepare(cfg: Config, tracker: Tracker) -> tuple[FeatureSet, dict]:
     scan = pipeline.prepare_scan(cfg)
     generated_s = time.perf_counter() - started
     summary = pipeline.extract(cfg, tracker, scan)
-    features = load_feature_set(cfg, summary.listing, summary.fingerprint)
+    features = load_feature_set(cfg.cache.root, cfg.tune, summary.listing, summary.fingerprint)
     info = {
         "n_images": summary.n_images,
         "n_train": len(features.y_train),
@@ -152,7 +152,8 @@ def run_search_part(
     """A fresh study of n_trials trials (emotr.search.tune.run_search); the best trial's val scores."""
     import mlflow
 
-    from emotr.search.finetune import FineTuneSet, predict_batched
+    from emotr.search.finetune import predict_batched
+    from emotr.search.finetune_set import FineTuneSet
     from emotr.search.head import predict_scores
     from emotr.search.tune import run_search
 
@@ -270,7 +271,8 @@ def run_taps(features: FeatureSet, tracker: Tracker, args, best: dict) -> dict:
 def run_finetune(cfg: Config, features: FeatureSet, tracker: Tracker, args, best: dict) -> dict:
     """A few fine-tuning trials: the search's best head (else the tutorial's) with block 5
     trained on the cached block4_pool activations; the trials vary finetune_lr_scale."""
-    from emotr.search.finetune import load_finetune_set
+    from emotr.extract.fingerprint import cache_key
+    from emotr.search.finetune_set import load_finetune_set
 
     head = {**best, "finetune": True}
     overrides = [
@@ -281,7 +283,13 @@ def run_finetune(cfg: Config, features: FeatureSet, tracker: Tracker, args, best
     ]
     cfg = rich_config(args, *overrides)
     summary = pipeline.extract(cfg, tracker, pipeline.prepare_scan(cfg))
-    tuning = load_finetune_set(cfg, summary.listing, features)
+    tuning = load_finetune_set(
+        cache_key(cfg.cache, cfg.backbone, cfg.decode),
+        cfg.backbone,
+        cfg.extract.cache_activation,
+        summary.listing,
+        features,
+    )
     return run_search_part(cfg, tuning, tracker, "fine-tuning", args.finetune_trials)
 
 
@@ -291,7 +299,8 @@ def run_cost(args: argparse.Namespace) -> dict:
     import keras
 
     from emotr.config import HeadParams
-    from emotr.search.finetune import build_finetune_model, train_step
+    from emotr.search.finetune import train_step
+    from emotr.search.finetune_model import build_finetune_model
     from emotr.search.head import build_head
     from emotr.taps import activation_shape
 

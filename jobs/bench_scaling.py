@@ -28,8 +28,8 @@ from ray.cluster_utils import Cluster
 from emotr.config import load_config
 from emotr.data.demo import generate_demo_dataset
 from emotr.data.index import scan_images
-from emotr.extract.backbone import feature_dim
 from emotr.extract.driver import extract_features
+from emotr.extract.weights import feature_dim
 
 REPO_SMOKE = Path(__file__).resolve().parent.parent / "conf" / "smoke.yaml"
 # Small object stores: several nodes share this host's memory.

@@ -8,9 +8,9 @@ Starts a local Ray as `emotr extract` does, then extracts two folders of N new i
 run meets a Ray that has just started (Ray Data's own actors start with it), the second is a
 re-run in the same Ray, as the +10 % run of jobs/bench_extract.py is. Each event is timed from
 the run's start (listing included). The actor's events come from an instrumented subclass of
-emotr.extract.driver.Extractor (the same code, with timestamps written to a file); its model-load steps
-are the Extractor's own `load_phases` (Keras import, the device runtime's start: CUDA on a GPU,
-the model build with its weights, and on GPU plans the first compile). On JAX the compilation
+emotr.extract.actor.Extractor (the same code, with timestamps written to a file); its model-load
+steps are the Extractor's own `load_phases` (Keras import, the device runtime's start: CUDA on a
+GPU, the model build with its weights, and on GPU plans the first compile). On JAX the compilation
 cache is a new folder: the first run compiles without it, the re-run with it warm.
 Numbers of one table come from one process on one machine.
 """
@@ -32,10 +32,12 @@ from benchlib import add_output_arguments, publish
 from emotr.config import load_config
 from emotr.data.demo import generate_demo_dataset
 from emotr.data.index import scan_images
+from emotr.extract import dataset as extract_dataset
 from emotr.extract import driver as extract
+from emotr.extract.actor import Extractor
 
 
-class TimedExtractor(extract.Extractor):
+class TimedExtractor(Extractor):
     """The Extractor, writing when its process started and when each step ended to `events`."""
 
     events = ""  # set before the dataset is built; pickled with this class (a __main__ class)
@@ -77,7 +79,7 @@ def _timed_build_dataset(*args, **kwargs):
     return dataset
 
 
-_build_dataset = extract.build_dataset
+_build_dataset = extract_dataset.build_dataset
 
 
 def timed_run(cfg, events: Path) -> list[tuple[str, float]]:
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list, list]:
     size_h, size_w = (int(part) for part in args.size.split("x"))
     TimedExtractor.events = str(work / "events.jsonl")
     # Instrumentation: extract_features and build_dataset look both names up when they run.
-    extract.Extractor, extract.build_dataset = TimedExtractor, _timed_build_dataset
+    extract_dataset.Extractor, extract.build_dataset = TimedExtractor, _timed_build_dataset
     runs = []
     for seed in (1, 2):
         root = work / f"data-{seed}"

@@ -12,12 +12,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def emotr(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600, cwd: Path = REPO
 ) -> subprocess.CompletedProcess:
-    """Run `python -m emotr.cli.main ARGS` and capture its exit code, stdout and stderr."""
+    """Run `python -m emotr.cli ARGS` in `cwd` and capture its exit code, stdout and stderr.
+
+    env replaces the environment (None: this process's).
+    """
     return subprocess.run(
         [sys.executable, "-m", "emotr.cli", *args],
-        cwd=REPO,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,

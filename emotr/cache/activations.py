@@ -19,21 +19,15 @@ import ml_dtypes
 import numpy as np
 import pyarrow as pa
 
-from emotr.cache.store import (
-    CacheMiss,
-    FeatureCache,
-    compute_fingerprint,
-    fingerprint_of,
-)
-from emotr.config import Config
-from emotr.errors import EmotrError
+from emotr.cache.fingerprint import CacheKey, fingerprint_of
+from emotr.cache.store import CacheMiss, FeatureCache, read_inputs
 from emotr.taps import activation_shape
 
 STORED_DTYPE = "bfloat16"
 _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 
-class ActivationsMissing(EmotrError, KeyError):
+class ActivationsMissing(CacheMiss):
     """Activations asked for that the cache does not hold; the message says how to cache them."""
 
     def __str__(self) -> str:  # KeyError would quote the message
@@ -114,43 +108,46 @@ class ActivationCache(FeatureCache):
         return {"write_statistics": ["sha256", "height", "width"], "use_dictionary": ["sha256"]}
 
     def load_bfloat16(self, sha256s: Sequence[str]) -> np.ndarray:
-        """Activations (n, h, w, c) as stored (bfloat16), in the order of `sha256s`."""
-        return super().load(sha256s)
+        """Activations (n, h, w, c) as stored (bfloat16), in the order of `sha256s`.
+
+        Raises ActivationsMissing, saying how to cache them, when some are not cached.
+        """
+        try:
+            return super().load(sha256s)
+        except CacheMiss as error:
+            name = self.inputs["activation"]
+            n_missing = len(set(sha256s) - self.cached_hashes())
+            raise ActivationsMissing(
+                f"{n_missing} of {len(sha256s)} images have no cached {name} activation in "
+                f"{self.location}; run `emotr extract` with extract.cache_activation: {name} "
+                "(and the same backbone and decode settings)"
+            ) from error
 
     def load(self, sha256s: Sequence[str]) -> np.ndarray:
-        """Activations (n, h, w, c) float32 (exactly the stored bfloat16 values)."""
+        """Activations (n, h, w, c) float32 (exactly the stored bfloat16 values).
+
+        float32 holds the stored bfloat16 values exactly (4 bytes a value in memory: 401,408 B
+        per image at 224x224).
+        """
         return self.load_bfloat16(sha256s).astype(np.float32)
 
 
-def open_activation_cache(cfg: Config, name: str | None = None) -> ActivationCache:
-    """The configured activation cache (extract.cache_activation, or `name`) of cfg's backbone."""
-    name = name or cfg.extract.cache_activation
+def open_activation_cache(
+    key: CacheKey, name: str | None, input_size: Sequence[int]
+) -> ActivationCache:
+    """The cache of activation `name` (extract.cache_activation) beside the features of `key`."""
     if name is None:
         raise ActivationsMissing(
             "no activation is configured; run `emotr extract` with "
             "extract.cache_activation: block4_pool"
         )
-    fingerprint, inputs = compute_fingerprint(cfg.backbone, cfg.decode)
-    shape = activation_shape(name, cfg.backbone.input_size)
-    return ActivationCache.of(cfg.cache.root, fingerprint, inputs, name, shape)
+    shape = activation_shape(name, input_size)
+    return ActivationCache.of(key.root, key.fingerprint, dict(key.inputs), name, shape)
 
 
-def load_activations(cfg: Config, sha256s: Sequence[str]) -> np.ndarray:
-    """Cached activations (n, h, w, c) float32 of the images `sha256s`, in that order.
-
-    Which activation: extract.cache_activation (block4_pool if unset), for cfg's backbone and
-    decode settings. float32 holds the stored bfloat16 values exactly (4 bytes a value in memory:
-    401,408 B per image at 224x224). Raises ActivationsMissing, saying how to cache them, when
-    some are not cached.
-    """
-    name = cfg.extract.cache_activation or "block4_pool"
-    cache = open_activation_cache(cfg, name)
-    try:
-        return cache.load(sha256s)
-    except CacheMiss as error:
-        n_missing = len(set(sha256s) - cache.cached_hashes())
-        raise ActivationsMissing(
-            f"{n_missing} of {len(sha256s)} images have no cached {name} activation in "
-            f"{cache.location}; run `emotr extract` with extract.cache_activation: {name} "
-            "(and the same backbone and decode settings)"
-        ) from error
+def open_cache(root: str, fingerprint: str) -> FeatureCache:
+    """Any existing folder of the cache, as what it holds: features or an activation."""
+    inputs = read_inputs(root, fingerprint)
+    if "activation" in inputs:
+        return ActivationCache(root, fingerprint, inputs)
+    return FeatureCache(root, fingerprint, inputs)

@@ -1,4 +1,4 @@
-"""Inspect and repair feature caches: `emotr cache ls`, `verify`, `gc` and `compact`.
+"""Inspect, repair and export feature caches: `emotr cache ls`, `verify`, `gc`, `compact`, `export`.
 
 Deleting is the dangerous part: gc deletes a part only when all its bytes were read and they
 are not a valid part (a storage error proves nothing), and compact publishes the rows it keeps
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -17,13 +18,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from emotr.cache.activations import activation_schema
+from emotr.cache.activations import activation_schema, open_cache
+from emotr.cache.fingerprint import fingerprint_of
 from emotr.cache.store import (
     _META_FINGERPRINT,
     INPUTS_FILE,
     FeatureCache,
     feature_schema,
-    fingerprint_of,
     is_part_name,
     list_files,
     list_fingerprints,
@@ -282,7 +283,7 @@ def compact_cache(root: str, fingerprint: str | None = None) -> CompactResult:
     """
     result = CompactResult(0, [], [])
     for name in [fingerprint] if fingerprint else list_fingerprints(root):
-        one = _compact_one(FeatureCache.open(root, name))
+        one = _compact_one(open_cache(root, name))
         result = CompactResult(
             result.n_dropped + one.n_dropped,
             result.written + one.written,
@@ -339,3 +340,19 @@ def _plan_compaction(cache: FeatureCache) -> dict[str, np.ndarray]:
         if not keep.all():
             plan[path] = keep
     return plan
+
+
+def export_npy(root: str, fingerprint: str, out_dir: str | Path) -> int:
+    """Write features.npy (n, dim) and sha256.txt (one hash a line, same order); returns n."""
+    cache = open_cache(root, fingerprint)
+    keys = sorted(cache.cached_hashes())
+    if not keys:
+        raise FileNotFoundError(f"cache {cache.location} holds no features; run `emotr extract`")
+    features = cache.load(keys)
+    filesystem, folder = resolve(str(out_dir))
+    filesystem.create_dir(folder, recursive=True)
+    with filesystem.open_output_stream(f"{folder}/features.npy") as stream:
+        np.save(stream, features)
+    with filesystem.open_output_stream(f"{folder}/sha256.txt") as stream:
+        stream.write("".join(f"{key}\n" for key in keys).encode())
+    return len(keys)

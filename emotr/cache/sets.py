@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from emotr.cache.activations import ActivationCache
-from emotr.cache.store import FeatureCache, compute_fingerprint, open_tap
-from emotr.config import Config
-from emotr.taps import DEFAULT_TAP, activation_shape
+from emotr.cache.activations import open_activation_cache
+from emotr.cache.fingerprint import CacheKey
+from emotr.cache.store import FeatureCache, open_tap
+from emotr.taps import DEFAULT_TAP
 
 
 class CacheSet:
@@ -68,15 +68,17 @@ class CacheSet:
         return {name: self.caches[name] for name in values}
 
 
-def open_cache_set(cfg: Config) -> CacheSet:
-    """The caches of extract.taps and extract.cache_activation for cfg's backbone and decoding."""
-    fingerprint, inputs = compute_fingerprint(cfg.backbone, cfg.decode)
-    root = cfg.cache.root
+def open_cache_set(
+    key: CacheKey,
+    taps: Sequence[str],
+    activation: str | None,
+    input_size: Sequence[int],
+) -> CacheSet:
+    """The caches of `taps` (extract.taps) and of `activation` (extract.cache_activation, or
+    None) beside the features of `key`."""
     caches: dict[str, FeatureCache] = {
-        tap: open_tap(root, fingerprint, inputs, tap) for tap in cfg.extract.taps
+        tap: open_tap(key.root, key.fingerprint, dict(key.inputs), tap) for tap in taps
     }
-    name = cfg.extract.cache_activation
-    if name is not None:
-        shape = activation_shape(name, cfg.backbone.input_size)
-        caches[name] = ActivationCache.of(root, fingerprint, inputs, name, shape)
+    if activation is not None:
+        caches[activation] = open_activation_cache(key, activation, input_size)
     return CacheSet(caches)

@@ -8,18 +8,15 @@ stores) into place, so a reader (who only reads `part-*.parquet`) never sees hal
 Two drivers extracting at once may both write a row: readers keep one row per sha256, and
 `compact_cache` merges the copies.
 
-Feature taps (emotr.taps) other than gap5 live in folders of their own, fingerprinted by the
-gap5 inputs plus the tap's name: a new tap adds a folder and never invalidates what is cached.
+Feature taps (emotr.taps) other than gap5 live in folders of their own (emotr.cache.fingerprint):
+a new tap adds a folder and never invalidates what is cached.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import uuid
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -28,11 +25,11 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from emotr.config import BackboneConfig, DecodeConfig
+from emotr.cache.fingerprint import canonical_json, fingerprint_of, tap_inputs
 from emotr.errors import EmotrError
-from emotr.storage import is_uri, join, resolve
+from emotr.storage import is_uri, join, put_atomically, resolve
+from emotr.taps import DEFAULT_TAP
 
-CACHE_FORMAT = "1"
 INPUTS_FILE = "fingerprint.json"
 _META_FINGERPRINT = b"emotr.fingerprint"
 _META_INPUTS = b"emotr.inputs"
@@ -43,62 +40,6 @@ class CacheMiss(EmotrError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
-
-
-def _canonical(inputs: dict[str, str]) -> str:
-    return json.dumps(inputs, sort_keys=True, separators=(",", ":"))
-
-
-def fingerprint_of(inputs: dict[str, str]) -> str:
-    """First 16 hex digits of the sha256 of the inputs' canonical JSON."""
-    return hashlib.sha256(_canonical(inputs).encode()).hexdigest()[:16]
-
-
-def compute_fingerprint(
-    backbone: BackboneConfig, decode: DecodeConfig
-) -> tuple[str, dict[str, str]]:
-    """The cache fingerprint and the inputs it hashes (extractor identity + decode rules)."""
-    # Imported here so that reading features does not import TensorFlow.
-    from emotr.data.imageio import decode_rules
-    from emotr.extract.backbone import extractor_inputs
-
-    inputs = {**extractor_inputs(backbone), **decode_rules(decode), "cache_format": CACHE_FORMAT}
-    inputs = {key: str(value) for key, value in inputs.items()}
-    return fingerprint_of(inputs), inputs
-
-
-def tap_inputs(inputs: dict[str, str], tap: str) -> dict[str, str]:
-    """The inputs of one tap's folder, from those of gap5's (the cache's identity)."""
-    from emotr.taps import DEFAULT_TAP, tap_dim
-
-    if tap == DEFAULT_TAP:  # the cache as it always was: its fingerprint does not change
-        return dict(inputs)
-    return {**inputs, "tap": tap, "feature_dim": str(tap_dim(tap))}
-
-
-def open_tap(root: str, fingerprint: str, inputs: dict[str, str], tap: str) -> FeatureCache:
-    """The cache of one tap, given gap5's fingerprint and inputs."""
-    from emotr.taps import DEFAULT_TAP
-
-    if tap == DEFAULT_TAP:
-        return FeatureCache(root, fingerprint, inputs)
-    own = tap_inputs(inputs, tap)
-    return FeatureCache(root, fingerprint_of(own), own)
-
-
-def features_fingerprint(
-    backbone: BackboneConfig, decode: DecodeConfig, features: str
-) -> str | None:
-    """The one folder holding exactly a `features` choice (a single tap); None for choices that
-    combine taps (gap4+gap5, gap5_flipavg), which no folder holds as they are."""
-    from emotr.taps import parse_features
-
-    terms = parse_features(features)
-    if len(terms) > 1 or terms[0].flipavg:
-        return None
-    fingerprint, inputs = compute_fingerprint(backbone, decode)
-    own = tap_inputs(inputs, terms[0].tap)
-    return fingerprint if own == inputs else fingerprint_of(own)
 
 
 def part_name(sha256s: Iterable[str]) -> str:
@@ -139,14 +80,9 @@ class FeatureCache:
 
     @classmethod
     def open(cls, root: str, fingerprint: str) -> FeatureCache:
-        """An existing cache, its inputs read back from fingerprint.json (an activation's folder
-        opens as an emotr.cache.activations.ActivationCache)."""
-        inputs = read_inputs(root, fingerprint)
-        if "activation" in inputs and cls is FeatureCache:
-            from emotr.cache.activations import ActivationCache
-
-            return ActivationCache(root, fingerprint, inputs)
-        return cls(root, fingerprint, inputs)
+        """An existing cache of this class, its inputs read back from fingerprint.json (any
+        folder, activations included: emotr.cache.activations.open_cache)."""
+        return cls(root, fingerprint, read_inputs(root, fingerprint))
 
     def part_paths(self) -> list[str]:
         """Paths (on this cache's filesystem) of the committed parts."""
@@ -279,7 +215,7 @@ class FeatureCache:
     def _table(self, keys, features, heights, widths) -> pa.Table:
         metadata = {
             _META_FINGERPRINT: self.fingerprint.encode(),
-            _META_INPUTS: _canonical(self.inputs).encode(),
+            _META_INPUTS: canonical_json(self.inputs).encode(),
         }
         values, schema = self._encode(features)
         columns = [
@@ -300,41 +236,6 @@ class FeatureCache:
 
     def _put(self, final: str, write: Callable[[pa.NativeFile], object]) -> None:
         put_atomically(self.filesystem, final, write, remote=is_uri(self.location))
-
-
-def put_atomically(
-    filesystem: pafs.FileSystem,
-    final: str,
-    write: Callable[[pa.NativeFile], object],
-    *,
-    remote: bool,
-) -> None:
-    """Write a file under a `_tmp-*` name beside `final` that readers ignore, then publish it whole.
-
-    `remote`: an object store, where the temporary key is copied server-side to `final` (a rename
-    there is a copy too, and not atomic); locally it is renamed.
-    """
-    folder, name = final.rsplit("/", 1)
-    temporary = f"{folder}/_tmp-{uuid.uuid4().hex}-{name}"
-    try:
-        # On S3/GCS, closing the stream completes the upload even when `write` raised, so
-        # a failed write must never go straight to the final key.
-        with filesystem.open_output_stream(temporary) as stream:
-            write(stream)
-        if not remote:
-            filesystem.move(temporary, final)  # a rename: atomic on local filesystems
-            return
-        filesystem.copy_file(temporary, final)  # server-side copy: the key appears whole
-    except BaseException:
-        _delete_leftover(filesystem, temporary)
-        raise
-    filesystem.delete_file(temporary)
-
-
-def _delete_leftover(filesystem: pafs.FileSystem, path: str) -> None:
-    # The error being raised matters more than this one; `emotr cache gc` deletes old leftovers.
-    with contextlib.suppress(OSError):
-        filesystem.delete_file(path)
 
 
 def is_part_name(name: str) -> bool:
@@ -374,17 +275,9 @@ def read_inputs(
         return {}
 
 
-def export_npy(root: str, fingerprint: str, out_dir: str | Path) -> int:
-    """Write features.npy (n, dim) and sha256.txt (one hash a line, same order); returns n."""
-    cache = FeatureCache.open(root, fingerprint)
-    keys = sorted(cache.cached_hashes())
-    if not keys:
-        raise FileNotFoundError(f"cache {cache.location} holds no features; run `emotr extract`")
-    features = cache.load(keys)
-    filesystem, folder = resolve(str(out_dir))
-    filesystem.create_dir(folder, recursive=True)
-    with filesystem.open_output_stream(f"{folder}/features.npy") as stream:
-        np.save(stream, features)
-    with filesystem.open_output_stream(f"{folder}/sha256.txt") as stream:
-        stream.write("".join(f"{key}\n" for key in keys).encode())
-    return len(keys)
+def open_tap(root: str, fingerprint: str, inputs: dict[str, str], tap: str) -> FeatureCache:
+    """The cache of one tap, given gap5's fingerprint and inputs."""
+    if tap == DEFAULT_TAP:
+        return FeatureCache(root, fingerprint, inputs)
+    own = tap_inputs(inputs, tap)
+    return FeatureCache(root, fingerprint_of(own), own)

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 from emotr.config import Config
+from emotr.ops.doctor import configured_paths
+from emotr.storage import WORKING_DIR_GONE
 
 
 def describe_os_error(error: OSError, cfg: Config | None) -> str:
@@ -16,18 +18,17 @@ def describe_os_error(error: OSError, cfg: Config | None) -> str:
     reason = error.strerror or str(error) or type(error).__name__
     if not error.filename and _working_dir_gone():
         # Checked first: resolving the config's relative paths below would fail the same way.
-        from emotr.storage import WORKING_DIR_GONE
-
         where = os.environ.get("PWD", "")
         return f"{reason}: the working directory {where} no longer exists. {WORKING_DIR_GONE}"
+    paths = configured_paths(cfg) if cfg is not None else {}
     if error.filename:
         where = str(error.filename)
-        key = _config_key_of(where, cfg) if cfg is not None else None
+        key = _config_key_of(where, paths)
         text = f"{reason}: {where}"
     else:  # pyarrow's errors carry the path in their text only
-        key = _config_key_in(reason, cfg) if cfg is not None else None
+        key = _config_key_in(reason, paths)
         text = f"{type(error).__name__}: {reason}"
-    source = f" (from {key}={_config_value(cfg, key)})" if key and cfg is not None else ""
+    source = f" (from {key}={paths[key]})" if key else ""
     return f"{text}{source}; check that it exists and that this user may use it"
 
 
@@ -39,28 +40,10 @@ def _working_dir_gone() -> bool:
     return False
 
 
-# Config keys that name files or folders, most specific first.
-_PATH_KEYS = (
-    "data.manifest",
-    "data.root",
-    "cache.root",
-    "mlflow.artifact_location",
-    "mlflow.tracking_uri",
-    "tune.storage",
-    "backbone.weights",
-    "extract.compilation_cache_dir",
-)
-
-
-def _config_value(cfg: Config, key: str) -> str:
-    section, name = key.split(".")
-    return str(getattr(getattr(cfg, section), name) or "")
-
-
-def _config_key_in(text: str, cfg: Config) -> str | None:
+def _config_key_in(text: str, paths: dict[str, str]) -> str | None:
     """The config key whose path appears in an error's text, if any."""
-    for key in _PATH_KEYS:
-        if any(c in text for c in _path_forms(_config_value(cfg, key))):
+    for key, value in paths.items():
+        if any(c in text for c in _path_forms(value)):
             return key
     return None
 
@@ -68,7 +51,7 @@ def _config_key_in(text: str, cfg: Config) -> str | None:
 def _path_forms(value: str) -> set[str]:
     """A configured location as written and, for local paths, made absolute."""
     value = value.removeprefix("sqlite:///")
-    if not value or value in {"imagenet", "none", "hed-bsds500"}:
+    if not value:
         return set()
     forms = {value.rstrip("/")}
     if "://" not in value:
@@ -76,9 +59,9 @@ def _path_forms(value: str) -> set[str]:
     return forms
 
 
-def _config_key_of(path: str, cfg: Config) -> str | None:
+def _config_key_of(path: str, paths: dict[str, str]) -> str | None:
     """The config key whose value holds `path` (as given or resolved), if any."""
-    for key in _PATH_KEYS:
-        if any(path == c or path.startswith(c + "/") for c in _path_forms(_config_value(cfg, key))):
+    for key, value in paths.items():
+        if any(path == c or path.startswith(c + "/") for c in _path_forms(value)):
             return key
     return None

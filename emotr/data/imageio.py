@@ -56,6 +56,11 @@ class DecodeError(ValueError):
         self.reason = reason
 
 
+def failure_reason(error: DecodeError | OSError) -> str:
+    """Why an image could not be used, for its output row: what decoding or reading said."""
+    return error.reason if isinstance(error, DecodeError) else f"cannot read file: {error}"
+
+
 @dataclass(frozen=True)
 class DecodedImage:
     """Pixels resized for the backbone, and the size of the upright original they came from."""
@@ -156,11 +161,8 @@ def decode_batch(
             decoded = decode_image_with_size(
                 data, size, max_pixels=max_pixels, background=background
             )
-        except DecodeError as error:
-            reasons[i] = error.reason
-            continue
-        except OSError as error:
-            reasons[i] = f"cannot read file: {error}"
+        except (DecodeError, OSError) as error:
+            reasons[i] = failure_reason(error)
             continue
         pixels[i], heights[i], widths[i] = decoded.pixels, decoded.height, decoded.width
         ok[i] = True

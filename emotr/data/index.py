@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from emotr.cache.store import put_atomically
+from emotr.storage import put_atomically
 from emotr.config import DataConfig
 from emotr.data.listing import (
     CONFLICT,

@@ -1,9 +1,9 @@
 """Batch prediction with a registered (image-in) model: files, folders or manifests -> rows.
 
-`emotr predict` runs as a Ray Data job through extraction's own pipeline (emotr.extract.driver: read,
-hash, decode in bounded batches -> extractor actors running the version: its backbone, then its
-head), so a batch job decodes exactly as extraction and serving do. Images whose bytes are in the
-feature cache of the version's fingerprint are hashed but not decoded: the driver scores their
+`emotr predict` runs as a Ray Data job through extraction's own pipeline (emotr.extract.dataset:
+read, hash, decode in bounded batches -> extractor actors running the version: its backbone, then
+its head), so a batch job decodes exactly as extraction and serving do. Images whose bytes are in
+the feature cache of the version's fingerprint are hashed but not decoded: the driver scores their
 cached features. Rows stream to the output file batch by batch, in input order; a bad file is a
 row with its reason.
 """
@@ -20,10 +20,20 @@ import numpy as np
 import pandas as pd
 
 from emotr.config import Config, MlflowConfig
+from emotr.data.imageio import hash_keys
 from emotr.data.listing import IMAGE_EXTENSIONS
 from emotr.data.manifest import MANIFEST_EXTENSIONS
-from emotr.deploy.registry import get_version, load_model, scorer_of
+from emotr.deploy.registry import (
+    CachedFeatures,
+    get_version,
+    load_model,
+    scorer_of,
+    version_features,
+)
+from emotr.deploy.serving import prediction_frame
 from emotr.errors import EmotrError
+from emotr.extract.actor import output_column
+from emotr.extract.dataset import build_dataset, plan_actors, stream_batches
 from emotr.taps import DEFAULT_TAP
 from emotr.track import Tracker
 
@@ -94,29 +104,12 @@ def _manifest_paths(manifest: Path) -> list[str]:
     return [str(p if Path(p).is_absolute() else manifest.parent / p) for p in table["path"]]
 
 
-@dataclass(frozen=True)
-class CachedFeatures:
-    """The feature cache of a version's fingerprint: predict takes these images' features."""
-
-    cache: Any  # emotr.cache.store.FeatureCache
-    known: frozenset[str]  # sha256 of the cached images
-
-
 def open_cached_features(cfg: Config, tracker: Tracker, uri: str) -> CachedFeatures | None:
     """The cache (under cfg.cache.root) holding features of the model's fingerprint, if any."""
-    from emotr.cache.store import FeatureCache
-
     if not uri.startswith("models:/"):
         return None
     name, _, ref = uri.removeprefix("models:/").replace("@", "/").partition("/")
-    fingerprint = get_version(tracker, name, ref).tags.get("feature_fingerprint")
-    if not fingerprint:
-        return None
-    try:
-        cache = FeatureCache.open(cfg.cache.root, fingerprint)
-        return CachedFeatures(cache, frozenset(cache.cached_hashes()))
-    except (EmotrError, OSError, ValueError):  # no such cache here: every image is decoded
-        return None
+    return version_features(cfg.cache.root, get_version(tracker, name, ref))
 
 
 @dataclass(frozen=True)
@@ -185,13 +178,10 @@ def predict_paths(
 ) -> Iterator[pd.DataFrame]:
     """path, p_positive, label, error for each path, in input order, one frame per batch.
 
-    A Ray Data job: extraction's pipeline (emotr.extract.driver.build_dataset) reads, hashes and
+    A Ray Data job: extraction's pipeline (emotr.extract.dataset.build_dataset) reads, hashes and
     decodes each file once with the version's decode rules and input size; its extractor actors
     run the version (VersionScores). `connect` is called before the first use of Ray.
     """
-    from emotr.data.imageio import hash_keys
-    from emotr.extract.driver import build_dataset, plan_actors, stream_batches
-
     if not paths:
         return
     if connect is not None:
@@ -216,8 +206,6 @@ def predict_paths(
 def score_batch(predictor: Predictor, batch: dict[str, np.ndarray]) -> pd.DataFrame:
     """Rows of one pipeline batch: the actors' probabilities, the head on cached features (on
     the driver, which holds the same version), else the reason the file could not be used."""
-    from emotr.extract.driver import output_column
-
     scorer, n_rows = predictor.scorer, len(batch["path"])
     ok, cached = batch["ok"].astype(bool), batch["cached"].astype(bool)
     probabilities = np.full(n_rows, np.nan)
@@ -226,22 +214,14 @@ def score_batch(predictor: Predictor, batch: dict[str, np.ndarray]) -> pd.DataFr
         hashes = [str(digest) for digest in batch["sha256"][cached]]
         probabilities[cached] = scorer.score_features(predictor.cached.cache.load(hashes))
     good = ok | cached
-    classes, threshold = scorer.spec.classes, scorer.spec.threshold
-    labels = [
-        classes[int(p >= threshold)] if keep else None
-        for p, keep in zip(probabilities, good, strict=True)
-    ]
     errors = [
         None if keep else str(reason) for reason, keep in zip(batch["reason"], good, strict=True)
     ]
-    return pd.DataFrame(
-        {
-            "path": pd.Series([str(path) for path in batch["path"]], dtype=object),
-            "p_positive": probabilities,
-            "label": pd.Series(labels, dtype=object),
-            "error": pd.Series(errors, dtype=object),
-        }
-    )
+    frame = prediction_frame(probabilities, errors, scorer.spec)
+    # A file's rows keep one float dtype (NaN where there is none): what Parquet and CSV want.
+    frame["p_positive"] = probabilities
+    frame.insert(0, "path", pd.Series([str(path) for path in batch["path"]], dtype=object))
+    return frame
 
 
 def predict_chunks(

@@ -24,6 +24,7 @@ from emotr.deploy.registry import (
     load_validation_set,
     set_alias,
     tag_version,
+    version_features,
 )
 from emotr.errors import EmotrError
 from emotr.track import Tracker
@@ -137,17 +138,12 @@ def score_images(
 
 def _cached_features(cfg: Config, version: ModelVersion, sha256s: list[str]) -> np.ndarray | None:
     """The images' features from the cache of the version's fingerprint, if it holds them all."""
-    from emotr.cache.store import FeatureCache
-
-    fingerprint = version.tags.get("feature_fingerprint")
-    if not fingerprint:
+    cached = version_features(cfg.cache.root, version)
+    if cached is None or not set(sha256s) <= cached.known:
         return None
     try:
-        cache = FeatureCache.open(cfg.cache.root, fingerprint)
-        if not set(sha256s) <= cache.cached_hashes():
-            return None
-        return cache.load(sha256s)
-    except (EmotrError, OSError, ValueError):  # no such cache here: decode instead
+        return cached.cache.load(sha256s)
+    except (EmotrError, OSError, ValueError):  # an unreadable cache: decode instead
         return None
 
 

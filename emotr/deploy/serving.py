@@ -2,7 +2,8 @@
 
 `ImageScorer` is built from native Keras weight files and a JSON spec by emotr's own builders
 (`backbone.build_extractor`, `head.build_head`): loading a model version unpickles nothing. The
-MLflow wrapper that serves it is emotr/deploy/serving_model.py; this module knows nothing of MLflow.
+MLflow wrapper that serves it is emotr/deploy/serving_model.py; this module knows nothing of
+MLflow, and nothing of the training data (the models' graphs only).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
 from emotr.config import BackboneConfig, DecodeConfig, HeadParams
-from emotr.data.imageio import DecodeError, decode_image
+from emotr.data.imageio import DecodeError, decode_image, failure_reason
+from emotr.extract.backbone import features_extractor
+from emotr.search.finetune_model import serving_parts
+from emotr.search.head import build_head, predict_scores
 from emotr.storage import read_bytes
 
 # Input columns: one of them per row. `image` is binary (base64 strings over REST, decoded by
@@ -27,6 +31,10 @@ from emotr.storage import read_bytes
 IMAGE_COLUMN = "image"
 PATH_COLUMN = "path"
 OUTPUT_COLUMNS = ("p_positive", "label", "error")
+# The artifacts of a logged deployable model, by name (emotr.deploy.package writes them).
+SPEC_ARTIFACT = "spec"
+BACKBONE_WEIGHTS_ARTIFACT = "backbone_weights"
+HEAD_WEIGHTS_ARTIFACT = "head_weights"
 # Images per VGG16 forward pass when serving: small, as a request is often one image and every
 # batch is padded to this size.
 SERVING_BATCH = 8
@@ -52,14 +60,9 @@ class ImageScorer:
     """Loads the backbone and head once; `score(frame)` -> p_positive, label, error per row."""
 
     def __init__(self, spec: ServingSpec, backbone_weights: str | Path, head_weights: str | Path):
-        from emotr.extract.backbone import features_extractor
-        from emotr.search.head import build_head
-
         self.spec = spec
         backbone = spec.backbone.model_copy(update={"weights": str(backbone_weights)})
         if spec.activation is not None:  # `features` are then activations
-            from emotr.search.finetune import serving_parts
-
             self.extractor, self.head = serving_parts(
                 spec.head, backbone, spec.activation, SERVING_BATCH
             )
@@ -73,8 +76,6 @@ class ImageScorer:
 
     def score_features(self, features: np.ndarray) -> np.ndarray:
         """P(positive) of cached features (the promotion gate skips decoding with these)."""
-        from emotr.search.head import predict_scores
-
         if len(features) == 0:
             return np.zeros(0, dtype=np.float64)
         return predict_scores(self.head, np.asarray(features, dtype=np.float32))
@@ -97,11 +98,8 @@ class ImageScorer:
                 continue
             try:
                 pixels.append(self._decode(_input_bytes(image, path)))
-            except DecodeError as error:
-                errors[row] = error.reason
-                continue
-            except OSError as error:
-                errors[row] = f"cannot read file: {error}"
+            except (DecodeError, OSError) as error:
+                errors[row] = failure_reason(error)
                 continue
             decoded_rows.append(row)
         probabilities = np.full(n_rows, np.nan)
@@ -110,19 +108,7 @@ class ImageScorer:
         if known:
             rows = sorted(known)
             probabilities[rows] = self.score_features(np.stack([known[row] for row in rows]))
-        labels = [
-            None if error else self.spec.classes[int(p >= self.spec.threshold)]
-            for p, error in zip(probabilities, errors, strict=True)
-        ]
-        scores = [
-            None if error else float(p) for p, error in zip(probabilities, errors, strict=True)
-        ]
-        # Object columns holding None: pandas would store NaN (float, or its str dtype), which
-        # MLflow's scoring server writes as a bare NaN, not JSON; None is written as null.
-        columns = {"p_positive": scores, "label": labels, "error": errors}
-        return pd.DataFrame(
-            {name: pd.Series(values, dtype=object) for name, values in columns.items()}
-        )
+        return prediction_frame(probabilities, errors, self.spec)
 
     def _decode(self, data: bytes) -> np.ndarray:
         decode = self.spec.decode
@@ -132,6 +118,22 @@ class ImageScorer:
             max_pixels=decode.max_pixels,
             background=tuple(decode.background),
         )
+
+
+def prediction_frame(
+    probabilities: np.ndarray, errors: list[str | None], spec: ServingSpec
+) -> pd.DataFrame:
+    """p_positive, label (the class its probability reaches at spec.threshold) and error per
+    row; p_positive and label are None where `error` says why the row has none."""
+    labels = [
+        None if error else spec.classes[int(p >= spec.threshold)]
+        for p, error in zip(probabilities, errors, strict=True)
+    ]
+    scores = [None if error else float(p) for p, error in zip(probabilities, errors, strict=True)]
+    # Object columns holding None: pandas would store NaN (float, or its str dtype), which
+    # MLflow's scoring server writes as a bare NaN, not JSON; None is written as null.
+    columns = {"p_positive": scores, "label": labels, "error": errors}
+    return pd.DataFrame({name: pd.Series(values, dtype=object) for name, values in columns.items()})
 
 
 def _missing(value: Any) -> bool:

@@ -13,12 +13,13 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow.models import set_model
 
-from emotr.deploy.serving import ImageScorer, ServingSpec
-
-# Names of the artifacts in the logged model, set by emotr.deploy.registry.
-SPEC = "spec"
-BACKBONE_WEIGHTS = "backbone_weights"
-HEAD_WEIGHTS = "head_weights"
+from emotr.deploy.serving import (
+    BACKBONE_WEIGHTS_ARTIFACT,
+    HEAD_WEIGHTS_ARTIFACT,
+    SPEC_ARTIFACT,
+    ImageScorer,
+    ServingSpec,
+)
 
 
 class EmotrImageModel(mlflow.pyfunc.PythonModel):
@@ -28,9 +29,10 @@ class EmotrImageModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         """Rebuild the backbone and head from the native Keras weight files."""
-        spec = ServingSpec.model_validate_json(Path(context.artifacts[SPEC]).read_text())
+        artifacts = context.artifacts
+        spec = ServingSpec.model_validate_json(Path(artifacts[SPEC_ARTIFACT]).read_text())
         self.scorer = ImageScorer(
-            spec, context.artifacts[BACKBONE_WEIGHTS], context.artifacts[HEAD_WEIGHTS]
+            spec, artifacts[BACKBONE_WEIGHTS_ARTIFACT], artifacts[HEAD_WEIGHTS_ARTIFACT]
         )
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

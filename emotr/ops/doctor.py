@@ -3,6 +3,8 @@
 A Check is green or red, says what it found and, when red, how to fix it. The checks never raise:
 an error is what a red Check reports. The job (`emotr run/extract/tune`) runs them first: all but
 `data` (its listing is that check) before Ray starts, and `ray` once it is connected.
+
+emotr.ops.cluster (Ray) is imported inside the Ray check alone: light commands load this module.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from emotr.config import (
+    PATH_KEYS,
     BackboneConfig,
     CacheConfig,
     Config,
@@ -19,12 +22,15 @@ from emotr.config import (
     MlflowConfig,
     TuneConfig,
 )
-from emotr.ops import checks as probes
+from emotr.errors import EmotrError
+from emotr.ops import findings
 from emotr.redaction import redact
 from emotr.storage import is_relative_path
 
 # Characters of an error's text that a red line shows.
 MAX_REASON = 400
+# backbone.weights values that name a source, not a file.
+NAMED_WEIGHTS = frozenset({"imagenet", "hed-bsds500", "none"})
 
 
 @dataclass(frozen=True)
@@ -108,18 +114,22 @@ def _unless_lost(lost: dict[str, str], name: str, key: str, check: Callable[[], 
     return check()
 
 
+def configured_paths(cfg: Config) -> dict[str, str]:
+    """The set values of PATH_KEYS that name a location (not a named weights source), by key."""
+    values = {}
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = str(getattr(getattr(cfg, section), name) or "")
+        if value and not (key == "backbone.weights" and value in NAMED_WEIGHTS):
+            values[key] = value
+    return values
+
+
 def _local_paths(cfg: Config) -> dict[str, tuple[str, str]]:
     """Config keys whose value holds a local path: key -> (the value, the path in it)."""
-    values = {
-        "cache.root": cfg.cache.root,
-        "mlflow.artifact_location": cfg.mlflow.artifact_location,
-        "mlflow.tracking_uri": cfg.mlflow.tracking_uri,
-        "tune.storage": cfg.tune.storage,
-        "extract.compilation_cache_dir": cfg.extract.compilation_cache_dir,
-        "data.manifest" if cfg.data.manifest else "data.root": cfg.data.manifest or cfg.data.root,
-    }
-    if cfg.backbone.weights not in {"imagenet", "hed-bsds500", "none"}:
-        values["backbone.weights"] = cfg.backbone.weights
+    values = configured_paths(cfg)
+    if cfg.data.manifest:  # the manifest's paths are read, not data.root
+        values.pop("data.root", None)
     paths = {}
     for key, value in values.items():
         path = value.removeprefix("sqlite:///")  # a SQLite URL names a file
@@ -166,7 +176,7 @@ def check_weights(backbone: BackboneConfig) -> Check:
         "weights",
         f"backbone.weights={backbone.weights}",
         fix,
-        lambda: probes.describe_weights(backbone),
+        lambda: findings.describe_weights(backbone),
     )
 
 
@@ -178,7 +188,7 @@ def check_data(data: DataConfig) -> Check:
         "table; for s3:// the AWS_* credentials must allow listing"
     )
     return checked(
-        "data", f"{key}={data.manifest or data.root}", fix, lambda: probes.count_images(data)
+        "data", f"{key}={data.manifest or data.root}", fix, lambda: findings.count_images(data)
     )
 
 
@@ -189,7 +199,7 @@ def check_cache(cache: CacheConfig) -> Check:
         "credentials must allow put and delete"
     )
     return checked(
-        "cache", f"cache.root={cache.root}", fix, lambda: probes.probe_writable(cache.root)
+        "cache", f"cache.root={cache.root}", fix, lambda: findings.probe_writable(cache.root)
     )
 
 
@@ -200,7 +210,7 @@ def check_tracking(mlflow: MlflowConfig) -> Check:
         "authentication reads MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
     )
     subject = f"mlflow.tracking_uri={mlflow.tracking_uri}"
-    return checked("tracking", subject, fix, lambda: probes.describe_tracking_store(mlflow))
+    return checked("tracking", subject, fix, lambda: findings.describe_tracking_store(mlflow))
 
 
 def check_artifacts(mlflow: MlflowConfig) -> Check:
@@ -210,7 +220,7 @@ def check_artifacts(mlflow: MlflowConfig) -> Check:
         "--artifacts-destination and its credentials), or fix mlflow.artifact_location"
     )
     subject = f"mlflow.artifact_location={mlflow.artifact_location}"
-    return checked("artifacts", subject, fix, lambda: probes.probe_artifacts(mlflow))
+    return checked("artifacts", subject, fix, lambda: findings.probe_artifacts(mlflow))
 
 
 def check_optuna(tune: TuneConfig) -> Check:
@@ -220,7 +230,7 @@ def check_optuna(tune: TuneConfig) -> Check:
         "or ~/.pgpass (never write it into tune.storage)"
     )
     return checked(
-        "optuna", f"tune.storage={tune.storage}", fix, lambda: probes.describe_study_storage(tune)
+        "optuna", f"tune.storage={tune.storage}", fix, lambda: findings.describe_study_storage(tune)
     )
 
 
@@ -232,11 +242,10 @@ def check_ray(
     `where` says which Ray the run joins (the CLI knows: ray.address, RAY_ADDRESS or local);
     an explicit host:port `address` must accept a connection first (Ray retries for minutes).
     """
-    from emotr.errors import EmotrError
 
     def probe() -> str:
         if address:
-            probes.require_listening(address)
+            findings.require_listening(address)
         connect()
         from emotr.ops.cluster import describe_cluster
 

@@ -12,115 +12,30 @@ image (extract.cache_activation, e.g. block4_pool, bfloat16). A trial with HeadP
    val AUC (best weights restored: fine-tuning never returns a worse model than step 2).
 
 Starting from a fitted head is the usual recipe: a random head's large gradients would first
-wreck the pretrained filters. The deployable model (emotr.deploy.serving) runs the frozen blocks on
-pixels, rounds their output to the cache's dtype (what the trial trained on), then this model.
+wreck the pretrained filters. Its model: emotr.search.finetune_model; its training set: emotr.search.finetune_set.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-from emotr.config import BackboneConfig, Config, HeadParams
-from emotr.search.training_set import FeatureError, FeatureSet
+from emotr.config import HeadParams
+from emotr.search.finetune_model import build_finetune_model
+from emotr.search.finetune_set import FineTuneSet
+from emotr.search.head import HeadResult, fit_head, head_result, sample_weights, score_epoch
+from emotr.search.training_set import FeatureError
 
-if TYPE_CHECKING:
-    import keras
-
-    from emotr.data.listing import Listing
-    from emotr.search.head import HeadResult
-
-# VGG16's blocks 4 and 5: three 3x3 convolutions of 512 filters, then a 2x2 max pool.
-_CONVS_PER_BLOCK = 3
-_FILTERS = 512
-_TOP_BLOCK = 5
-# How the cache stores activations (emotr.cache.activations); the deployable model rounds to it too.
-ACTIVATION_DTYPE = "bfloat16"
 # Activations per forward pass outside training: bounds memory at large input sizes.
 _PREDICT_BATCH = 64
 
 
-@dataclass(frozen=True, kw_only=True)
-class FineTuneSet(FeatureSet):
-    """A FeatureSet plus each image's cached activation (rows in x_train/x_val's order)."""
-
-    a_train: np.ndarray  # (n_train, h, w, c), any float dtype (bfloat16 as cached)
-    a_val: np.ndarray
-    activation: str  # the VGG16 layer they are the output of, e.g. block4_pool
-    # The backbone's weights of the blocks above it, by layer name: where fine-tuning starts.
-    block_weights: dict[str, list[np.ndarray]]
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("train", "val"):
-            a, y = getattr(self, f"a_{name}"), getattr(self, f"y_{name}")
-            if a.ndim != 4 or len(a) != len(y):
-                raise FeatureError(f"a_{name} {a.shape} must be (n, h, w, c) with n = {len(y)}")
-
-
-def trained_blocks(activation: str) -> tuple[int, ...]:
-    """The VGG16 blocks above a cached activation: block4_pool -> (5,), block3_pool -> (4, 5)."""
-    block = int(activation.removeprefix("block").removesuffix("_pool"))
-    return tuple(range(block + 1, _TOP_BLOCK + 1))
-
-
-def _block_layers(blocks: Sequence[int]) -> list[str]:
-    return [f"block{b}_conv{k}" for b in blocks for k in range(1, _CONVS_PER_BLOCK + 1)]
-
-
-def backbone_block_weights(cfg: BackboneConfig, activation: str) -> dict[str, list[np.ndarray]]:
-    """The configured backbone's weights of the convolutions above `activation`, by layer."""
-    import keras
-
-    from emotr.extract.backbone import build_extractor
-
-    # float32 build: a bfloat16 policy clone holds the same float32 variables anyway.
-    model = build_extractor(cfg.model_copy(update={"precision": "float32"}))
-    (conv_base,) = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    return {
-        name: conv_base.get_layer(name).get_weights()
-        for name in _block_layers(trained_blocks(activation))
-    }
-
-
-def build_finetune_model(
-    params: HeadParams,
-    activation_shape: Sequence[int],
-    activation: str,
-    x_adapt: np.ndarray | None = None,
-) -> keras.Model:
-    """(B, h, w, c) activation -> the VGG16 blocks above it -> GAP -> the head (a nested model).
-
-    x_adapt: pooled features the head's Normalization adapts to (params.standardize).
-    """
-    import keras
-
-    from emotr.search.head import build_head
-
-    inputs = keras.Input(tuple(activation_shape), name="activation")
-    hidden = inputs
-    for block in trained_blocks(activation):
-        for k in range(1, _CONVS_PER_BLOCK + 1):
-            conv = keras.layers.Conv2D(
-                _FILTERS, 3, padding="same", activation="relu", name=f"block{block}_conv{k}"
-            )
-            hidden = conv(hidden)
-        hidden = keras.layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(hidden)
-    pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(hidden)
-    if params.standardize and x_adapt is None:
-        x_adapt = np.zeros((2, _FILTERS), dtype=np.float32)  # load_weights replaces its stats
-    head = build_head(params, _FILTERS, x_adapt)
-    return keras.Model(inputs, head(pooled), name="finetune")
-
-
 def _pooled_model(data: FineTuneSet) -> keras.Model:
     """activation -> the backbone's blocks above it -> GAP: the features a head starts on."""
-    import keras
-
     model = build_finetune_model(HeadParams(n_layers=0), data.a_train.shape[1:], data.activation)
     for name, weights in data.block_weights.items():
         model.get_layer(name).set_weights(weights)
@@ -150,10 +65,6 @@ def fit_finetune(
     The history holds the head's epochs, then the joint ones (metric finetune_from_epoch says
     where they start); on_epoch_end numbers epochs across both, as pruning sees one curve.
     """
-    import keras
-
-    from emotr.search.head import fit_head, head_result
-
     if not isinstance(data, FineTuneSet):
         raise FeatureError(
             "finetune=true needs the cached activations: set extract.cache_activation "
@@ -195,8 +106,6 @@ def _train_jointly(
     """Up to finetune_epochs joint epochs with early stopping on val AUC counted from start_auc
     (the model's own); leaves the best weights in `model`. Returns the curves and whether
     on_epoch_end stopped it."""
-    from emotr.search.head import score_epoch
-
     step = train_step(model, params)
     best_auc, best_weights, waited, stopped = start_auc, model.get_weights(), 0, False
     rng = np.random.default_rng(seed)
@@ -222,16 +131,11 @@ def _train_jointly(
 
 
 def _sample_weights(params: HeadParams, y_train: np.ndarray) -> np.ndarray:
-    from emotr.search.head import sample_weights
-
     return sample_weights(params, np.asarray(y_train).astype(np.int64))
 
 
 def train_step(model: keras.Model, params: HeadParams) -> Callable:
     """One compiled step: blocks at learning_rate * finetune_lr_scale, head at learning_rate."""
-    import keras
-    import tensorflow as tf
-
     head_vars = model.get_layer("head").trainable_variables
     in_head = {id(variable) for variable in head_vars}
     block_vars = [v for v in model.trainable_variables if id(v) not in in_head]
@@ -276,83 +180,3 @@ def _train_epoch(
         losses.append(float(loss) * len(rows))
         hits += int(np.sum((np.asarray(p) >= 0.5) == (y == 1)))
     return sum(losses) / len(order), hits / len(order)
-
-
-def may_finetune(cfg: Config) -> bool:
-    """Whether a trial of the search may fine-tune (baseline or a search-space choice)."""
-    space = cfg.tune.search_space.get("finetune")
-    choices = getattr(space, "choices", ())
-    return cfg.tune.baseline.finetune or True in choices
-
-
-def load_finetune_set(cfg: Config, listing: Listing, features: FeatureSet) -> FineTuneSet:
-    """features plus the cached activations of the same images, in the same order."""
-    import ml_dtypes
-
-    from emotr.cache.activations import load_activations
-    from emotr.cache.store import FeatureCache
-
-    activation = cfg.extract.cache_activation
-    if activation is None:
-        raise FeatureError(
-            "finetune=true needs extract.cache_activation (e.g. block4_pool); set it and run "
-            "`emotr extract` again: it adds the activations without extracting features again"
-        )
-    # The rows load_feature_set took: listed, cached, by split, in listing order.
-    cached = FeatureCache.open(cfg.cache.root, features.fingerprint).cached_hashes()
-    images = listing.images[listing.images["sha256"].isin(cached)]
-    arrays = {}
-    for split in ("train", "val"):
-        rows = images[images["split"] == split]
-        labels = rows["label"].to_numpy(np.int32)
-        if not np.array_equal(labels, getattr(features, f"y_{split}")):
-            raise FeatureError(f"the {split} rows of the listing and of the features differ")
-        # Kept as cached (bfloat16, exact): half the memory of float32 in Ray's object store.
-        activations = load_activations(cfg, rows["sha256"].tolist())
-        arrays[split] = activations.astype(getattr(ml_dtypes, ACTIVATION_DTYPE))
-    return FineTuneSet(
-        **{name: getattr(features, name) for name in FeatureSet.__dataclass_fields__},
-        a_train=arrays["train"],
-        a_val=arrays["val"],
-        activation=activation,
-        block_weights=backbone_block_weights(cfg.backbone, activation),
-    )
-
-
-class ActivationInput:
-    """Pixels -> the cached activation as the trial saw it: the frozen blocks, rounded to the
-    cache's dtype, as float32. The input side of a deployable fine-tuned model."""
-
-    def __init__(self, cfg: BackboneConfig, activation: str, batch_size: int):
-        from emotr.extract.backbone import FeatureExtractor
-
-        self.activation = activation
-        self.extractor = FeatureExtractor(cfg, batch_size=batch_size, outputs=(activation,))
-
-    @property
-    def batch_size(self) -> int:
-        """Images per forward pass (emotr predict sets it for its extractor actors)."""
-        return self.extractor.batch_size
-
-    @batch_size.setter
-    def batch_size(self, value: int) -> None:
-        self.extractor.batch_size = value
-
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        """(B, H, W, 3) uint8 -> (B, h, w, c) float32 activations."""
-        import ml_dtypes
-
-        maps = self.extractor.extract_outputs(pixels)[self.activation]
-        return maps.astype(getattr(ml_dtypes, ACTIVATION_DTYPE)).astype(np.float32)
-
-
-def serving_parts(
-    head: HeadParams, backbone: BackboneConfig, activation: str, batch_size: int
-) -> tuple[Any, keras.Model]:
-    """(pixels -> activation, activation -> probability) of a deployable fine-tuned model; the
-    caller loads the trained weights into the second."""
-    from emotr.taps import activation_shape
-
-    shape = activation_shape(activation, backbone.input_size)
-    model = build_finetune_model(head, shape, activation)
-    return ActivationInput(backbone, activation, batch_size), model

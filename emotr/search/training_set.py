@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from emotr.cache.store import FeatureCache, open_tap, read_inputs
-from emotr.config import CategoricalSpace, Config, TuneConfig
+from emotr.config import TuneConfig
 from emotr.data.listing import Listing
 from emotr.errors import EmotrError
 from emotr.taps import DEFAULT_FEATURES, DEFAULT_TAP, combine_features, taps_of
@@ -88,21 +88,22 @@ def check_shapes(features: FeatureSet) -> None:
 
 
 def load_feature_set(
-    cfg: Config, listing: Listing, fingerprint: str, failed: Collection[str] = ()
+    root: str, tune: TuneConfig, listing: Listing, fingerprint: str, failed: Collection[str] = ()
 ) -> FeatureSet:
-    """Cached features and labels of the listing's train and val images.
+    """Cached features and labels of the listing's train and val images, from the folder
+    `fingerprint` under the cache `root` (and its taps' folders that `tune` reads).
 
     Args:
         failed: sha256 of images the extraction that just ran could not decode; they are left out
             with a warning. Any other listed image missing from the cache is an error (run
             `emotr extract` first) unless tune.allow_partial_cache is set.
     """
-    caches = tap_caches(cfg, fingerprint, searched_taps(cfg.tune))
+    caches = tap_caches(root, fingerprint, searched_taps(tune))
     # An image counts as cached when every tap the search may read holds it.
     complete = set.intersection(*(cache.cached_hashes() for cache in caches.values()))
     cached = listing.images["sha256"].isin(complete)
     images = listing.images[cached]
-    _check_missing(cfg, listing.images[~cached], set(failed), fingerprint, len(images))
+    _check_missing(tune, listing.images[~cached], set(failed), fingerprint, len(images))
     parts = {}
     for split in ("train", "val"):
         rows = images[images["split"] == split]
@@ -130,24 +131,20 @@ def load_feature_set(
 
 def searched_taps(tune: TuneConfig) -> tuple[str, ...]:
     """The taps the search's `features` choices read (baseline and search space), gap5 first."""
-    choices = [tune.baseline.features]
-    space = tune.search_space.get("features")
-    if isinstance(space, CategoricalSpace):
-        choices += [str(choice) for choice in space.choices]
     taps = dict.fromkeys([DEFAULT_TAP])
-    for choice in choices:
-        taps.update(dict.fromkeys(taps_of(choice)))
+    for choice in tune.searched("features"):
+        taps.update(dict.fromkeys(taps_of(str(choice))))
     return tuple(taps)
 
 
-def tap_caches(cfg: Config, fingerprint: str, taps: Collection[str]) -> dict[str, FeatureCache]:
-    """The caches of `taps` beside gap5's cache `fingerprint` (under cfg.cache.root)."""
-    inputs = read_inputs(cfg.cache.root, fingerprint)
-    return {tap: open_tap(cfg.cache.root, fingerprint, inputs, tap) for tap in taps}
+def tap_caches(root: str, fingerprint: str, taps: Collection[str]) -> dict[str, FeatureCache]:
+    """The caches of `taps` beside gap5's cache `fingerprint` under the cache `root`."""
+    inputs = read_inputs(root, fingerprint)
+    return {tap: open_tap(root, fingerprint, inputs, tap) for tap in taps}
 
 
 def _check_missing(
-    cfg: Config, missing: pd.DataFrame, failed: set[str], fingerprint: str, n_cached: int
+    tune: TuneConfig, missing: pd.DataFrame, failed: set[str], fingerprint: str, n_cached: int
 ) -> None:
     """Refuse listed images without features, but those known to have failed to decode."""
     n_failed = int(missing["sha256"].isin(failed).sum())
@@ -160,10 +157,10 @@ def _check_missing(
         f"{n_absent} images not in the cache for fingerprint {fingerprint}: "
         "run `emotr extract` first"
     )
-    taps = searched_taps(cfg.tune)
+    taps = searched_taps(tune)
     if len(taps) > 1:
         message += f" (the search reads taps {'+'.join(taps)}: keep them in extract.taps)"
-    if n_cached == 0 or not cfg.tune.allow_partial_cache:
+    if n_cached == 0 or not tune.allow_partial_cache:
         raise FeatureError(
             f"{message} (or set tune.allow_partial_cache=true to tune on the cached ones)"
         )

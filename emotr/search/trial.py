@@ -21,9 +21,9 @@ import optuna
 import ray
 
 from emotr.config import HeadParams
-from emotr.deploy.registry import keras_model_bytes
 from emotr.search import plots
 from emotr.search.training_set import FeatureSet
+from emotr.track import keras_model_bytes
 
 # A task that died with its worker or node, as opposed to one whose code raised.
 _LOST_ERRORS = (

@@ -272,8 +272,7 @@ class _Search:
             digest=features.split_digest,
             source=source,
             profile={
-                "split_digest": features.split_digest,
-                "feature_fingerprint": features.fingerprint,
+                **features.identity,
                 "n_train": len(features.y_train),
                 "n_val": len(features.y_val),
             },

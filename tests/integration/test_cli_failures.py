@@ -12,19 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import store_overrides
 from tests.run_cli import emotr
 
 pytestmark = pytest.mark.slow
-
-
-def stores(tmp_path: Path) -> list[str]:
-    """Overrides that keep every store emotr writes under tmp_path."""
-    return [
-        f"cache.root={tmp_path / 'cache'}",
-        f"tune.storage=sqlite:///{tmp_path / 'optuna.db'}",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"mlflow.artifact_location={tmp_path / 'mlartifacts'}",
-    ]
 
 
 def write_photos(root: Path, per_class: int = 3) -> None:
@@ -54,7 +45,7 @@ def test_demo_config_on_a_users_folder_adds_no_file_and_uses_those_images(tmp_pa
         "conf/demo.yaml",
         f"data.root={root}",
         "backbone.input_size=[32,32]",
-        *stores(tmp_path),
+        *store_overrides(tmp_path),
     )
     assert result.returncode == 0, result.stderr
     assert snapshot(root) == before  # not one file added, changed or removed
@@ -70,7 +61,7 @@ def test_an_unwritable_cache_fails_in_one_line_naming_the_key(tmp_path: Path):
         "-c",
         "conf/smoke.yaml",
         f"data.root={tmp_path / 'data'}",
-        *stores(tmp_path),
+        *store_overrides(tmp_path),
         f"cache.root={blocker / 'cache'}",
     ]
     result = emotr(*args)
@@ -96,7 +87,7 @@ def test_a_stray_cluster_file_does_not_capture_an_in_process_run(tmp_path: Path)
             "conf/smoke.yaml",
             f"data.root={tmp_path / 'data'}",
             "tune.n_trials=1",
-            *stores(tmp_path),
+            *store_overrides(tmp_path),
             env={**env, "RAY_TMPDIR": str(ray_tmp)},
         )
     finally:
@@ -116,7 +107,7 @@ def test_a_tracking_store_that_does_not_answer_stops_work_but_not_a_run_with_not
     with socket.socket() as probe:  # a port nobody listens on once this closes
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    args = ["extract", "-c", "conf/smoke.yaml", f"data.root={root}", *stores(tmp_path)]
+    args = ["extract", "-c", "conf/smoke.yaml", f"data.root={root}", *store_overrides(tmp_path)]
     down = [*args, f"mlflow.tracking_uri=http://127.0.0.1:{port}"]
 
     failed = emotr(*down)  # work to do: the check runs while Ray starts, and stops the job

@@ -4,19 +4,14 @@ start and stop (only their own: by pid, by process group, or pg_ctl on their own
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
-import psutil
 import psycopg
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -24,12 +19,12 @@ import pytest
 import requests
 
 from emotr.data.demo import generate_demo_dataset
-from tests.conftest import REPO, _free_port
+from tests.conftest import REPO
 from tests.integration.test_doctor import check_lines
+from tests.services import BIN, RayCluster, answers, free_port, stop_session, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
-BIN = Path(sys.executable).parent  # the venv whose `python`, `ray` and `mlflow` the cluster runs
 CLUSTER = REPO / "conf" / "cluster.yaml"
 N_IMAGES = 24
 
@@ -44,132 +39,6 @@ def test_postgres_server_needs_its_password_and_can_be_stopped(postgres_server):
     with postgres_server.stopped(), pytest.raises(psycopg.OperationalError):
         psycopg.connect(postgres_server.dsn(name))
     psycopg.connect(postgres_server.dsn(name)).close()
-
-
-def wait_for(what: str, ready, timeout_s: float, process: subprocess.Popen | None = None) -> None:
-    """Poll `ready()` until true; fail naming `what` on timeout or when `process` exits."""
-    deadline = time.monotonic() + timeout_s
-    while not ready():
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not ready after {timeout_s} s")
-        time.sleep(0.5)
-
-
-def answers(url: str, headers: dict[str, str] | None = None) -> bool:
-    try:
-        return requests.get(url, headers=headers, timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def stop_processes(roots: list[psutil.Process], marker: str | None = None) -> None:
-    """Terminate these processes and all their descendants (and any naming `marker`), then wait."""
-    found: set[psutil.Process] = set()
-    for root in roots:
-        try:
-            found |= {root, *root.children(recursive=True)}
-        except psutil.NoSuchProcess:
-            continue
-    if marker:  # a Ray process whose parent already exited still names its --temp-dir
-        for process in psutil.process_iter(["cmdline"]):
-            if any(marker in part for part in process.info["cmdline"] or []):
-                found.add(process)
-    for process in found:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.terminate()
-    _, alive = psutil.wait_procs(list(found), timeout=5)
-    for process in alive:
-        process.kill()
-    psutil.wait_procs(alive, timeout=10)
-
-
-class RayCluster:
-    """`ray start --head` and a second `ray start --address` node, each with its own temp dir."""
-
-    def __init__(self, env: dict[str, str]):
-        self.env = env
-        self.token = env["RAY_AUTH_TOKEN"]
-        # Short folders: Ray's socket paths below them must fit in 107 bytes.
-        self.temp = Path(tempfile.mkdtemp(prefix="emotr-ray-", dir="/tmp"))
-        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
-        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        self.processes: list[subprocess.Popen] = []
-
-    def _ray_start(self, name: str, *args: str) -> subprocess.Popen:
-        # Every port of its own: other Ray instances may run on this machine.
-        ports = [
-            "--dashboard-agent-listen-port", str(_free_port()),
-            "--dashboard-agent-grpc-port", str(_free_port()),
-            "--runtime-env-agent-port", str(_free_port()),
-            "--metrics-export-port", str(_free_port()),
-        ]  # fmt: skip
-        log = open(self.temp / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        process = subprocess.Popen(
-            [str(BIN / "ray"), "start", *args, *ports, "--block", "--disable-usage-stats"],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        self.processes.append(process)
-        return process
-
-    def start(self) -> None:
-        head = self._ray_start(
-            "head", "--head", "--port", str(self.gcs_port), "--num-cpus", "2",
-            "--object-store-memory", str(200 * 2**20), "--temp-dir", str(self.temp / "head"),
-            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-            "--ray-client-server-port", str(_free_port()),
-        )  # fmt: skip
-        wait_for("ray head", lambda: answers(f"{self.dashboard}/api/version", self.auth), 90, head)
-        # Its own --temp-dir: sharing the head's lets this node delete the job's working_dir.
-        worker = self._ray_start(
-            "worker", "--address", self.address, "--num-cpus", "1",
-            "--object-store-memory", str(200 * 2**20), "--temp-dir", str(self.temp / "worker"),
-        )  # fmt: skip
-        wait_for("second ray node", lambda: self.n_nodes() == 2, 90, worker)
-
-    def add_node_without_temp_dir(self) -> None:
-        """A third node as users started it: no --temp-dir, so it takes the head's."""
-        node = self._ray_start(
-            "third", "--address", self.address, "--num-cpus", "0",
-            "--object-store-memory", str(100 * 2**20),
-        )  # fmt: skip
-        wait_for("third ray node", lambda: self.n_nodes() == 3, 90, node)
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    @property
-    def address(self) -> str:
-        """The GCS address: it answers on every interface, and Ray 2.60 announces the machine's IP
-        whatever --node-ip-address says; only the dashboard and job API stay on loopback."""
-        return f"127.0.0.1:{self.gcs_port}"
-
-    def n_nodes(self) -> int:
-        try:
-            url = f"{self.dashboard}/nodes?view=summary"
-            response = requests.get(url, headers=self.auth, timeout=5)
-            summary = response.json()["data"]["summary"]
-        except (requests.RequestException, ValueError, KeyError):
-            return 0
-        return sum(node["raylet"]["state"] == "ALIVE" for node in summary)
-
-    def stop(self) -> None:
-        """Stop this cluster's processes only (`ray stop` would stop every Ray on the machine)."""
-        roots = [psutil.Process(p.pid) for p in self.processes if p.poll() is None]
-        stop_processes(roots, marker=str(self.temp))
-        left = [
-            p.pid
-            for p in psutil.process_iter(["cmdline"])
-            if str(self.temp) in " ".join(p.info["cmdline"] or [])
-        ]
-        shutil.rmtree(self.temp, ignore_errors=True)
-        assert left == [], f"Ray processes left behind: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +88,7 @@ def mlflow_pg(cluster_env, postgres_server, bucket, tmp_path_factory):
     Started here and awaited in `services`, so that Ray starts while it migrates its database.
     """
     folder = tmp_path_factory.mktemp("mlflow-pg")
-    port = _free_port()
+    port = free_port()
     backend = postgres_server.url(postgres_server.new_database())  # password: PGPASSWORD
     log = open(folder / "server.log", "wb")  # noqa: SIM115 - closed at teardown
     process = subprocess.Popen(
@@ -236,12 +105,7 @@ def mlflow_pg(cluster_env, postgres_server, bucket, tmp_path_factory):
     try:
         yield f"http://127.0.0.1:{port}", process, folder / "server.log"
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # its own session: the server and its workers
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_session(process, grace_s=5)  # its own session: the server and its workers
         log.close()
 
 
@@ -252,7 +116,7 @@ def services(cluster_env, mlflow_pg):
     cluster = RayCluster(cluster_env)
     try:
         cluster.start()
-        wait_for(f"mlflow server (see {server_log})", lambda: answers(f"{uri}/health"), 180, server)
+        wait_for("mlflow server", lambda: answers(f"{uri}/health"), 180, server, server_log)
         yield cluster, uri
     finally:
         cluster.stop()

@@ -6,11 +6,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +18,16 @@ from mlflow.tracking import MlflowClient
 from PIL import Image, ImageOps
 
 from emotr import pipeline
+from emotr.deploy.package import Candidate, register_model
 from emotr.deploy.predict import load_predictor, open_cached_features
 from emotr.deploy.promote import promote_challenger
-from emotr.deploy.registry import Candidate, keras_model_bytes, load_validation_set, register_model
+from emotr.deploy.registry import load_validation_set
 from emotr.search.head import fit_head
 from emotr.search.training_set import load_feature_set
-from emotr.track import Tracker
+from emotr.track import Tracker, keras_model_bytes
 from tests.conftest import smoke_config
 from tests.run_cli import emotr
+from tests.services import BIN, free_port, serving
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +56,9 @@ def deployed(tmp_path_factory, ray_local, mlflow_server):
 def _worse_candidate(cfg, tracker, listing, first) -> Candidate:
     """A head trained on shuffled labels, logged on a run of its own."""
     version = MlflowClient(tracker.uri).get_model_version(MODEL, first.model_version)
-    features = load_feature_set(cfg, listing, version.tags["feature_fingerprint"])
+    features = load_feature_set(
+        cfg.cache.root, cfg.tune, listing, version.tags["feature_fingerprint"]
+    )
     shuffled = np.random.default_rng(0).permutation(features.y_train)
     params = cfg.tune.baseline
     fitted = fit_head(
@@ -200,54 +200,24 @@ def _wide_console() -> dict[str, str]:
     return {**env, "COLUMNS": "500"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_base64_images(deployed, tmp_path: Path):
     cfg, tracker, _, _, _ = deployed
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
+    port = free_port()
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}@champion"]
     command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
     # MLflow starts `uvicorn` by name: the venv's bin folder first, as in an activated venv.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracker.uri, "PATH": path}
-    # Its own session: the server's workers are stopped with it, and only they.
-    server = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    try:
-        _wait_for(f"http://127.0.0.1:{port}/ping", server, tmp_path / "serve.log")
+    ping = f"http://127.0.0.1:{port}/ping"
+    with serving(command, ping, tmp_path / "serve.log", timeout_s=240, env=env):
         jpegs = sorted(Path(cfg.data.root).rglob("*.jpg"))[:2]
         images = [base64.b64encode(path.read_bytes()).decode() for path in jpegs]
         images.append(base64.b64encode(b"\xff\xd8\xff truncated").decode())
         body = {"dataframe_split": {"columns": ["image"], "data": [[image] for image in images]}}
         response = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=60)
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-        log.close()
 
     assert response.status_code == 200, response.text
     rows = response.json()["predictions"]
     assert len(rows) == 3
     assert all(0.0 <= row["p_positive"] <= 1.0 and not row.get("error") for row in rows[:2])
     assert rows[2]["error"] and rows[2].get("p_positive") is None
-
-
-def _wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        if server.poll() is not None:
-            break
-        time.sleep(0.5)
-    raise AssertionError(f"mlflow models serve did not answer {url}:\n{log.read_text()[-3000:]}")

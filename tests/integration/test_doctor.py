@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SMOKE
+from tests.conftest import SMOKE, store_overrides
+from tests.run_cli import emotr
 
 pytestmark = pytest.mark.slow
 
 
-def emotr(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "emotr.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def test_a_submitted_job_refuses_relative_store_paths_before_any_work(tmp_path: Path):
     # RAY_ADDRESS is how `ray job submit` tells its driver which cluster it belongs to.
-    result = emotr("run", "-c", str(SMOKE), cwd=tmp_path, env={"RAY_ADDRESS": "127.0.0.1:9"})
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    result = emotr("run", "-c", str(SMOKE), cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 1
     message = result.stderr.replace("\n", " ")
     assert "paths" in message and "cache.root=.emotr/cache" in message
@@ -37,13 +26,7 @@ def test_a_submitted_job_refuses_relative_store_paths_before_any_work(tmp_path: 
 
 
 def stores(tmp_path: Path) -> list[str]:
-    return [
-        f"data.root={tmp_path / 'data'}",
-        f"cache.root={tmp_path / 'cache'}",
-        f"tune.storage=sqlite:///{tmp_path / 'optuna.db'}",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"mlflow.artifact_location={tmp_path / 'mlartifacts'}",
-    ]
+    return [f"data.root={tmp_path / 'data'}", *store_overrides(tmp_path)]
 
 
 def check_lines(output: str) -> dict[str, str]:
@@ -52,7 +35,7 @@ def check_lines(output: str) -> dict[str, str]:
 
 
 def test_doctor_is_all_green_on_a_working_local_setup(tmp_path: Path):
-    result = emotr("doctor", "-c", str(SMOKE), *stores(tmp_path), cwd=tmp_path)
+    result = emotr("doctor", "-c", str(SMOKE), *stores(tmp_path), cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = check_lines(result.stdout)
     names = ["paths", "weights", "data", "cache", "tracking", "artifacts", "optuna", "ray"]
@@ -73,7 +56,7 @@ def test_doctor_prints_each_red_line_with_its_fix_and_no_password(tmp_path: Path
         "tune.storage=postgresql://optuna:Sup3r-s3cret@127.0.0.1:9/optuna",
         "ray.address=127.0.0.1:9",
     ]
-    result = emotr("doctor", "-c", str(SMOKE), *args, cwd=tmp_path)
+    result = emotr("doctor", "-c", str(SMOKE), *args, cwd=tmp_path, timeout=300)
     assert result.returncode == 1
     lines = check_lines(result.stdout)
     red = {name for name, line in lines.items() if line.startswith("✗")}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import contextlib
 import hashlib
 import importlib.util
 import io
@@ -35,13 +34,14 @@ from emotr.cache.maintenance import gc_cache, list_caches, verify_cache
 from emotr.cache.store import FeatureCache
 from emotr.config import Config, MlflowConfig, to_yaml
 from emotr.data.demo import generate_demo_dataset
-from emotr.data.imageio import decode_image
 from emotr.data.listing import Listing, list_images
 from emotr.extract.backbone import FeatureExtractor
-from emotr.extract.driver import TooManyFailures, _ProgressLog, extract_features
+from emotr.extract.dataset import _ProgressLog
+from emotr.extract.driver import TooManyFailures, extract_features
 from emotr.track import Tracker
-from tests.conftest import REPO, smoke_config
+from tests.conftest import REPO, decoded, demo_config, smoke_config
 from tests.run_cli import run_python
+from tests.services import stop_processes, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -62,20 +62,13 @@ class SlowModel:
 
 
 def listing_of(paths: list[Path]) -> Listing:
-    """A Listing of files as they are now (what emotr.data.listing.list_images returns for good folders)."""
+    """A Listing of files as they are now (what list_images returns for good folders)."""
     rows = [
         (str(path), 0, "negative", hashlib.sha256(path.read_bytes()).hexdigest(), "train")
         for path in paths
     ]
     images = pd.DataFrame(rows, columns=["path", "label", "class_name", "sha256", "split"])
     return Listing(images=images, conflicts=images.iloc[:0], digest="test")
-
-
-def demo_config(tmp_path: Path, n: int = 24, *overrides: str) -> Config:
-    cfg = smoke_config(tmp_path, f"data.demo_n={n}", *overrides)
-    if not Path(cfg.data.root).exists():
-        generate_demo_dataset(Path(cfg.data.root), n=n, size=tuple(cfg.data.demo_size))
-    return cfg
 
 
 def cached_rows(cfg: Config, fingerprint: str) -> pd.DataFrame:
@@ -87,28 +80,13 @@ def cache_of(cfg: Config, summary) -> FeatureCache:
     return FeatureCache.open(cfg.cache.root, summary.fingerprint)
 
 
-def decoded(cfg: Config, listing: Listing) -> np.ndarray:
-    """The listing's images decoded in this process, as the pipeline decodes them."""
-    return np.stack(
-        [
-            decode_image(
-                Path(path).read_bytes(),
-                cfg.backbone.input_size,
-                max_pixels=cfg.decode.max_pixels,
-                background=cfg.decode.background,
-            )
-            for path in listing.images["path"]
-        ]
-    )
-
-
 def test_pipeline_features_equal_a_single_process_extractor(tmp_path, ray_local):
     cfg = demo_config(tmp_path)
     listing = list_images(cfg.data)
     summary = extract_features(cfg, listing, progress=False)
     assert (summary.n_extracted, summary.n_failed, summary.n_cached) == (24, 0, 0)
 
-    expected = FeatureExtractor(cfg.backbone)(decoded(cfg, listing))
+    expected = FeatureExtractor(cfg.backbone)(decoded(cfg, listing.images["path"]))
     got = cache_of(cfg, summary).load(listing.images["sha256"].tolist())
     assert got.shape == (24, 512)
     assert np.abs(got - expected).max() <= 1e-4
@@ -123,7 +101,7 @@ def test_actors_run_the_configured_keras_backend(tmp_path, ray_local):
         pytest.skip("jax is not installed (pip install -e '.[dev]' installs it)")
     compiled = tmp_path / "jax-cache"
     cfg = demo_config(
-        tmp_path, 8, "extract.keras_backend=jax", f"extract.compilation_cache_dir={compiled}"
+        tmp_path, "extract.keras_backend=jax", f"extract.compilation_cache_dir={compiled}", n=8
     )
     listing = list_images(cfg.data)
     summary = extract_features(cfg, listing, progress=False)
@@ -134,7 +112,7 @@ def test_actors_run_the_configured_keras_backend(tmp_path, ray_local):
     # The compiled model was kept for the next actor start.
     assert compiled.is_dir() and any(compiled.iterdir())
     # Same fingerprint and, within float tolerance, the same features as TensorFlow.
-    expected = FeatureExtractor(cfg.backbone)(decoded(cfg, listing))
+    expected = FeatureExtractor(cfg.backbone)(decoded(cfg, listing.images["path"]))
     got = cache_of(cfg, summary).load(listing.images["sha256"].tolist())
     np.testing.assert_allclose(got, expected, atol=1e-3, rtol=1e-4)
 
@@ -142,7 +120,7 @@ def test_actors_run_the_configured_keras_backend(tmp_path, ray_local):
 def test_a_backend_missing_on_the_workers_fails_with_what_to_do(tmp_path, ray_local):
     if importlib.util.find_spec("torch") is not None:
         pytest.skip("torch is installed here, so the missing-backend error cannot happen")
-    cfg = demo_config(tmp_path, 4, "extract.keras_backend=torch")
+    cfg = demo_config(tmp_path, "extract.keras_backend=torch", n=4)
     with pytest.raises(Exception, match=r"extract.keras_backend=torch, but torch is not installed"):
         extract_features(cfg, list_images(cfg.data), progress=False)
 
@@ -153,7 +131,7 @@ def _unloadable_model():
 
 def test_a_model_that_cannot_load_fails_the_run_with_its_reason(tmp_path, ray_local):
     # The model loads in the background of the actor's start: its error must still end the run.
-    cfg = demo_config(tmp_path, 4)
+    cfg = demo_config(tmp_path, n=4)
     with pytest.raises(Exception, match=re.escape("/nowhere/vgg16.weights.h5 is gone")):
         extract_features(cfg, list_images(cfg.data), progress=False, load_model=_unloadable_model)
     assert not list(Path(cfg.cache.root).rglob("part-*.parquet"))
@@ -218,7 +196,7 @@ TWO_GPU_NODES = """
 def test_two_gpu_nodes_each_run_an_extractor(tmp_path):
     # Fake GPUs: Ray schedules by them, TensorFlow runs on the CPU. A subprocess, because this
     # process already holds the shared local Ray.
-    cfg = demo_config(tmp_path, 48, "extract.batch_size=4")
+    cfg = demo_config(tmp_path, "extract.batch_size=4", n=48)
     process = run_python(TWO_GPU_NODES, str(write_config(cfg, tmp_path / "cfg.yaml")))
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-3000:]
@@ -243,22 +221,12 @@ def extractor_processes(root: psutil.Process) -> list[psutil.Process]:
     return found
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def parts_in(cfg: Config) -> list[Path]:
     return list(Path(cfg.cache.root).glob("*/part-*.parquet"))
 
 
 def test_killed_extractor_actor_still_ends_with_a_complete_cache(tmp_path, ray_local):
-    cfg = demo_config(tmp_path, 40, "extract.batch_size=4")
+    cfg = demo_config(tmp_path, "extract.batch_size=4", n=40)
     listing = list_images(cfg.data)
     outcome: dict = {}
 
@@ -272,8 +240,8 @@ def test_killed_extractor_actor_still_ends_with_a_complete_cache(tmp_path, ray_l
 
     thread = threading.Thread(target=extract)
     thread.start()
-    wait_for(lambda: parts_in(cfg), 120, "the first committed part")
-    [victim] = wait_for(lambda: extractor_processes(psutil.Process()), 30, "the actor process")
+    wait_for("the first committed part", lambda: parts_in(cfg), 120)
+    [victim] = wait_for("the actor process", lambda: extractor_processes(psutil.Process()), 30)
     victim.kill()
     thread.join(timeout=300)
     assert "error" not in outcome, outcome.get("error")
@@ -304,17 +272,17 @@ DRIVER = """
 
 
 def test_killed_driver_is_resumed_by_extracting_only_what_is_missing(tmp_path, ray_local):
-    cfg = demo_config(tmp_path, 40, "extract.batch_size=4")
+    cfg = demo_config(tmp_path, "extract.batch_size=4", n=40)
     driver = run_python(DRIVER, str(write_config(cfg, tmp_path / "cfg.yaml")))
     try:
-        wait_for(lambda: parts_in(cfg) or driver.poll() is not None, 180, "the first part")
+        wait_for("the first part", lambda: parts_in(cfg) or driver.poll() is not None, 180)
         assert driver.poll() is None, driver.communicate()[0][-3000:]
         helpers = psutil.Process(driver.pid).children(recursive=True)
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
-        stop_processes([psutil.Process(driver.pid)] if driver.poll() is None else [])
-    stop_processes(helpers)  # the driver's own Ray cluster, started by this test
+        stop_processes([psutil.Process(driver.pid)] if driver.poll() is None else [], grace_s=0)
+    stop_processes(helpers, grace_s=0)  # the driver's own Ray cluster, started by this test
 
     listing = list_images(cfg.data)
     # A kill during a commit leaves a _tmp file and nothing else: readers never see it.
@@ -328,13 +296,6 @@ def test_killed_driver_is_resumed_by_extracting_only_what_is_missing(tmp_path, r
     assert summary.n_cached == n_before
     assert summary.n_extracted == 40 - n_before
     assert verify_cache(cfg.cache.root) == []
-
-
-def stop_processes(processes: list[psutil.Process]) -> None:
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    psutil.wait_procs(processes, timeout=30)
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -476,7 +437,8 @@ def test_too_many_failures_fails_the_run_after_caching_the_good_images(
 
 def test_extract_module_knows_nothing_of_tracking():
     # Compute modules return what they did; pipeline.py logs it. Type-checking imports count too.
-    tree = ast.parse((REPO / "emotr" / "extract.py").read_text())
+    sources = sorted((REPO / "emotr" / "extract").glob("*.py"))  # the room: one module before
+    tree = ast.Module([node for path in sources for node in ast.parse(path.read_text()).body], [])
     imported = {
         alias.name
         for node in ast.walk(tree)
@@ -496,7 +458,7 @@ PROGRESS = re.compile(r"extract: (\d+)/24 images")
 
 
 def test_progress_lines_come_every_tenth_or_when_the_interval_has_passed(caplog):
-    caplog.set_level(logging.INFO, logger="emotr.extract.driver")
+    caplog.set_level(logging.INFO, logger="emotr.extract")
     by_fraction = _ProgressLog(total=95, every_s=1e9)
     for n_done in range(1, 96):
         by_fraction.update(n_done, n_failed=0)

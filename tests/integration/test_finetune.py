@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from emotr import pipeline
 from emotr.deploy.registry import load_validation_set
-from emotr.search.finetune import load_finetune_set
+from emotr.extract.fingerprint import cache_key
+from emotr.search.finetune_set import load_finetune_set
 from emotr.search.training_set import load_feature_set
 from emotr.track import Tracker
 from tests.conftest import smoke_config
@@ -63,8 +64,14 @@ def test_a_finetuned_trial_registers_a_model_serving_its_probabilities(
     rows = served.predict(pd.DataFrame({"path": validation["path"]}))
     assert rows["error"].isna().all()
     # ... against the trial's own model on the cached activations.
-    features = load_feature_set(cfg, listing, version.tags["activation_fingerprint"])
-    tuning = load_finetune_set(cfg, listing, features)
+    features = load_feature_set(cfg.cache.root, cfg.tune, listing, version.tags["activation_fingerprint"])
+    tuning = load_finetune_set(
+        cache_key(cfg.cache, cfg.backbone, cfg.decode),
+        cfg.backbone,
+        cfg.extract.cache_activation,
+        listing,
+        features,
+    )
     order = listing.val().set_index("sha256").loc[validation["sha256"]]
     assert (order["label"].to_numpy() == tuning.y_val).all()
     trial_model = mlflow.keras.load_model(f"runs:/{version.run_id}/model")

@@ -10,30 +10,24 @@ import pandas as pd
 import pytest
 
 from emotr import pipeline
-from emotr.cache.activations import ActivationsMissing, load_activations, open_activation_cache
+from emotr.cache.activations import ActivationsMissing
+from emotr.pipeline import activation_cache, load_activations
 from emotr.cache.maintenance import compact_cache, list_caches, verify_cache
-from emotr.cache.store import FeatureCache, compute_fingerprint, open_tap
+from emotr.cache.store import FeatureCache, open_tap
 from emotr.config import Config
-from emotr.data.demo import generate_demo_dataset
-from emotr.data.imageio import decode_image
 from emotr.data.listing import list_images
 from emotr.deploy.registry import get_version, load_model, load_validation_set
-from emotr.extract.backbone import FeatureExtractor, _set_seeded_weights
+from emotr.extract.backbone import FeatureExtractor
 from emotr.extract.driver import extract_features
+from emotr.extract.fingerprint import compute_fingerprint
+from emotr.extract.weights import _set_seeded_weights
 from emotr.search.training_set import load_feature_set
 from emotr.track import Tracker
-from tests.conftest import smoke_config
+from tests.conftest import decoded, demo_config
 
 pytestmark = pytest.mark.slow
 
 TAPS = "extract.taps=[gap5,gap4,gmp5,gap5_flip]"
-
-
-def demo_config(tmp_path: Path, *overrides: str) -> Config:
-    cfg = smoke_config(tmp_path, *overrides)
-    if not Path(cfg.data.root).exists():
-        generate_demo_dataset(Path(cfg.data.root), n=24, size=tuple(cfg.data.demo_size))
-    return cfg
 
 
 def tap_cache(cfg: Config, tap: str) -> FeatureCache:
@@ -43,20 +37,6 @@ def tap_cache(cfg: Config, tap: str) -> FeatureCache:
 
 def part_files(cache: FeatureCache) -> dict[str, int]:
     return {path: Path(path).stat().st_mtime_ns for path in cache.part_paths()}
-
-
-def decoded(cfg: Config, paths) -> np.ndarray:
-    return np.stack(
-        [
-            decode_image(
-                Path(path).read_bytes(),
-                cfg.backbone.input_size,
-                max_pixels=cfg.decode.max_pixels,
-                background=cfg.decode.background,
-            )
-            for path in paths
-        ]
-    )
 
 
 def keras_block_output(cfg: Config, pixels: np.ndarray, layer: str) -> np.ndarray:
@@ -126,7 +106,7 @@ def test_cached_activations_round_trip_and_missing_ones_say_how_to_cache_them(tm
     assert np.all(np.abs(got[::-1] - expected) <= np.abs(expected) * 2**-8 + 1e-6)
     assert np.abs(got).max() > 0
 
-    cache = open_activation_cache(cfg)
+    cache = activation_cache(cfg)
     assert cache.inputs["activation_shape"] == "2x2x512"
     assert verify_cache(cfg.cache.root) == []
     # A second driver's copy of some rows (as one that listed before the first committed):
@@ -170,7 +150,9 @@ def test_a_search_on_combined_taps_registers_a_model_that_computes_them(tmp_path
         pd.DataFrame({"path": validation["path"]})
     )
     assert served["error"].isna().all()
-    features = load_feature_set(cfg, listing, result_fingerprint(cfg)).select(choice)
+    features = load_feature_set(cfg.cache.root, cfg.tune, listing, result_fingerprint(cfg)).select(
+        choice
+    )
     assert features.x_val.shape[1] == 1024
     assert list(features.sha256_val) == validation["sha256"].tolist()
     previous = mlflow.get_tracking_uri()

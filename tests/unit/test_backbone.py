@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 
 from emotr.config import BackboneConfig
-from emotr.extract.backbone import (
+from emotr.extract.backbone import FeatureExtractor, build_extractor
+from emotr.extract.weights import (
     FEATURE_FORMAT_VERSION,
-    FeatureExtractor,
     WeightsUnavailable,
-    build_extractor,
     extractor_inputs,
     feature_dim,
     weights_identity,
@@ -59,7 +58,7 @@ def test_random_weights_give_float32_features_that_repeat(none_small, caplog):
     assert features.shape == (3, 512)
     assert features.dtype == np.float32
     assert np.abs(features).sum() > 0
-    with caplog.at_level(logging.WARNING, logger="emotr.extract.backbone"):
+    with caplog.at_level(logging.WARNING, logger="emotr.extract.weights"):
         again = FeatureExtractor(backbone("none"))(pixels)
     np.testing.assert_array_equal(features, again)
     assert "MEANINGLESS" in caplog.text

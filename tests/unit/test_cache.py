@@ -14,14 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from emotr.cache.maintenance import compact_cache, gc_cache, list_caches, verify_cache
-from emotr.cache.store import (
-    CacheMiss,
-    FeatureCache,
-    compute_fingerprint,
-    export_npy,
-    fingerprint_of,
-    part_name,
-)
+from emotr.cache.fingerprint import fingerprint_of
+from emotr.cache.maintenance import export_npy
+from emotr.cache.store import CacheMiss, FeatureCache, part_name
+from emotr.extract.fingerprint import compute_fingerprint
 from emotr.config import BackboneConfig, DecodeConfig
 from tests.counting_fs import LocalPassThrough
 

@@ -6,13 +6,8 @@ import pandas as pd
 import pytest
 
 from emotr.config import ExtractConfig
-from emotr.extract.driver import (
-    _MAX_DECODE_BLOCKS,
-    _rows_per_block,
-    _split_rows,
-    _use_environment,
-    initialise_devices,
-)
+from emotr.extract.dataset import _MAX_DECODE_BLOCKS, _rows_per_block, _split_rows
+from emotr.extract.runtime import initialise_devices, use_environment
 
 
 def rows(n: int) -> pd.DataFrame:
@@ -45,9 +40,9 @@ def test_an_actor_process_already_running_another_keras_backend_is_refused(monke
     monkeypatch.setenv("EMOTR_TEST_MARK", "0")
     monkeypatch.setenv("KERAS_BACKEND", keras.backend.backend())
     with pytest.raises(RuntimeError, match=f"not extract.keras_backend={other}"):
-        _use_environment({"KERAS_BACKEND": other, "EMOTR_TEST_MARK": "1"}, "node")
+        use_environment({"KERAS_BACKEND": other, "EMOTR_TEST_MARK": "1"}, "node")
     assert os.environ["EMOTR_TEST_MARK"] == "0"  # nothing set when refused
-    _use_environment({"KERAS_BACKEND": keras.backend.backend(), "EMOTR_TEST_MARK": "1"}, "node")
+    use_environment({"KERAS_BACKEND": keras.backend.backend(), "EMOTR_TEST_MARK": "1"}, "node")
     assert os.environ["EMOTR_TEST_MARK"] == "1"
 
 

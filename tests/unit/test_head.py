@@ -176,7 +176,7 @@ def test_a_trial_head_fits_and_packs_quietly_into_a_loadable_mlflow_model(tmp_pa
 
     import mlflow.pyfunc
 
-    from emotr.deploy.registry import keras_model_bytes
+    from emotr.track import keras_model_bytes
 
     x_train, y_train, x_val, y_val = separable(n=200, d=16)
     capfd.readouterr()

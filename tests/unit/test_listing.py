@@ -1,238 +1,346 @@
-"""The listing index (emotr.data.index): unchanged files are not read, changed ones are, atomically."""
+"""Data discovery, manifests, content hashes and the deterministic split (emotr.data.listing)."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from emotr.config import DataConfig
-from emotr.data.index import (
-    index_location,
-    list_images_indexed,
-    read_index,
-    scan_images,
-    write_index,
-)
-from emotr.data.listing import DataError, list_images
-from tests import counting_fs
-from tests.unit.test_data import write_folders, write_image
+from emotr.data.listing import IMAGE_EXTENSIONS, DataError, assign_split, list_images
+
+_FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".bmp": "BMP",
+    ".webp": "WEBP",
+    ".gif": "GIF",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
 
 
 @pytest.fixture
-def ids():
+def ids() -> Iterator[int]:
+    """Distinct image ids, so that every written image has its own bytes."""
     return itertools.count(1)
 
 
-@pytest.fixture
-def counted(tmp_path, monkeypatch) -> Path:
-    """Every local open for reading by emotr in this test goes through a counting filesystem."""
-
-    for module in counting_fs.modules_resolving():
-        monkeypatch.setattr(module, "resolve", module.resolve)  # restored after the test
-    log = tmp_path / "opens.log"
-    counting_fs.install(str(log))
-    return log
-
-
-def test_warm_listing_reads_no_image_and_equals_a_full_listing(tmp_path, ids, counted):
-    root, cache = tmp_path / "data", str(tmp_path / "cache")
-    paths = write_folders(root, ids, n_per_class=4)
-    cfg = DataConfig(root=str(root))
-
-    cold = list_images_indexed(cfg, cache)
-    assert sorted(counting_fs.opened(counted, root)) == sorted(map(str, paths))
-    counted.unlink()
-    warm = list_images_indexed(cfg, cache)
-
-    assert counting_fs.opened(counted, root) == []
-    pd.testing.assert_frame_equal(warm.images, cold.images)
-    assert warm.digest == cold.digest == list_images(cfg).digest
+def write_image(path: Path, image_id: int) -> Path:
+    """An 8x8 image in the format its extension names, its pixels spelling `image_id` in binary."""
+    # Bits as black/white pixels: lossy JPEG maps close flat ids to identical bytes.
+    pixels = [(255, 255, 255) if image_id >> bit & 1 else (0, 0, 40) for bit in range(64)]
+    image = Image.new("RGB", (8, 8))
+    image.putdata(pixels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=_FORMATS[path.suffix.lower()])
+    return path
 
 
-def test_a_touched_file_is_hashed_again_and_nothing_else(tmp_path, ids, counted):
-    root, cache = tmp_path / "data", str(tmp_path / "cache")
-    paths = write_folders(root, ids, n_per_class=4)
-    cfg = DataConfig(root=str(root))
-    list_images_indexed(cfg, cache)
-    counted.unlink()
-
-    write_image(paths[2], next(ids))  # new bytes, new size or mtime
-    scan = scan_images(cfg, cache)
-    assert scan.unknown()["path"].tolist() == [str(paths[2])]
-    listing = scan.complete_here()
-
-    assert counting_fs.opened(counted, root) == [str(paths[2])]
-    new_hash = hashlib.sha256(paths[2].read_bytes()).hexdigest()
-    assert new_hash in set(listing.images["sha256"])
-    assert scan_images(cfg, cache).unknown().empty  # the index learned it
+def write_folders(root: Path, ids, n_per_class: int = 3) -> list[Path]:
+    """root/negative and root/positive with n_per_class PNGs each."""
+    return [
+        write_image(root / name / f"{name}_{i:03d}.png", next(ids))
+        for name in ("negative", "positive")
+        for i in range(n_per_class)
+    ]
 
 
-def test_a_renamed_file_keeps_its_hash_and_split(tmp_path, ids):
-    root, cache = tmp_path / "data", str(tmp_path / "cache")
-    paths = write_folders(root, ids, n_per_class=5)
-    cfg = DataConfig(root=str(root))
-    before = list_images_indexed(cfg, cache).images.set_index("path")
-
-    renamed = paths[1].with_name("renamed.png")
-    paths[1].rename(renamed)
-    after = list_images_indexed(cfg, cache).images.set_index("path")
-
-    old = before.loc[str(paths[1])]
-    assert str(paths[1]) not in after.index
-    assert after.loc[str(renamed), "sha256"] == old["sha256"]
-    assert after.loc[str(renamed), "split"] == old["split"]
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_a_class_with_one_file_fails_before_any_image_is_read(tmp_path, ids, counted):
+def random_hashes(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [rng.bytes(32).hex() for _ in range(n)]
+
+
+def split_by_path(cfg: DataConfig) -> dict[str, str]:
+    images = list_images(cfg).images
+    return dict(zip(images["path"], images["split"], strict=True))
+
+
+def test_walks_nested_folders_with_any_extension_case_and_skips_hidden_and_other_files(
+    tmp_path, ids
+):
     root = tmp_path / "data"
-    for name in ("negative/a.png", "negative/b.png", "positive/c.png"):
-        write_image(root / name, next(ids))
+    wanted = {
+        write_image(root / "negative" / "a.png", next(ids)): 0,
+        write_image(root / "negative" / "sub" / "deeper" / "b.JPG", next(ids)): 0,
+        write_image(root / "positive" / "c.Png", next(ids)): 1,
+        write_image(root / "positive" / "x" / "d.jpeg", next(ids)): 1,
+    }
+    write_image(root / "negative" / ".hidden.png", next(ids))
+    write_image(root / "negative" / ".cache" / "e.png", next(ids))
+    (root / "positive" / "notes.txt").write_text("not an image")
+    write_image(root / "other" / "f.png", next(ids))
+
+    images = list_images(DataConfig(root=str(root))).images
+
+    assert list(images.columns) == ["path", "label", "class_name", "sha256", "split"]
+    assert images["path"].tolist() == sorted(str(path) for path in wanted)
+    assert all(Path(path).is_absolute() for path in images["path"])
+    for row in images.itertuples():
+        assert row.label == wanted[Path(row.path)]
+        assert row.class_name == ("negative", "positive")[row.label]
+        assert row.sha256 == sha256_of(Path(row.path))
+    assert set(images["split"]) <= {"train", "val"}
+
+
+def test_finds_every_listed_extension(tmp_path, ids):
+    root = tmp_path / "data"
+    for ext in sorted(IMAGE_EXTENSIONS):
+        write_image(root / "negative" / f"img{ext}", next(ids))
+        write_image(root / "positive" / f"IMG{ext.upper()}", next(ids))
+
+    images = list_images(DataConfig(root=str(root))).images
+
+    assert sorted(Path(path).suffix.lower() for path in images["path"]) == sorted(
+        [*IMAGE_EXTENSIONS, *IMAGE_EXTENSIONS]
+    )
+
+
+def test_relative_root_gives_absolute_paths(tmp_path, ids, monkeypatch):
+    write_folders(tmp_path / "data", ids, n_per_class=2)
+    monkeypatch.chdir(tmp_path)
+
+    images = list_images(DataConfig(root="data")).images
+
+    assert all(path.startswith(str(tmp_path / "data")) for path in images["path"])
+
+
+def test_file_uri_root_lists_the_same_local_files(tmp_path, ids):
+    write_folders(tmp_path, ids, n_per_class=2)
+
+    by_uri = list_images(DataConfig(root=f"file://{tmp_path}"))
+    by_path = list_images(DataConfig(root=str(tmp_path)))
+
+    pd.testing.assert_frame_equal(by_uri.images, by_path.images)
+
+
+def test_csv_manifest_with_names_indices_relative_paths_and_extra_columns(tmp_path, ids):
+    images_dir = tmp_path / "images"
+    a, b, c, d = (write_image(images_dir / f"{n}.png", next(ids)) for n in "abcd")
+    manifest = tmp_path / "lists" / "train.csv"
+    manifest.parent.mkdir()
+    manifest.write_text(
+        "path,label,source\n"
+        "../images/a.png,negative,web\n"
+        f"{b},0,web\n"
+        "../images/c.png,positive,camera\n"
+        "../images/d.png,1,camera\n"
+    )
+
+    images = list_images(DataConfig(root="/nowhere", manifest=str(manifest))).images
+
+    assert dict(zip(images["path"], images["label"], strict=True)) == {
+        str(a): 0,
+        str(b): 0,
+        str(c): 1,
+        str(d): 1,
+    }
+    assert images["class_name"].tolist() == ["negative", "negative", "positive", "positive"]
+
+
+@pytest.mark.parametrize("labels", [[0, 0, 1, 1], ["negative", "negative", "positive", "positive"]])
+def test_parquet_manifest(tmp_path, ids, labels):
+    paths = [write_image(tmp_path / "img" / f"{n}.jpg", next(ids)) for n in "abcd"]
+    manifest = tmp_path / "manifest.parquet"
+    pd.DataFrame(
+        {"path": [f"img/{path.name}" for path in paths], "label": labels, "weight": 1.0}
+    ).to_parquet(manifest)
+
+    images = list_images(DataConfig(manifest=str(manifest))).images
+
+    assert images["path"].tolist() == [str(path) for path in paths]
+    assert images["label"].tolist() == [0, 0, 1, 1]
+    assert images["sha256"].tolist() == [sha256_of(path) for path in paths]
+
+
+def test_manifest_unknown_label_names_row_value_and_classes(tmp_path, ids):
+    write_image(tmp_path / "a.png", next(ids))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\na.png,negative\na.png,happy\n")
+
+    with pytest.raises(DataError, match=r"row 2.*'happy'.*\['negative', 'positive'\]"):
+        list_images(DataConfig(manifest=str(manifest)))
+
+
+def test_manifest_out_of_range_index_is_an_unknown_label(tmp_path, ids):
+    write_image(tmp_path / "a.png", next(ids))
+    manifest = tmp_path / "m.parquet"
+    pd.DataFrame({"path": ["a.png"], "label": [2]}).to_parquet(manifest)
+
+    with pytest.raises(DataError, match=r"unknown label 2.*index 0\.\.1"):
+        list_images(DataConfig(manifest=str(manifest)))
+
+
+def test_manifest_missing_column(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("file,label\na.png,0\n")
+
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['path'\]"):
+        list_images(DataConfig(manifest=str(manifest)))
+
+
+def test_manifest_missing_file_is_named(tmp_path, ids):
+    for name in ("a", "b", "c"):
+        write_image(tmp_path / f"{name}.png", next(ids))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\na.png,0\nb.png,0\nc.png,1\ngone.png,1\n")
+
+    with pytest.raises(DataError, match=f"not found.*{tmp_path / 'gone.png'}"):
+        list_images(DataConfig(manifest=str(manifest)))
+
+
+def test_missing_root(tmp_path):
+    with pytest.raises(DataError, match=f"data root {tmp_path / 'nope'} does not exist"):
+        list_images(DataConfig(root=str(tmp_path / "nope")))
+
+
+def test_missing_class_folder_is_named(tmp_path, ids):
+    write_image(tmp_path / "negative" / "a.png", next(ids))
+
+    with pytest.raises(DataError, match=f"class folder {tmp_path / 'positive'} does not exist"):
+        list_images(DataConfig(root=str(tmp_path)))
+
+
+def test_class_folder_without_images_is_named(tmp_path, ids):
+    write_image(tmp_path / "negative" / "a.png", next(ids))
+    (tmp_path / "positive").mkdir()
+    (tmp_path / "positive" / "notes.txt").write_text("todo")
+
+    with pytest.raises(DataError, match=f"no images in {tmp_path / 'positive'}: expected .*\\.jpg"):
+        list_images(DataConfig(root=str(tmp_path)))
+
+
+def test_class_with_one_image_cannot_be_split(tmp_path, ids):
+    write_image(tmp_path / "negative" / "a.png", next(ids))
+    write_image(tmp_path / "negative" / "b.png", next(ids))
+    write_image(tmp_path / "positive" / "c.png", next(ids))
 
     with pytest.raises(DataError, match=r"class 'positive' has 1 distinct image"):
-        scan_images(DataConfig(root=str(root)), str(tmp_path / "cache"))
-
-    assert counting_fs.opened(counted, root) == []
+        list_images(DataConfig(root=str(tmp_path)))
 
 
-def test_the_index_lives_under_the_cache_and_nothing_is_written_to_the_data_root(tmp_path, ids):
-    root, cache = tmp_path / "data", tmp_path / "cache"
-    write_folders(root, ids)
-    before = sorted(p for p in root.rglob("*"))
+def test_same_bytes_under_two_labels_are_reported_and_dropped(tmp_path, ids):
+    write_folders(tmp_path, ids, n_per_class=3)
+    shared = next(ids)
+    left = write_image(tmp_path / "negative" / "shared.png", shared)
+    right = write_image(tmp_path / "positive" / "copy" / "shared.png", shared)
 
-    list_images_indexed(DataConfig(root=str(root)), str(cache))
+    with pytest.warns(UserWarning, match="identical bytes") as caught:
+        listing = list_images(DataConfig(root=str(tmp_path)))
 
-    assert sorted(p for p in root.rglob("*")) == before
-    [index] = (cache / "_listings").glob("*.parquet")
-    assert str(index) == index_location(str(cache), DataConfig(root=str(root)))
-    assert read_index(str(index))["location"].str.startswith(str(root)).all()
-
-
-def test_one_folder_named_three_ways_has_one_index(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "data").mkdir()
-    cache = str(tmp_path / "cache")
-    names = ["data", f"{tmp_path}/data/", f"file://{tmp_path}/data"]
-    assert len({index_location(cache, DataConfig(root=name)) for name in names}) == 1
-    assert index_location(cache, DataConfig(root="s3://b/x/")) == index_location(
-        cache, DataConfig(root="s3://b/x")
-    )
+    message = str(caught[0].message)
+    assert str(left) in message and str(right) in message
+    assert sorted(listing.conflicts["path"]) == sorted([str(left), str(right)])
+    assert list(listing.conflicts.columns) == ["path", "label", "class_name", "sha256"]
+    assert sha256_of(left) not in set(listing.images["sha256"])
+    assert len(listing.images) == 6
 
 
-def test_manifest_listings_use_the_index_too(tmp_path, ids):
-    paths = write_folders(tmp_path / "images", ids, n_per_class=3)
-    manifest = tmp_path / "labels.csv"
-    rows = [f"{path.relative_to(tmp_path)},{path.parent.name}" for path in paths]
-    manifest.write_text("path,label\n" + "\n".join(rows) + "\n")
-    cfg, cache = DataConfig(manifest=str(manifest)), str(tmp_path / "cache")
+def test_duplicates_under_one_label_stay_together(tmp_path, ids):
+    write_folders(tmp_path, ids, n_per_class=4)
+    duplicate = next(ids)
+    for name in ("dup1.png", "dup2.png", "sub/dup3.png"):
+        write_image(tmp_path / "positive" / name, duplicate)
 
-    cold = list_images_indexed(cfg, cache)
-    write_image(paths[0], next(ids))
-    scan = scan_images(cfg, cache)
+    listing = list_images(DataConfig(root=str(tmp_path)))
 
-    assert scan.unknown()["path"].tolist() == [str(paths[0])]
-    assert len(scan.complete_here().images) == len(cold.images) == 6
+    rows = listing.images[listing.images["path"].str.contains("/dup")]
+    assert len(rows) == 3 and rows["split"].nunique() == 1
+    assert listing.conflicts.empty
 
 
-def test_a_temporary_index_left_by_a_killed_writer_is_ignored(tmp_path, ids):
-    root, cache = tmp_path / "data", str(tmp_path / "cache")
-    write_folders(root, ids)
-    cfg = DataConfig(root=str(root))
-    list_images_indexed(cfg, cache)
-    location = Path(index_location(cache, cfg))
-    good = location.read_bytes()
-    # What a writer killed mid-write leaves: a _tmp- file holding the first half of an index.
-    (location.parent / f"_tmp-0123-{location.name}").write_bytes(good[: len(good) // 2])
+def test_same_folder_twice_gives_the_same_listing(tmp_path, ids):
+    write_folders(tmp_path, ids, n_per_class=4)
+    cfg = DataConfig(root=str(tmp_path))
 
-    assert scan_images(cfg, cache).unknown().empty
-    assert location.read_bytes() == good
+    first, second = list_images(cfg), list_images(cfg)
+
+    pd.testing.assert_frame_equal(first.images, second.images)
+    assert first.digest == second.digest
+    assert len(first.train()) + len(first.val()) == len(first.images) == 8
+    assert (first.val()["split"] == "val").all() and (first.train()["split"] == "train").all()
 
 
-def test_cache_gc_deletes_what_a_killed_index_writer_left(tmp_path, ids):
-    from emotr.cache.maintenance import gc_cache
+def test_digest_changes_when_an_image_is_added(tmp_path, ids):
+    write_folders(tmp_path, ids, n_per_class=3)
+    cfg = DataConfig(root=str(tmp_path))
+    before = list_images(cfg).digest
 
-    root, cache = tmp_path / "data", str(tmp_path / "cache")
-    write_folders(root, ids)
-    list_images_indexed(DataConfig(root=str(root)), cache)
-    leftover = tmp_path / "cache" / "_listings" / "_tmp-0123-x.parquet"
-    leftover.write_bytes(b"half")
+    write_image(tmp_path / "positive" / "new.png", next(ids))
 
-    assert gc_cache(cache, min_age_s=0).removed == [str(leftover)]
-    assert len(list((tmp_path / "cache" / "_listings").glob("*.parquet"))) == 1
+    assert list_images(cfg).digest != before
 
 
-def test_an_unreadable_index_is_ignored_with_a_warning(tmp_path, ids, caplog):
-    root, cache = tmp_path / "data", str(tmp_path / "cache")
-    write_folders(root, ids)
-    cfg = DataConfig(root=str(root))
-    location = Path(index_location(cache, cfg))
-    location.parent.mkdir(parents=True)
-    location.write_bytes(b"PAR1 not really")
+def test_split_is_deterministic_per_seed():
+    hashes = random_hashes(200, seed=1)
+    labels = [i % 2 for i in range(200)]
 
-    scan = scan_images(cfg, cache)
+    first = assign_split(hashes, labels, 0.2, seed=0)
 
-    assert len(scan.unknown()) == 6
-    assert "hashing the files again" in caplog.text
-    scan.complete_here()
-    assert len(read_index(str(location))) == 6  # replaced by a good one
+    assert (first == assign_split(hashes, labels, 0.2, seed=0)).all()
+    assert (first != assign_split(hashes, labels, 0.2, seed=1)).any()
+    assert set(first) == {"train", "val"}
 
 
-def test_write_index_replaces_the_old_one_whole(tmp_path):
-    location = str(tmp_path / "cache" / "_listings" / "x.parquet")
-    frame = pd.DataFrame(
-        {"location": ["/a", "/b"], "size": [1, 2], "mtime_ns": [3, 4], "sha256": ["s", "t"]}
-    )
-    write_index(location, frame)
-    write_index(location, frame.iloc[:1])
+def test_split_of_existing_images_is_stable_when_images_are_added(tmp_path, ids):
+    write_folders(tmp_path, ids, n_per_class=10)
+    cfg = DataConfig(root=str(tmp_path), val_fraction=0.3)
+    before = split_by_path(cfg)
 
-    pd.testing.assert_frame_equal(read_index(location), frame.iloc[:1])
-    assert os.listdir(tmp_path / "cache" / "_listings") == ["x.parquet"]
+    for i in range(10):
+        write_image(tmp_path / ("negative", "positive")[i % 2] / f"new_{i}.png", next(ids))
+    after = split_by_path(cfg)
 
-
-def test_a_warm_listing_takes_the_stored_splits_only_under_the_same_rule(tmp_path, ids):
-    root, cache = tmp_path / "data", str(tmp_path / "cache")
-    paths = write_folders(root, ids, n_per_class=6)
-    (root / "positive" / "copy.jpg").write_bytes(paths[0].read_bytes())  # a label conflict
-    cfg = DataConfig(root=str(root))
-    with pytest.warns(UserWarning, match="identical bytes"):
-        cold = list_images_indexed(cfg, cache)
-
-    warm_scan = scan_images(cfg, cache)
-    assert warm_scan.stored is not None  # the split rule and the files are unchanged
-    with pytest.warns(UserWarning, match="identical bytes"):  # still said on every run
-        warm = warm_scan.complete_here()
-    pd.testing.assert_frame_equal(warm.images, cold.images)
-    pd.testing.assert_frame_equal(warm.conflicts, cold.conflicts)
-    assert warm.digest == cold.digest
-
-    reseeded = DataConfig(root=str(root), seed=cfg.seed + 1)
-    scan = scan_images(reseeded, cache)
-    assert scan.stored is None  # another seed splits anew
-    with pytest.warns(UserWarning, match="identical bytes"):
-        listing = scan.complete_here()
-    with pytest.warns(UserWarning, match="identical bytes"):
-        assert listing.digest == list_images(reseeded).digest
-    assert scan_images(reseeded, cache).stored is not None  # the index now keeps that rule
+    assert len(after) == len(before) + 10
+    assert {path: after[path] for path in before} == before
 
 
-def test_a_manifest_relabelling_unchanged_files_is_split_again(tmp_path, ids):
-    root, cache = tmp_path / "data", str(tmp_path / "cache")
-    paths = write_folders(root, ids, n_per_class=5)
-    manifest = tmp_path / "manifest.csv"
-    rows = [(str(path), path.parent.name) for path in paths]
-    pd.DataFrame(rows, columns=["path", "label"]).to_csv(manifest, index=False)
-    cfg = DataConfig(manifest=str(manifest))
-    list_images_indexed(cfg, cache)
-    assert scan_images(cfg, cache).stored is not None
+def test_split_stability_on_many_hashes():
+    hashes, labels = random_hashes(500, seed=2), [i % 2 for i in range(500)]
+    more, more_labels = random_hashes(10, seed=3), [0] * 5 + [1] * 5
 
-    rows[0] = (rows[0][0], "positive" if rows[0][1] == "negative" else "negative")
-    pd.DataFrame(rows, columns=["path", "label"]).to_csv(manifest, index=False)
-    scan = scan_images(cfg, cache)
-    assert scan.stored is None and scan.unknown().empty  # hashes still known, labels changed
-    relabelled = scan.complete_here().images.set_index("path")
-    assert relabelled.loc[rows[0][0], "class_name"] == rows[0][1]
-    assert relabelled.loc[rows[0][0], "label"] == list(cfg.classes).index(rows[0][1])
+    before = assign_split(hashes, labels, 0.2, seed=0)
+    after = assign_split(hashes + more, labels + more_labels, 0.2, seed=0)
+
+    assert (after[:500] == before).all()
+
+
+def test_val_share_per_class_is_close_to_val_fraction():
+    rng = np.random.default_rng(4)
+    hashes = random_hashes(500, seed=5)
+    labels = rng.integers(0, 2, size=500)
+
+    split = assign_split(hashes, labels.tolist(), 0.2, seed=0)
+
+    for label in (0, 1):
+        share = (split[labels == label] == "val").mean()
+        assert abs(share - 0.2) < 0.07, (label, share)
+
+
+@pytest.mark.parametrize("val_fraction", [0.01, 0.5, 0.99])
+def test_tiny_classes_get_a_val_and_a_train_image(val_fraction):
+    for seed in range(30):
+        hashes = random_hashes(5, seed=seed)
+        labels = [0, 0, 1, 1, 1]
+
+        split = assign_split(hashes, labels, val_fraction, seed)
+
+        for members in (split[:2], split[2:]):
+            assert set(members) == {"train", "val"}, (seed, val_fraction, split)
+
+
+def test_assign_split_rejects_a_class_of_identical_images():
+    same = random_hashes(1, seed=6) * 3
+    with pytest.raises(DataError, match="fewer than 2 distinct images"):
+        assign_split([*same, *random_hashes(2, seed=7)], [0, 0, 0, 1, 1], 0.2, seed=0)

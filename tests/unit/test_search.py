@@ -49,7 +49,7 @@ def test_tune_before_extract_says_to_run_extract(tmp_path: Path):
     cfg = load_config([], [f"cache.root={tmp_path}"])
 
     with pytest.raises(EmotrError) as error:
-        load_feature_set(cfg, listing_of(8), FINGERPRINT)
+        load_feature_set(cfg.cache.root, cfg.tune, listing_of(8), FINGERPRINT)
 
     assert str(error.value).startswith(
         f"8 images not in the cache for fingerprint {FINGERPRINT}: run `emotr extract` first"
@@ -63,15 +63,15 @@ def test_a_partial_cache_is_an_error_unless_allowed(tmp_path: Path, caplog):
     cfg = load_config([], [f"cache.root={tmp_path}"])
 
     with pytest.raises(EmotrError, match=r"2 images not in the cache.*allow_partial_cache"):
-        load_feature_set(cfg, listing, FINGERPRINT)
+        load_feature_set(cfg.cache.root, cfg.tune, listing, FINGERPRINT)
     partial = load_config([], [f"cache.root={tmp_path}", "tune.allow_partial_cache=true"])
-    features = load_feature_set(partial, listing, FINGERPRINT)
+    features = load_feature_set(partial.cache.root, partial.tune, listing, FINGERPRINT)
 
     assert (len(features.y_train), len(features.y_val)) == (6, 4)
     assert "2 images not in the cache" in caplog.text
     # Images the extraction just failed to decode are left out without the flag.
     failed = listing.images["sha256"].tolist()[-2:]
-    assert len(load_feature_set(cfg, listing, FINGERPRINT, failed=failed).y_val) == 4
+    assert len(load_feature_set(cfg.cache.root, cfg.tune, listing, FINGERPRINT, failed=failed).y_val) == 4
 
 
 def test_feature_sets_check_their_shapes():

@@ -6,15 +6,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from emotr.cache.activations import ActivationCache, ActivationsMissing, load_activations
+from emotr.cache.activations import ActivationCache, ActivationsMissing
+from emotr.pipeline import load_activations
 from emotr.cache.maintenance import gc_cache, list_caches, verify_cache
-from emotr.cache.store import (
-    compute_fingerprint,
-    export_npy,
-    features_fingerprint,
-    open_tap,
-    tap_inputs,
-)
+from emotr.cache.fingerprint import tap_inputs
+from emotr.cache.maintenance import export_npy
+from emotr.cache.store import open_tap
+from emotr.extract.fingerprint import compute_fingerprint, features_fingerprint
 from emotr.config import ConfigError, load_config
 from emotr.extract.backbone import FeatureExtractor, features_extractor
 from emotr.search.training_set import FeatureError, FeatureSet

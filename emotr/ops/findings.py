@@ -1,7 +1,9 @@
-"""What each `emotr doctor` check looks at: a probe returns what it found or raises why not.
+"""What each `emotr doctor` check looks at: a function returns what it found or raises why not.
 
-Probes touch the stores (a probe object written and deleted, a database connection, a listing);
-emotr.ops.doctor turns their outcome into green and red lines.
+They touch the stores (a probe object written and deleted, a database connection, a listing);
+emotr.ops.doctor turns their outcome into green and red lines. MLflow (through emotr.track) and
+SQLAlchemy are imported inside the functions that need them: `emotr --help` and every job's
+first checks load this module, and only the tracking and database checks need those libraries.
 """
 
 from __future__ import annotations
@@ -9,9 +11,15 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from emotr.config import BackboneConfig, DataConfig, MlflowConfig, TuneConfig
+from emotr.data.listing import list_files
+from emotr.extract.weights import weights_identity
 from emotr.storage import check_writable, is_uri
+
+if TYPE_CHECKING:
+    import sqlalchemy
 
 # Seconds a database server may take to accept a connection before its check turns red.
 CONNECT_TIMEOUT_S = 5
@@ -19,8 +27,6 @@ CONNECT_TIMEOUT_S = 5
 
 def describe_weights(backbone: BackboneConfig) -> str:
     """The weights' identity: a file's sha256, Keras' cache, or random weights."""
-    from emotr.extract.backbone import weights_identity
-
     kind, _, value = weights_identity(backbone).partition(":")
     if kind == "none":
         return "random weights (features are meaningless: plumbing tests only)"
@@ -35,8 +41,6 @@ def describe_weights(backbone: BackboneConfig) -> str:
 
 def count_images(data: DataConfig) -> str:
     """Images per class, from file metadata alone (no byte read)."""
-    from emotr.data.listing import list_files
-
     if _demo_pending(data):
         return f"the demo data set ({data.demo_n} images) is generated there first"
     counts = list_files(data).files["class_name"].value_counts()
@@ -103,7 +107,7 @@ def describe_study_storage(tune: TuneConfig) -> str:
     return f"Optuna schema {version}; study {tune.study_name!r}: {n_trials} trials"
 
 
-def _engine(url: str):
+def _engine(url: str) -> sqlalchemy.Engine:
     import sqlalchemy
 
     # Without a timeout a firewalled database host hangs for the OS's TCP timeout (minutes).

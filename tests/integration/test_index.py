@@ -19,11 +19,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from emotr import pipeline
-from emotr.config import Config, DataConfig, to_yaml
-from emotr.data.demo import generate_demo_dataset
+from emotr.config import DataConfig, to_yaml
 from emotr.data.index import index_location, read_index, scan_images, write_index
 from emotr.track import Tracker
-from tests.conftest import smoke_config
+from tests.conftest import demo_config
 from tests.run_cli import run_python
 
 pytestmark = pytest.mark.slow
@@ -76,17 +75,11 @@ RUNS = """
 """
 
 
-def demo_config(tmp_path: Path, *overrides: str) -> Config:
-    cfg = smoke_config(tmp_path, f"data.demo_n={N_IMAGES}", *overrides)
-    generate_demo_dataset(Path(cfg.data.root), n=N_IMAGES, size=tuple(cfg.data.demo_size))
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """What the four runs of RUNS did: hashes unknown, files opened, counts, the listing."""
     tmp_path = tmp_path_factory.mktemp("index-runs")
-    cfg = demo_config(tmp_path)
+    cfg = demo_config(tmp_path, n=N_IMAGES)
     config = tmp_path / "cfg.yaml"
     config.write_text(to_yaml(cfg))
     out = tmp_path / "runs.json"
@@ -245,6 +238,7 @@ def test_conflicts_and_bad_files_hashed_on_workers_are_artifacts_of_the_run(
         "extract.max_failure_fraction=1.0",
         f"mlflow.tracking_uri={mlflow_server}",
         "mlflow.experiment=index-conflicts",
+        n=N_IMAGES,
     )
     root = Path(cfg.data.root)
     original = sorted((root / "negative").glob("*.jpg"))[0]

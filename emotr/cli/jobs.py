@@ -1,0 +1,249 @@
+"""The job commands: demo-data, extract, tune, run, promote, predict; each prints its outcome.
+
+Each loads the config, runs the doctor's checks before its work, then calls the lifecycle verbs
+under one `guard`. MLflow (emotr.track, emotr.deploy) is imported inside the commands that
+record or load models, so that a job with nothing to do never loads it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import pandas as pd
+import typer
+from rich.table import Table
+
+from emotr import pipeline
+from emotr.cli.doctor import check_before_work, connect_ray, connect_ray_checking_tracking
+from emotr.cli.options import ConfigOption, Overrides, load_command_config
+from emotr.cli.output import console, fail, guard, load_keras_quietly, native_stderr_held
+from emotr.config import DEFAULT_CONFIG, Config
+from emotr.data.demo import generate_demo_dataset
+from emotr.data.index import Scan
+from emotr.data.listing import Listing
+
+if TYPE_CHECKING:
+    from emotr.track import Tracker
+
+
+def demo_data(
+    out: Annotated[Path, typer.Argument(help="Folder to write OUT/negative, OUT/positive into.")],
+    n: Annotated[int, typer.Option(help="Number of images.")] = 400,
+    size: Annotated[str, typer.Option(help="HEIGHTxWIDTH in pixels.")] = "400x500",
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same files.")] = 0,
+) -> None:
+    """Write the synthetic smile/frown face data set and print its Bayes ceiling."""
+    try:
+        height, width = (int(part) for part in size.lower().split("x"))
+    except ValueError:
+        raise fail(f"--size must look like 400x500 (height x width), got {size!r}", 2) from None
+    start = time.perf_counter()
+    try:
+        summary = generate_demo_dataset(out, n=n, size=(height, width), seed=seed)
+    except (ValueError, FileExistsError) as error:
+        raise fail(str(error), 2) from None
+    console.print(
+        f"wrote {summary.n_images} images ({summary.n_negative} negative, {summary.n_positive} "
+        f"positive) to {out} in {time.perf_counter() - start:.1f} s; manifest {summary.manifest}"
+    )
+    console.print(
+        f"Bayes ceiling of its ambiguity model: accuracy {summary.bayes_accuracy:.3f}, "
+        f"AUC {summary.bayes_auc:.3f}"
+    )
+
+
+def extract(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
+    """Extract VGG16 features of every image not yet in the cache (Ray job)."""
+    cfg = load_command_config(config, overrides)
+    with guard(cfg):
+        check_before_work(cfg)
+        scan = pipeline.prepare_scan(cfg)
+        summary = pipeline.idle_extraction(cfg, scan)
+        idle = summary is not None
+        if summary is None:  # work: only now Ray starts, and MLflow is imported to record it
+            connect_ray_checking_tracking(cfg)
+            summary = pipeline.extract(cfg, _tracker(cfg), scan)
+    console.print(
+        f"cache {cfg.cache.root}/{summary.fingerprint}: {summary.n_extracted} extracted, "
+        f"{summary.n_cached} already cached, {summary.n_failed} failed "
+        f"({summary.images_per_second:.1f} images/s, {summary.wall_seconds:.1f} s)"
+    )
+    if idle:
+        console.print("nothing new to extract: no MLflow run recorded", style="dim")
+
+
+def tune(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
+    """Run the Optuna search of heads on the cached features (trials as Ray tasks)."""
+    cfg = load_command_config(config, overrides)
+    with guard(cfg):
+        listing = _start_job(cfg)
+        result = pipeline.tune(cfg, _tracker(cfg), listing)
+    console.print(
+        f"best val AUC {result.best_value:.4f} (trial {result.best_trial_number}); "
+        f"tutorial recipe {result.baseline_text()}"
+    )
+
+
+def run(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
+    """Extract, tune and register the best model: the whole job."""
+    from emotr.track import ui_command
+
+    cfg = load_command_config(config, overrides)
+    with guard(cfg):
+        scan = _start_job(cfg, scan=True)
+        load_keras_quietly()  # registration and the gate build Keras models on the driver
+        result = pipeline.run(cfg, _tracker(cfg), scan)
+    console.print(
+        f"\n[bold]best validation AUC {result.best_val_auc:.4f}[/] (trial "
+        f"{result.best_trial_number}; the tutorial's recipe: {result.baseline})"
+    )
+    console.print(
+        f"registered model [bold]{result.model_name}[/] version {result.model_version} "
+        f"(alias {cfg.registry.challenger_alias})"
+    )
+    if result.promotion is None:
+        console.print(f"run the promotion gate with: emotr promote -c {config}")
+    else:
+        console.print(f"promotion gate: {result.promotion}", highlight=False, soft_wrap=True)
+    console.print(f"open the MLflow UI: make ui   (or: {ui_command(cfg.mlflow)})")
+
+
+def _start_job(cfg: Config, *, scan: bool = False) -> Listing | Scan:
+    """Check the config and data before Ray starts, so bad input fails in a second; start Ray.
+
+    scan: leave hashes the listing index lacks for the extraction's workers (a Scan).
+    """
+    check_before_work(cfg)
+    listing = pipeline.prepare_scan(cfg) if scan else pipeline.prepare_listing(cfg)
+    connect_ray_checking_tracking(cfg)
+    return listing
+
+
+def _tracker(cfg: Config) -> Tracker:
+    from emotr.track import Tracker
+
+    return Tracker(cfg.mlflow)
+
+
+def promote(
+    config: ConfigOption = DEFAULT_CONFIG,
+    overrides: Overrides = None,
+    min_delta: Annotated[
+        float | None,
+        typer.Option(help="Promote when the 95 % interval of the AUC gain lies above this."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Promote the challenger whatever the gate says.")
+    ] = False,
+    version: Annotated[
+        str | None,
+        typer.Option(help="Point the champion at this version, without the gate (rollback)."),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Compare on this ROOT folder or MANIFEST instead of the validation split."
+        ),
+    ] = None,
+) -> None:
+    """Gate: score challenger and champion on the same images; move the champion if better."""
+    cfg = load_command_config(config, overrides)  # first: it quiets what the import loads
+    from emotr.deploy.promote import point_champion, promote_challenger
+
+    name, champion = cfg.registry.model_name, cfg.registry.champion_alias
+    with guard(cfg):
+        if version is not None:
+            target = point_champion(cfg, _tracker(cfg), version)
+            console.print(f"{name}@{champion} -> version {target.version}")
+            return
+        load_keras_quietly()  # the gate scores both versions' Keras heads
+        images = _comparison_images(cfg, data) if data is not None else None
+        tracker = _tracker(cfg)
+        result = promote_challenger(cfg, tracker, min_delta=min_delta, force=force, images=images)
+    verb = "promoted" if result.decision.promote else "not promoted"
+    console.print(
+        f"challenger version {result.challenger.version} {verb}: {result.decision.reason}",
+        highlight=False,
+        soft_wrap=True,  # one line per decision, whatever the terminal's width
+    )
+    console.print(f"{name}@{champion} -> version {result.champion_version}")
+
+
+def _comparison_images(cfg: Config, data: Path) -> pd.DataFrame:
+    """path, sha256, label of every image under a folder or in a manifest (for --data)."""
+    section = {"manifest": str(data)} if data.is_file() else {"root": str(data), "manifest": None}
+    other = cfg.model_copy(
+        update={"data": cfg.data.model_copy(update={**section, "generate_demo": False})}
+    )
+    with guard(other):  # an error names the key of --data's config, not the file's
+        listing = pipeline.prepare_listing(other)
+    return listing.images[["path", "sha256", "label"]].reset_index(drop=True)
+
+
+def predict(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Image files, folders (every image below) or manifests.")
+    ],
+    config: ConfigOption = DEFAULT_CONFIG,
+    model: Annotated[
+        str | None,
+        typer.Option(help="models:/NAME@ALIAS, models:/NAME/N, or a version or alias."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Write every row to this .parquet or .csv file.")
+    ] = None,
+    batch: Annotated[
+        int | None,
+        typer.Option(min=1, help="Images per VGG16 forward pass (default: extract.batch_size)."),
+    ] = None,
+) -> None:
+    """Classify images with a registered model (Ray Data job); a bad file is a row with its reason.
+
+    Runs extraction's pipeline (decode tasks, extractor actors) with the model's own decode
+    rules and backbone; images whose features are cached skip VGG16.
+    """
+    from emotr.deploy.predict import (
+        check_output,
+        list_inputs,
+        model_uri,
+        open_predictor,
+        predict_paths,
+        write_predictions,
+    )
+
+    cfg = load_command_config(config, [f"extract.batch_size={batch}"] if batch else [])
+    with guard(cfg):
+        uri = model_uri(cfg, model)
+        if output is not None:
+            check_output(output)
+        paths = list_inputs(inputs)
+        with native_stderr_held():  # the driver's TensorFlow start-up lines (the head runs here)
+            predictor = open_predictor(cfg, _tracker(cfg), uri)
+        rows = predict_paths(cfg, predictor, paths, connect=lambda: connect_ray(cfg))
+        if output is not None:
+            summary = write_predictions(rows, output)
+            n_images, n_failed = summary.n_images, summary.n_failed
+            shown = f"{n_images} images, {n_failed} could not be read; wrote {output}"
+        else:
+            shown, n_images, n_failed = _prediction_table(rows)
+    console.print(shown)
+    if n_images and n_failed == n_images:
+        raise fail(f"none of the {n_images} images could be read")
+
+
+def _prediction_table(chunks: Iterable[pd.DataFrame]) -> tuple[Table, int, int]:
+    """Rows of whole file names (two files must be told apart), label, P(positive), error."""
+    table = Table("image", "label", "P(positive)", "error")
+    for column in table.columns:
+        column.overflow = "fold"
+    n_images = n_failed = 0
+    for frame in chunks:
+        for row in frame.itertuples(index=False):
+            bad = isinstance(row.error, str)
+            probability = "-" if bad else f"{row.p_positive:.3f}"
+            table.add_row(row.path, row.label or "-", probability, row.error or "")
+            n_images, n_failed = n_images + 1, n_failed + bad
+    return table, n_images, n_failed

@@ -1,0 +1,239 @@
+"""The listing index (emotr.data.index): unchanged files are not read, changed ones are, and the
+index is written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from emotr.config import DataConfig
+from emotr.data.index import (
+    index_location,
+    list_images_indexed,
+    read_index,
+    scan_images,
+    write_index,
+)
+from emotr.data.listing import DataError, list_images
+from tests import counting_fs
+from tests.unit.test_listing import write_folders, write_image
+
+
+@pytest.fixture
+def ids():
+    return itertools.count(1)
+
+
+@pytest.fixture
+def counted(tmp_path, monkeypatch) -> Path:
+    """Every local open for reading by emotr in this test goes through a counting filesystem."""
+
+    for module in counting_fs.modules_resolving():
+        monkeypatch.setattr(module, "resolve", module.resolve)  # restored after the test
+    log = tmp_path / "opens.log"
+    counting_fs.install(str(log))
+    return log
+
+
+def test_warm_listing_reads_no_image_and_equals_a_full_listing(tmp_path, ids, counted):
+    root, cache = tmp_path / "data", str(tmp_path / "cache")
+    paths = write_folders(root, ids, n_per_class=4)
+    cfg = DataConfig(root=str(root))
+
+    cold = list_images_indexed(cfg, cache)
+    assert sorted(counting_fs.opened(counted, root)) == sorted(map(str, paths))
+    counted.unlink()
+    warm = list_images_indexed(cfg, cache)
+
+    assert counting_fs.opened(counted, root) == []
+    pd.testing.assert_frame_equal(warm.images, cold.images)
+    assert warm.digest == cold.digest == list_images(cfg).digest
+
+
+def test_a_touched_file_is_hashed_again_and_nothing_else(tmp_path, ids, counted):
+    root, cache = tmp_path / "data", str(tmp_path / "cache")
+    paths = write_folders(root, ids, n_per_class=4)
+    cfg = DataConfig(root=str(root))
+    list_images_indexed(cfg, cache)
+    counted.unlink()
+
+    write_image(paths[2], next(ids))  # new bytes, new size or mtime
+    scan = scan_images(cfg, cache)
+    assert scan.unknown()["path"].tolist() == [str(paths[2])]
+    listing = scan.complete_here()
+
+    assert counting_fs.opened(counted, root) == [str(paths[2])]
+    new_hash = hashlib.sha256(paths[2].read_bytes()).hexdigest()
+    assert new_hash in set(listing.images["sha256"])
+    assert scan_images(cfg, cache).unknown().empty  # the index learned it
+
+
+def test_a_renamed_file_keeps_its_hash_and_split(tmp_path, ids):
+    root, cache = tmp_path / "data", str(tmp_path / "cache")
+    paths = write_folders(root, ids, n_per_class=5)
+    cfg = DataConfig(root=str(root))
+    before = list_images_indexed(cfg, cache).images.set_index("path")
+
+    renamed = paths[1].with_name("renamed.png")
+    paths[1].rename(renamed)
+    after = list_images_indexed(cfg, cache).images.set_index("path")
+
+    old = before.loc[str(paths[1])]
+    assert str(paths[1]) not in after.index
+    assert after.loc[str(renamed), "sha256"] == old["sha256"]
+    assert after.loc[str(renamed), "split"] == old["split"]
+
+
+def test_a_class_with_one_file_fails_before_any_image_is_read(tmp_path, ids, counted):
+    root = tmp_path / "data"
+    for name in ("negative/a.png", "negative/b.png", "positive/c.png"):
+        write_image(root / name, next(ids))
+
+    with pytest.raises(DataError, match=r"class 'positive' has 1 distinct image"):
+        scan_images(DataConfig(root=str(root)), str(tmp_path / "cache"))
+
+    assert counting_fs.opened(counted, root) == []
+
+
+def test_the_index_lives_under_the_cache_and_nothing_is_written_to_the_data_root(tmp_path, ids):
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    write_folders(root, ids)
+    before = sorted(p for p in root.rglob("*"))
+
+    list_images_indexed(DataConfig(root=str(root)), str(cache))
+
+    assert sorted(p for p in root.rglob("*")) == before
+    [index] = (cache / "_listings").glob("*.parquet")
+    assert str(index) == index_location(str(cache), DataConfig(root=str(root)))
+    assert read_index(str(index))["location"].str.startswith(str(root)).all()
+
+
+def test_one_folder_named_three_ways_has_one_index(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    cache = str(tmp_path / "cache")
+    names = ["data", f"{tmp_path}/data/", f"file://{tmp_path}/data"]
+    assert len({index_location(cache, DataConfig(root=name)) for name in names}) == 1
+    assert index_location(cache, DataConfig(root="s3://b/x/")) == index_location(
+        cache, DataConfig(root="s3://b/x")
+    )
+
+
+def test_manifest_listings_use_the_index_too(tmp_path, ids):
+    paths = write_folders(tmp_path / "images", ids, n_per_class=3)
+    manifest = tmp_path / "labels.csv"
+    rows = [f"{path.relative_to(tmp_path)},{path.parent.name}" for path in paths]
+    manifest.write_text("path,label\n" + "\n".join(rows) + "\n")
+    cfg, cache = DataConfig(manifest=str(manifest)), str(tmp_path / "cache")
+
+    cold = list_images_indexed(cfg, cache)
+    write_image(paths[0], next(ids))
+    scan = scan_images(cfg, cache)
+
+    assert scan.unknown()["path"].tolist() == [str(paths[0])]
+    assert len(scan.complete_here().images) == len(cold.images) == 6
+
+
+def test_a_temporary_index_left_by_a_killed_writer_is_ignored(tmp_path, ids):
+    root, cache = tmp_path / "data", str(tmp_path / "cache")
+    write_folders(root, ids)
+    cfg = DataConfig(root=str(root))
+    list_images_indexed(cfg, cache)
+    location = Path(index_location(cache, cfg))
+    good = location.read_bytes()
+    # What a writer killed mid-write leaves: a _tmp- file holding the first half of an index.
+    (location.parent / f"_tmp-0123-{location.name}").write_bytes(good[: len(good) // 2])
+
+    assert scan_images(cfg, cache).unknown().empty
+    assert location.read_bytes() == good
+
+
+def test_cache_gc_deletes_what_a_killed_index_writer_left(tmp_path, ids):
+    from emotr.cache.maintenance import gc_cache
+
+    root, cache = tmp_path / "data", str(tmp_path / "cache")
+    write_folders(root, ids)
+    list_images_indexed(DataConfig(root=str(root)), cache)
+    leftover = tmp_path / "cache" / "_listings" / "_tmp-0123-x.parquet"
+    leftover.write_bytes(b"half")
+
+    assert gc_cache(cache, min_age_s=0).removed == [str(leftover)]
+    assert len(list((tmp_path / "cache" / "_listings").glob("*.parquet"))) == 1
+
+
+def test_an_unreadable_index_is_ignored_with_a_warning(tmp_path, ids, caplog):
+    root, cache = tmp_path / "data", str(tmp_path / "cache")
+    write_folders(root, ids)
+    cfg = DataConfig(root=str(root))
+    location = Path(index_location(cache, cfg))
+    location.parent.mkdir(parents=True)
+    location.write_bytes(b"PAR1 not really")
+
+    scan = scan_images(cfg, cache)
+
+    assert len(scan.unknown()) == 6
+    assert "hashing the files again" in caplog.text
+    scan.complete_here()
+    assert len(read_index(str(location))) == 6  # replaced by a good one
+
+
+def test_write_index_replaces_the_old_one_whole(tmp_path):
+    location = str(tmp_path / "cache" / "_listings" / "x.parquet")
+    frame = pd.DataFrame(
+        {"location": ["/a", "/b"], "size": [1, 2], "mtime_ns": [3, 4], "sha256": ["s", "t"]}
+    )
+    write_index(location, frame)
+    write_index(location, frame.iloc[:1])
+
+    pd.testing.assert_frame_equal(read_index(location), frame.iloc[:1])
+    assert os.listdir(tmp_path / "cache" / "_listings") == ["x.parquet"]
+
+
+def test_a_warm_listing_takes_the_stored_splits_only_under_the_same_rule(tmp_path, ids):
+    root, cache = tmp_path / "data", str(tmp_path / "cache")
+    paths = write_folders(root, ids, n_per_class=6)
+    (root / "positive" / "copy.jpg").write_bytes(paths[0].read_bytes())  # a label conflict
+    cfg = DataConfig(root=str(root))
+    with pytest.warns(UserWarning, match="identical bytes"):
+        cold = list_images_indexed(cfg, cache)
+
+    warm_scan = scan_images(cfg, cache)
+    assert warm_scan.stored is not None  # the split rule and the files are unchanged
+    with pytest.warns(UserWarning, match="identical bytes"):  # still said on every run
+        warm = warm_scan.complete_here()
+    pd.testing.assert_frame_equal(warm.images, cold.images)
+    pd.testing.assert_frame_equal(warm.conflicts, cold.conflicts)
+    assert warm.digest == cold.digest
+
+    reseeded = DataConfig(root=str(root), seed=cfg.seed + 1)
+    scan = scan_images(reseeded, cache)
+    assert scan.stored is None  # another seed splits anew
+    with pytest.warns(UserWarning, match="identical bytes"):
+        listing = scan.complete_here()
+    with pytest.warns(UserWarning, match="identical bytes"):
+        assert listing.digest == list_images(reseeded).digest
+    assert scan_images(reseeded, cache).stored is not None  # the index now keeps that rule
+
+
+def test_a_manifest_relabelling_unchanged_files_is_split_again(tmp_path, ids):
+    root, cache = tmp_path / "data", str(tmp_path / "cache")
+    paths = write_folders(root, ids, n_per_class=5)
+    manifest = tmp_path / "manifest.csv"
+    rows = [(str(path), path.parent.name) for path in paths]
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(manifest, index=False)
+    cfg = DataConfig(manifest=str(manifest))
+    list_images_indexed(cfg, cache)
+    assert scan_images(cfg, cache).stored is not None
+
+    rows[0] = (rows[0][0], "positive" if rows[0][1] == "negative" else "negative")
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(manifest, index=False)
+    scan = scan_images(cfg, cache)
+    assert scan.stored is None and scan.unknown().empty  # hashes still known, labels changed
+    relabelled = scan.complete_here().images.set_index("path")
+    assert relabelled.loc[rows[0][0], "class_name"] == rows[0][1]
+    assert relabelled.loc[rows[0][0], "label"] == list(cfg.classes).index(rows[0][1])
