@@ -1,15 +1,14 @@
-"""Typed configuration: the one place where defaults live.
+"""Typed configuration: the one place where defaults live (the schema, each section a model).
 
-Merge order: schema defaults <- YAML file(s) <- ``a.b=value`` overrides. Everything is validated
-once, at start-up, so that a typo fails in a second instead of after an hour of extraction.
+emotr.config_io builds it: schema defaults <- YAML file(s) <- ``a.b=value`` overrides. Everything
+is validated once, at start-up, so that a typo fails in a second instead of after an hour of
+extraction. Modules below emotr.pipeline take the section they need, not the whole Config.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -22,8 +21,6 @@ from pydantic import (
 
 from emotr.errors import EmotrError
 from emotr.taps import DEFAULT_FEATURES, DEFAULT_TAP, parse_features, parse_tap, taps_of
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "default.yaml"
 
 
 class ConfigError(EmotrError, ValueError):
@@ -133,8 +130,8 @@ MAX_HEAD_LAYERS = 3
 class HeadParams(_Section):
     """Hyperparameters of a head; the defaults are the tutorial's recipe (tune.baseline).
 
-    Adding a hyperparameter: a field here (default and allowed range) and its use in emotr.search.head;
-    tune.search_space may then name it.
+    Adding a hyperparameter: a field here (default and allowed range) and its use in
+    emotr.search.head; tune.search_space may then name it.
     """
 
     n_layers: int = Field(1, ge=0, le=MAX_HEAD_LAYERS)
@@ -148,9 +145,10 @@ class HeadParams(_Section):
     class_weight: bool = False
     # The cached taps the head reads: e.g. gap5, gap4+gap5, gap5_flipavg (emotr.taps).
     features: str = DEFAULT_FEATURES
-    # Deep fine-tuning (emotr.search.finetune): train the VGG16 blocks above extract.cache_activation
-    # with the head, at learning_rate * finetune_lr_scale, for up to finetune_epochs epochs after
-    # the head's own fit (early stopping after finetune_patience epochs without a better val AUC).
+    # Deep fine-tuning (emotr.search.finetune): train the VGG16 blocks above
+    # extract.cache_activation with the head, at learning_rate * finetune_lr_scale, for up to
+    # finetune_epochs epochs after the head's own fit (early stopping after finetune_patience epochs
+    # without a better val AUC).
     finetune: bool = False
     finetune_lr_scale: float = Field(0.1, gt=0.0, le=1.0)
     finetune_epochs: int = Field(10, ge=1)
@@ -358,104 +356,6 @@ class Config(_Section):
         return self
 
 
-def load_config(
-    files: list[str | Path] | None = None, overrides: list[str] | None = None
-) -> Config:
-    """Build the validated Config: defaults <- YAML files (in order) <- ``a.b=value`` overrides."""
-    merged: dict[str, Any] = {}
-    for path in files or []:
-        _deep_merge(merged, _read_yaml(Path(path)))
-    for item in overrides or []:
-        key, value = _parse_override(item)
-        _set_dotted(merged, key, value)
-    try:
-        return Config.model_validate(merged)
-    except ValidationError as error:
-        raise ConfigError(_describe(error, merged)) from None
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass an existing file with -c")
-    try:
-        content = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
-    if not isinstance(content, dict):
-        raise ConfigError(
-            f"config file {path} must hold a mapping of sections, got {type(content).__name__}"
-        )
-    return content
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(
-            f"override {item!r} must look like section.key=value, e.g. tune.n_trials=10"
-        )
-    # YAML parsing gives 10 -> int, 1e-4 -> float, [a, b] -> list, null -> None, like the files do.
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = target
-    for part in parents:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {part} is a value, not a section")
-        node = child
-    node[leaf] = value
-
-
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> None:
-    for key, value in update.items():
-        # search_space entries replace each other whole: merging bounds of two specs would mislead.
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "search_space":
-            _deep_merge(base[key], value)
-        else:
-            base[key] = value
-
-
-def _describe(error: ValidationError, merged: dict[str, Any]) -> str:
-    lines = []
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "config"
-        if item["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key; check its spelling against conf/default.yaml")
-            continue
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] != "value_error":  # our own validators already say what they got
-            message += f", got {item.get('input')!r}"
-        lines.append(f"{key}: {message}")
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def to_flat_dict(config: Config) -> dict[str, Any]:
-    """The config as ``{"section.key": value}``, e.g. for logging as MLflow params."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict) and prefix.split(".")[-1] not in {"search_space", "baseline"}:
-            for key, child in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, child)
-        else:
-            flat[prefix] = value
-
-    walk("", config.model_dump(mode="json"))
-    return flat
-
-
-def to_yaml(config: Config) -> str:
-    """The resolved config as YAML, logged with every run."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
 # Config keys whose value names a file, folder or store, most specific first (the first whose
 # value holds a failing path names it): the CLI's error messages and the doctor's path check.
 PATH_KEYS = (
@@ -468,3 +368,16 @@ PATH_KEYS = (
     "backbone.weights",
     "extract.compilation_cache_dir",
 )
+# backbone.weights values that name a source, not a file.
+NAMED_WEIGHTS = frozenset({"imagenet", "hed-bsds500", "none"})
+
+
+def configured_paths(cfg: Config) -> dict[str, str]:
+    """The set values of PATH_KEYS that name a location (not a named weights source), by key."""
+    values = {}
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = str(getattr(getattr(cfg, section), name) or "")
+        if value and not (key == "backbone.weights" and value in NAMED_WEIGHTS):
+            values[key] = value
+    return values

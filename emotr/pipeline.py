@@ -18,7 +18,8 @@ import numpy as np
 
 from emotr.cache.activations import ActivationCache, open_activation_cache
 from emotr.cache.fingerprint import CacheKey
-from emotr.config import Config, HeadParams, to_yaml
+from emotr.config import Config, HeadParams
+from emotr.config_io import to_yaml
 from emotr.data.demo import generate_demo_dataset, is_complete_demo_root, is_demo_root
 from emotr.data.index import Scan, scan_images
 from emotr.data.listing import Listing

@@ -1,4 +1,4 @@
-"""Where versions registered before the subpackages (emotr < 0.2) find the serving code.
+"""Where versions registered by the flat layout (before the subpackages) find the serving code.
 
 Their logged code file (serving_model.py) runs `from emotr.serving import ImageScorer,
 ServingSpec`; this re-export keeps those versions loading. New code imports emotr.deploy.serving.

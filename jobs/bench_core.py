@@ -3,7 +3,8 @@
     KERAS_BACKEND=jax python jobs/bench_core.py --size 400x500 --precisions float32,bfloat16
 
 Images/s of
-  decode: emotr.data.imageio.decode_image (Pillow) in one process per CPU, JPEG bytes -> uint8 pixels
+  decode: emotr.data.imageio.decode_image (Pillow) in one process per CPU, JPEG bytes -> uint8
+  pixels
           (what the decode tasks of the Ray pipeline do; the pixels stay in the worker, since
           piping them back would measure the pipe: Ray hands them over in shared memory);
   keras:  a plain Keras loop, model.predict_on_batch on host uint8 batches;

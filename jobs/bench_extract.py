@@ -28,7 +28,7 @@ import ray
 from benchlib import add_output_arguments, publish
 
 from emotr.cache.store import FeatureCache
-from emotr.config import load_config
+from emotr.config_io import load_config
 from emotr.data.demo import generate_demo_dataset
 from emotr.data.imageio import decode_image
 from emotr.data.index import scan_images

@@ -40,7 +40,7 @@ import yaml
 from benchlib import REPO, add_output_arguments, publish
 
 from emotr.cache.store import FeatureCache
-from emotr.config import load_config
+from emotr.config_io import load_config
 from emotr.data.index import list_images_indexed
 from emotr.data.listing import list_images
 from emotr.extract.fingerprint import compute_fingerprint

@@ -25,7 +25,7 @@ from bench_core import make_jpegs
 from bench_extract import bench_bare, bench_pipeline
 from benchlib import add_output_arguments, publish
 
-from emotr.config import load_config
+from emotr.config_io import load_config
 from emotr.data.listing import list_images
 
 

@@ -36,14 +36,14 @@ import requests
 import yaml
 from benchlib import REPO, add_output_arguments, publish
 
-from emotr.config import HeadParams, load_config
+from emotr.config import HeadParams
+from emotr.config_io import load_config
 from emotr.data.demo import generate_demo_dataset
 from emotr.data.imageio import decode_image
-from emotr.deploy.predict import open_predictor, predict_paths
 from emotr.deploy.package import Candidate, register_model
-from emotr.track import keras_model_bytes
+from emotr.deploy.predict import open_predictor, predict_paths
 from emotr.search.head import fit_head
-from emotr.track import Tracker
+from emotr.track import Tracker, keras_model_bytes
 
 
 def rss_mib(process: psutil.Process) -> float:

@@ -36,7 +36,8 @@ from benchlib import REPO, add_output_arguments, publish
 from sklearn.metrics import roc_auc_score
 
 from emotr import pipeline
-from emotr.config import Config, load_config
+from emotr.config import Config
+from emotr.config_io import load_config
 from emotr.search.training_set import FeatureSet, load_feature_set
 from emotr.track import Tracker
 
@@ -149,7 +150,7 @@ def run_tutorial(cfg: Config, features: FeatureSet, args: argparse.Namespace) ->
 def run_search_part(
     cfg: Config, features: FeatureSet, tracker: Tracker, option: str, n_trials: int
 ) -> dict:
-    """A fresh study of n_trials trials (emotr.search.tune.run_search); the best trial's val scores."""
+    """A fresh study of n_trials trials (search.tune.run_search); the best trial's val scores."""
     import mlflow
 
     from emotr.search.finetune import predict_batched

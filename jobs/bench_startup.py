@@ -29,7 +29,7 @@ from pathlib import Path
 import ray
 from benchlib import add_output_arguments, publish
 
-from emotr.config import load_config
+from emotr.config_io import load_config
 from emotr.data.demo import generate_demo_dataset
 from emotr.data.index import scan_images
 from emotr.extract import dataset as extract_dataset

@@ -23,7 +23,7 @@ import ray
 from benchlib import add_output_arguments, publish
 
 from emotr.cache.maintenance import list_caches
-from emotr.config import load_config
+from emotr.config_io import load_config
 from emotr.data.demo import generate_demo_dataset
 from emotr.data.index import scan_images
 from emotr.extract.driver import extract_features

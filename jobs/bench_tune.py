@@ -25,7 +25,7 @@ import numpy as np
 import ray
 from benchlib import add_output_arguments, publish
 
-from emotr.config import load_config
+from emotr.config_io import load_config
 from emotr.search.head import fit_head
 from emotr.search.training_set import FeatureSet
 from emotr.search.tune import run_search

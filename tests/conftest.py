@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emotr.config import Config, load_config
+from emotr.config import Config
+from emotr.config_io import load_config
 from emotr.data.demo import generate_demo_dataset
 from emotr.data.imageio import decode_image
 from tests.postgres import Postgres

@@ -22,10 +22,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import psutil
 import requests
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 T = TypeVar("T")
 
@@ -151,18 +154,22 @@ class S3Server:
     # Any AWS client (pyarrow, boto3, a Ray worker's runtime_env) given these talks to it.
     env: dict[str, str]
 
-    def new_bucket(self) -> str:
-        """Create an empty bucket with a unique name; returns its s3:// URI."""
+    def filesystem(self, **options: object) -> pafs.S3FileSystem:
+        """A pyarrow filesystem on this server with its credentials (plus pyarrow `options`)."""
         import pyarrow.fs as pafs
 
-        admin = pafs.S3FileSystem(
+        return pafs.S3FileSystem(
             access_key=self.env["AWS_ACCESS_KEY_ID"],
             secret_key=self.env["AWS_SECRET_ACCESS_KEY"],
             region=self.env["AWS_DEFAULT_REGION"],
             endpoint_override=self.endpoint.removeprefix("http://"),
             scheme="http",
-            allow_bucket_creation=True,
+            **options,
         )
+
+    def new_bucket(self) -> str:
+        """Create an empty bucket with a unique name; returns its s3:// URI."""
+        admin = self.filesystem(allow_bucket_creation=True)
         name = f"emotr-{uuid.uuid4().hex[:12]}"
         admin.create_dir(name)
         return f"s3://{name}"

@@ -8,15 +8,18 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from emotr.cache.maintenance import compact_cache, export_npy, gc_cache, list_caches, verify_cache
 from emotr.cli.options import ConfigOption, Overrides, load_command_config
 from emotr.cli.output import console, errors, fail, guard
-from emotr.config import DEFAULT_CONFIG
-from emotr.extract.fingerprint import compute_fingerprint
+from emotr.config_io import DEFAULT_CONFIG
+
+# The cache room loads pandas and pyarrow (~0.5 s): each command imports what it runs, so that
+# `emotr --help` answers at once.
 
 
 def cache_ls(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
     """List fingerprints in the cache with their rows and bytes."""
+    from emotr.cache.maintenance import list_caches
+
     cfg = load_command_config(config, overrides)
     table = Table("fingerprint", "holds", "rows", "parts", "MiB", "backbone", "weights", "input")
     for info in list_caches(cfg.cache.root):
@@ -38,6 +41,8 @@ def cache_verify(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = N
 
     Warnings (rows repeated across parts, which readers de-duplicate) are printed but pass.
     """
+    from emotr.cache.maintenance import verify_cache
+
     cfg = load_command_config(config, overrides)
     with guard(cfg):
         problems = verify_cache(cfg.cache.root)
@@ -54,6 +59,8 @@ def cache_gc(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None)
 
     A part that cannot be read now (permissions, network) is kept and listed.
     """
+    from emotr.cache.maintenance import gc_cache
+
     cfg = load_command_config(config, overrides)
     with guard(cfg):
         result = gc_cache(cfg.cache.root)
@@ -67,6 +74,8 @@ def cache_gc(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None)
 
 def cache_compact(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
     """Merge rows repeated across parts (left by two extractions at once) into one per image."""
+    from emotr.cache.maintenance import compact_cache
+
     cfg = load_command_config(config, overrides)
     with guard(cfg):
         result = compact_cache(cfg.cache.root)
@@ -86,6 +95,9 @@ def cache_export(
     overrides: Overrides = None,
 ) -> None:
     """Export the current fingerprint's features as .npy for users who want plain numpy."""
+    from emotr.cache.maintenance import export_npy
+    from emotr.extract.fingerprint import compute_fingerprint
+
     cfg = load_command_config(config, overrides)
     fingerprint, _ = compute_fingerprint(cfg.backbone, cfg.decode)
     with guard(cfg):

@@ -2,7 +2,8 @@
 
 A job runs the local checks first, then starts Ray while the tracking checks run; a red check
 ends it with its fix. Ray is imported inside the functions that start it: light commands (and
-a job with nothing to do) never load it.
+a job with nothing to do) never load it; the checks (pandas, pyarrow) inside the functions that
+run them, so that `emotr --help` answers at once.
 """
 
 from __future__ import annotations
@@ -10,13 +11,17 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 
 from emotr.cli.options import ConfigOption, Overrides, load_command_config
 from emotr.cli.output import console, errors, fail, settings
-from emotr.config import DEFAULT_CONFIG, Config
-from emotr.ops.doctor import Check, check_all, check_ray, check_stores, check_tracking_stores
+from emotr.config import Config
+from emotr.config_io import DEFAULT_CONFIG
+
+if TYPE_CHECKING:
+    from emotr.ops.doctor import Check
 
 
 def doctor(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
@@ -26,6 +31,8 @@ def doctor(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -
     storage (reachable, schema), Ray (nodes, CPUs/GPUs, the Keras backend on every node) and,
     on a cluster, relative paths that a submitted job would resolve in a temporary folder.
     """
+    from emotr.ops.doctor import check_all
+
     cfg = load_command_config(config, overrides)
     results = []
     for check in check_all(cfg, on_cluster(cfg), ray_where(cfg), lambda: init_ray(cfg)):
@@ -72,6 +79,8 @@ def connect_ray(cfg: Config) -> None:
     """Connect once, then check the cluster (nodes, temp dirs, the backend on every node)."""
     import ray
 
+    from emotr.ops.doctor import check_ray
+
     if ray.is_initialized():
         return
     backend = cfg.extract.keras_backend
@@ -80,6 +89,8 @@ def connect_ray(cfg: Config) -> None:
 
 def check_before_work(cfg: Config) -> None:
     """The doctor's local checks a job runs first (paths, weights, cache); red ones end it."""
+    from emotr.ops.doctor import check_stores
+
     require_green(check_stores(cfg, on_cluster(cfg), tracking=False))
 
 
@@ -90,6 +101,8 @@ def connect_ray_checking_tracking(cfg: Config) -> None:
     check on MLflow's import and the store's answer. (Ray starts in this, the main thread: it
     sets signal handlers.)
     """
+    from emotr.ops.doctor import check_tracking_stores
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="emotr-checks") as pool:
         checks = pool.submit(lambda: list(check_tracking_stores(cfg, on_cluster(cfg))))
         connect_ray(cfg)

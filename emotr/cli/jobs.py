@@ -1,32 +1,34 @@
 """The job commands: demo-data, extract, tune, run, promote, predict; each prints its outcome.
 
 Each loads the config, runs the doctor's checks before its work, then calls the lifecycle verbs
-under one `guard`. MLflow (emotr.track, emotr.deploy) is imported inside the commands that
-record or load models, so that a job with nothing to do never loads it.
+under one `guard`. The pipeline and the demo set (pandas, pyarrow, numpy, Pillow) are imported
+inside the commands, so that `emotr --help` answers at once; MLflow (emotr.track, emotr.deploy)
+inside the commands that record or load models, so that a job with nothing to do never loads it, and
+only once the config is loaded: loading it sets the environment that quiets those libraries.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
-import pandas as pd
 import typer
 from rich.table import Table
 
-from emotr import pipeline
 from emotr.cli.doctor import check_before_work, connect_ray, connect_ray_checking_tracking
 from emotr.cli.options import ConfigOption, Overrides, load_command_config
 from emotr.cli.output import console, fail, guard, load_keras_quietly, native_stderr_held
-from emotr.config import DEFAULT_CONFIG, Config
-from emotr.data.demo import generate_demo_dataset
-from emotr.data.index import Scan
-from emotr.data.listing import Listing
+from emotr.config import Config
+from emotr.config_io import DEFAULT_CONFIG
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from emotr.track import Tracker
+
+Prepared = TypeVar("Prepared")  # what a job's work starts from: a Listing or a Scan
 
 
 def demo_data(
@@ -36,6 +38,8 @@ def demo_data(
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same files.")] = 0,
 ) -> None:
     """Write the synthetic smile/frown face data set and print its Bayes ceiling."""
+    from emotr.data.demo import generate_demo_dataset
+
     try:
         height, width = (int(part) for part in size.lower().split("x"))
     except ValueError:
@@ -57,6 +61,8 @@ def demo_data(
 
 def extract(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
     """Extract VGG16 features of every image not yet in the cache (Ray job)."""
+    from emotr import pipeline
+
     cfg = load_command_config(config, overrides)
     with guard(cfg):
         check_before_work(cfg)
@@ -77,9 +83,11 @@ def extract(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) 
 
 def tune(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
     """Run the Optuna search of heads on the cached features (trials as Ray tasks)."""
+    from emotr import pipeline
+
     cfg = load_command_config(config, overrides)
     with guard(cfg):
-        listing = _start_job(cfg)
+        listing = _start_job(cfg, pipeline.prepare_listing)
         result = pipeline.tune(cfg, _tracker(cfg), listing)
     console.print(
         f"best val AUC {result.best_value:.4f} (trial {result.best_trial_number}); "
@@ -89,11 +97,11 @@ def tune(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> 
 
 def run(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
     """Extract, tune and register the best model: the whole job."""
-    from emotr.track import ui_command
+    from emotr import pipeline
 
     cfg = load_command_config(config, overrides)
     with guard(cfg):
-        scan = _start_job(cfg, scan=True)
+        scan = _start_job(cfg, pipeline.prepare_scan)
         load_keras_quietly()  # registration and the gate build Keras models on the driver
         result = pipeline.run(cfg, _tracker(cfg), scan)
     console.print(
@@ -108,18 +116,21 @@ def run(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> N
         console.print(f"run the promotion gate with: emotr promote -c {config}")
     else:
         console.print(f"promotion gate: {result.promotion}", highlight=False, soft_wrap=True)
+    from emotr.track import ui_command
+
     console.print(f"open the MLflow UI: make ui   (or: {ui_command(cfg.mlflow)})")
 
 
-def _start_job(cfg: Config, *, scan: bool = False) -> Listing | Scan:
+def _start_job(cfg: Config, prepare: Callable[[Config], Prepared]) -> Prepared:
     """Check the config and data before Ray starts, so bad input fails in a second; start Ray.
 
-    scan: leave hashes the listing index lacks for the extraction's workers (a Scan).
+    prepare: pipeline.prepare_listing, or prepare_scan to leave hashes the listing index lacks
+    for the extraction's workers.
     """
     check_before_work(cfg)
-    listing = pipeline.prepare_scan(cfg) if scan else pipeline.prepare_listing(cfg)
+    prepared = prepare(cfg)
     connect_ray_checking_tracking(cfg)
-    return listing
+    return prepared
 
 
 def _tracker(cfg: Config) -> Tracker:
@@ -150,7 +161,7 @@ def promote(
     ] = None,
 ) -> None:
     """Gate: score challenger and champion on the same images; move the champion if better."""
-    cfg = load_command_config(config, overrides)  # first: it quiets what the import loads
+    cfg = load_command_config(config, overrides)
     from emotr.deploy.promote import point_champion, promote_challenger
 
     name, champion = cfg.registry.model_name, cfg.registry.champion_alias
@@ -174,6 +185,8 @@ def promote(
 
 def _comparison_images(cfg: Config, data: Path) -> pd.DataFrame:
     """path, sha256, label of every image under a folder or in a manifest (for --data)."""
+    from emotr import pipeline
+
     section = {"manifest": str(data)} if data.is_file() else {"root": str(data), "manifest": None}
     other = cfg.model_copy(
         update={"data": cfg.data.model_copy(update={**section, "generate_demo": False})}
@@ -205,6 +218,7 @@ def predict(
     Runs extraction's pipeline (decode tasks, extractor actors) with the model's own decode
     rules and backbone; images whose features are cached skip VGG16.
     """
+    cfg = load_command_config(config, [f"extract.batch_size={batch}"] if batch else [])
     from emotr.deploy.predict import (
         check_output,
         list_inputs,
@@ -214,7 +228,6 @@ def predict(
         write_predictions,
     )
 
-    cfg = load_command_config(config, [f"extract.batch_size={batch}"] if batch else [])
     with guard(cfg):
         uri = model_uri(cfg, model)
         if output is not None:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from emotr.config import Config
-from emotr.ops.doctor import configured_paths
+from emotr.config import Config, configured_paths
 from emotr.storage import WORKING_DIR_GONE
 
 

@@ -10,7 +10,8 @@ import typer
 from rich.logging import RichHandler
 
 from emotr.cli.output import errors, fail, quiet_native_logs, settings
-from emotr.config import Config, ConfigError, load_config
+from emotr.config import Config, ConfigError
+from emotr.config_io import load_config
 from emotr.redaction import RedactingFilter
 
 ConfigOption = Annotated[

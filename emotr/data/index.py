@@ -30,7 +30,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from emotr.storage import put_atomically
 from emotr.config import DataConfig
 from emotr.data.listing import (
     CONFLICT,
@@ -42,7 +41,7 @@ from emotr.data.listing import (
     list_files,
     listing_from_splits,
 )
-from emotr.storage import is_uri, join, resolve
+from emotr.storage import is_uri, join, put_atomically, resolve
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Find the images (class folders or a manifest), hash their bytes and split them train/val.
 
 Finding reads metadata only (name, size, mtime): `list_files`. Hashes come from the listing index
-(emotr.data.index), from the extraction's workers, or from `hash_files` here; `complete_listing` then
-drops label conflicts and splits. Each image's split is decided by a keyed hash of its content,
+(emotr.data.index), from the extraction's workers, or from `hash_files` here; `complete_listing`
+then drops label conflicts and splits. Each image's split is decided by a keyed hash of its content,
 so it is the same on every machine, does not depend on listing order and does not move when
 other images are added or removed.
 """

@@ -111,7 +111,7 @@ def load_scorer(tracker: Tracker, version: ModelVersion) -> Any:
 
 
 def scorer_of(model: Any) -> Any:
-    """The emotr.deploy.serving.ImageScorer inside a loaded pyfunc model, or None for other models."""
+    """The emotr.deploy.serving.ImageScorer inside a loaded pyfunc model; None for other models."""
     try:
         return getattr(model.unwrap_python_model(), "scorer", None)
     except MlflowException:  # another flavor (no python_model): not emotr's

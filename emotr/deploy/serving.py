@@ -21,9 +21,6 @@ from pydantic import BaseModel, ConfigDict
 
 from emotr.config import BackboneConfig, DecodeConfig, HeadParams
 from emotr.data.imageio import DecodeError, decode_image, failure_reason
-from emotr.extract.backbone import features_extractor
-from emotr.search.finetune_model import serving_parts
-from emotr.search.head import build_head, predict_scores
 from emotr.storage import read_bytes
 
 # Input columns: one of them per row. `image` is binary (base64 strings over REST, decoded by
@@ -60,6 +57,12 @@ class ImageScorer:
     """Loads the backbone and head once; `score(frame)` -> p_positive, label, error per row."""
 
     def __init__(self, spec: ServingSpec, backbone_weights: str | Path, head_weights: str | Path):
+        # The models' graphs import Keras: only a loaded scorer pays for it, never `emotr
+        # predict`'s argument checks nor a reader of the spec.
+        from emotr.extract.backbone import features_extractor
+        from emotr.search.finetune_model import serving_parts
+        from emotr.search.head import build_head
+
         self.spec = spec
         backbone = spec.backbone.model_copy(update={"weights": str(backbone_weights)})
         if spec.activation is not None:  # `features` are then activations
@@ -76,6 +79,8 @@ class ImageScorer:
 
     def score_features(self, features: np.ndarray) -> np.ndarray:
         """P(positive) of cached features (the promotion gate skips decoding with these)."""
+        from emotr.search.head import predict_scores
+
         if len(features) == 0:
             return np.zeros(0, dtype=np.float64)
         return predict_scores(self.head, np.asarray(features, dtype=np.float32))

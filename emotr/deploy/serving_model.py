@@ -1,8 +1,8 @@
 """The file MLflow logs as the deployable model's code (models-from-code, no pickle).
 
 `mlflow.pyfunc.load_model` and `mlflow models serve` run this file, which rebuilds the classifier
-from the version's artifacts with emotr's own code (emotr.deploy.serving). Like track.py and registry.py
-it imports MLflow: it is the MLflow side of the deployable model.
+from the version's artifacts with emotr's own code (emotr.deploy.serving). Like track.py and
+registry.py it imports MLflow: it is the MLflow side of the deployable model.
 """
 
 from __future__ import annotations

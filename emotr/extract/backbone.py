@@ -188,7 +188,25 @@ class FeatureExtractor:
         return padded
 
 
-class ChosenFeatures:
+class OnExtractor:
+    """A model that runs on a FeatureExtractor's outputs; its batch size is the extractor's.
+
+    `emotr predict` sets batch_size for its extractor actors, whatever the model wraps.
+    """
+
+    extractor: FeatureExtractor
+
+    @property
+    def batch_size(self) -> int:
+        """Images per forward pass (settable, as FeatureExtractor's)."""
+        return self.extractor.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self.extractor.batch_size = value
+
+
+class ChosenFeatures(OnExtractor):
     """pixels -> the features of a head's `features` choice (e.g. gap4+gap5), as the cache's
     taps combine into them (emotr.taps.combine_features): the serving side of a choice."""
 
@@ -199,15 +217,6 @@ class ChosenFeatures:
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 -> (B, features_dim) float32."""
         return combine_features(self.features, self.extractor.extract_outputs(pixels))
-
-    @property
-    def batch_size(self) -> int:
-        """Images per forward pass (settable, as FeatureExtractor's)."""
-        return self.extractor.batch_size
-
-    @batch_size.setter
-    def batch_size(self, value: int) -> None:
-        self.extractor.batch_size = value
 
 
 def features_extractor(

@@ -14,13 +14,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from emotr.config import (
-    PATH_KEYS,
     BackboneConfig,
     CacheConfig,
     Config,
     DataConfig,
     MlflowConfig,
     TuneConfig,
+    configured_paths,
 )
 from emotr.errors import EmotrError
 from emotr.ops import findings
@@ -29,8 +29,6 @@ from emotr.storage import is_relative_path
 
 # Characters of an error's text that a red line shows.
 MAX_REASON = 400
-# backbone.weights values that name a source, not a file.
-NAMED_WEIGHTS = frozenset({"imagenet", "hed-bsds500", "none"})
 
 
 @dataclass(frozen=True)
@@ -112,17 +110,6 @@ def _unless_lost(lost: dict[str, str], name: str, key: str, check: Callable[[], 
     if key in lost:
         return Check(name, False, f"{key}={lost[key]}: not probed", "see paths")
     return check()
-
-
-def configured_paths(cfg: Config) -> dict[str, str]:
-    """The set values of PATH_KEYS that name a location (not a named weights source), by key."""
-    values = {}
-    for key in PATH_KEYS:
-        section, name = key.split(".")
-        value = str(getattr(getattr(cfg, section), name) or "")
-        if value and not (key == "backbone.weights" and value in NAMED_WEIGHTS):
-            values[key] = value
-    return values
 
 
 def _local_paths(cfg: Config) -> dict[str, tuple[str, str]]:

@@ -12,7 +12,8 @@ image (extract.cache_activation, e.g. block4_pool, bfloat16). A trial with HeadP
    val AUC (best weights restored: fine-tuning never returns a worse model than step 2).
 
 Starting from a fitted head is the usual recipe: a random head's large gradients would first
-wreck the pretrained filters. Its model: emotr.search.finetune_model; its training set: emotr.search.finetune_set.
+wreck the pretrained filters. Its model: emotr.search.finetune_model; its training set:
+emotr.search.finetune_set.
 """
 
 from __future__ import annotations

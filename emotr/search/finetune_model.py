@@ -16,7 +16,7 @@ import numpy as np
 
 from emotr.cache.activations import STORED_DTYPE
 from emotr.config import BackboneConfig, HeadParams
-from emotr.extract.backbone import FeatureExtractor, build_extractor
+from emotr.extract.backbone import FeatureExtractor, OnExtractor, build_extractor
 from emotr.search.head import build_head
 from emotr.taps import activation_shape
 
@@ -73,22 +73,13 @@ def build_finetune_model(
     return keras.Model(inputs, head(pooled), name="finetune")
 
 
-class ActivationInput:
+class ActivationInput(OnExtractor):
     """Pixels -> the cached activation as the trial saw it: the frozen blocks, rounded to the
     cache's dtype, as float32. The input side of a deployable fine-tuned model."""
 
     def __init__(self, cfg: BackboneConfig, activation: str, batch_size: int):
         self.activation = activation
         self.extractor = FeatureExtractor(cfg, batch_size=batch_size, outputs=(activation,))
-
-    @property
-    def batch_size(self) -> int:
-        """Images per forward pass (emotr predict sets it for its extractor actors)."""
-        return self.extractor.batch_size
-
-    @batch_size.setter
-    def batch_size(self, value: int) -> None:
-        self.extractor.batch_size = value
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 -> (B, h, w, c) float32 activations."""

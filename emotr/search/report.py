@@ -15,7 +15,8 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
-from emotr.config import Config, HeadParams, TuneConfig, to_yaml
+from emotr.config import Config, HeadParams, TuneConfig
+from emotr.config_io import to_yaml
 from emotr.search.study import (
     ERROR_ATTR,
     FAILURE_ATTR,

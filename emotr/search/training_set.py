@@ -1,8 +1,8 @@
 """The features a search trains on: one cache's train/val matrices, checked, with their identity.
 
-A leaf module: the search driver (emotr.search.tune) and its trial tasks (emotr.search.trial) both use it.
-Besides gap5 (x_train, x_val) a FeatureSet holds every tap the search's `features` choices read
-(emotr.taps); a trial takes its choice with `select`.
+A leaf module: the search driver (emotr.search.tune) and its trial tasks (emotr.search.trial) both
+use it. Besides gap5 (x_train, x_val) a FeatureSet holds every tap the search's `features` choices
+read (emotr.taps); a trial takes its choice with `select`.
 """
 
 from __future__ import annotations

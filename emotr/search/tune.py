@@ -1,11 +1,11 @@
 """The Optuna search over head hyperparameters: the driver owns the study, trials run as Ray tasks.
 
-The driver loop asks the study for params, starts each trial as a Ray task (emotr.search.trial), waits,
-logs what a task hands back to the trial's MLflow run, then tells the study -- in that order, so a
-resumed study can settle from MLflow what a dead driver left (emotr.search.study). Only the driver
-touches the study and MLflow. With tune.pruner=median the driver stores each trial's curve as the
-user attribute `val_auc_curve` (one write, where reporting 100 epochs took 100) for the snapshots
-later trials prune against.
+The driver loop asks the study for params, starts each trial as a Ray task (emotr.search.trial),
+waits, logs what a task hands back to the trial's MLflow run, then tells the study -- in that order,
+so a resumed study can settle from MLflow what a dead driver left (emotr.search.study). Only the
+driver touches the study and MLflow. With tune.pruner=median the driver stores each trial's curve as
+the user attribute `val_auc_curve` (one write, where reporting 100 epochs took 100) for the
+snapshots later trials prune against.
 
 While it waits, the driver renews the lease on its running trials, settles trials whose lease went
 stale (their driver died), and cancels trials running past tune.trial_timeout_s.

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from emotr.cache.maintenance import compact_cache, gc_cache, list_caches, verify_cache
 from emotr.cache.fingerprint import fingerprint_of
+from emotr.cache.maintenance import compact_cache, gc_cache, list_caches, verify_cache
 from emotr.cache.store import FeatureCache, list_files, part_name
 from tests.unit.test_cache import INPUTS, commit, features_for, keys
 

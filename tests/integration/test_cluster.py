@@ -47,21 +47,11 @@ def bucket(s3_server) -> str:
     uri = s3_server.new_bucket()
     with tempfile.TemporaryDirectory() as folder:
         generate_demo_dataset(Path(folder) / "demo", n=N_IMAGES, size=(64, 80), seed=0)
-        s3 = s3_filesystem(s3_server)
+        s3 = s3_server.filesystem()
         for class_name in ("negative", "positive"):
             target = f"{uri.removeprefix('s3://')}/images/{class_name}"
             pafs.copy_files(str(Path(folder) / "demo" / class_name), target, None, s3)
     return uri
-
-
-def s3_filesystem(s3_server) -> pafs.S3FileSystem:
-    return pafs.S3FileSystem(
-        access_key=s3_server.env["AWS_ACCESS_KEY_ID"],
-        secret_key=s3_server.env["AWS_SECRET_ACCESS_KEY"],
-        region=s3_server.env["AWS_DEFAULT_REGION"],
-        endpoint_override=s3_server.endpoint.removeprefix("http://"),
-        scheme="http",
-    )
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +208,7 @@ def test_a_submitted_job_runs_on_the_cluster_and_a_second_one_resumes(
     versions = client.search_model_versions("name='emotr'")
     assert [version.run_id in {run.info.run_id for run in runs} for version in versions] == [True]
 
-    s3 = s3_filesystem(s3_server)
+    s3 = s3_server.filesystem()
     parts = cache_parts(s3, bucket)
     assert parts and sum(parts.values()) == N_IMAGES
     artifacts = s3.get_file_info(pafs.FileSelector(f"{bucket[5:]}/mlartifacts", recursive=True))

@@ -6,23 +6,18 @@ import ast
 import hashlib
 import importlib.util
 import io
-import json
 import logging
 import os
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import sys
-import threading
-import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -30,9 +25,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from emotr import pipeline
-from emotr.cache.maintenance import gc_cache, list_caches, verify_cache
+from emotr.cache.maintenance import list_caches, verify_cache
 from emotr.cache.store import FeatureCache
-from emotr.config import Config, MlflowConfig, to_yaml
+from emotr.config import Config, MlflowConfig
 from emotr.data.demo import generate_demo_dataset
 from emotr.data.listing import Listing, list_images
 from emotr.extract.backbone import FeatureExtractor
@@ -40,25 +35,11 @@ from emotr.extract.dataset import _ProgressLog
 from emotr.extract.driver import TooManyFailures, extract_features
 from emotr.track import Tracker
 from tests.conftest import REPO, decoded, demo_config, smoke_config
-from tests.run_cli import run_python
-from tests.services import stop_processes, wait_for
 
 pytestmark = pytest.mark.slow
 
-# The slow model below is defined here; Ray workers cannot import this test module by name.
+# The unloadable model below is defined here; Ray workers cannot import this module by name.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-class SlowModel:
-    """The configured extractor, slowed down per batch so that a run lasts long enough to kill."""
-
-    def __init__(self, cfg, seconds_per_batch: float):
-        self.model = FeatureExtractor(cfg)
-        self.seconds = seconds_per_batch
-
-    def __call__(self, pixels):
-        time.sleep(self.seconds)  # sleeps, so the shared CPUs stay free
-        return self.model(pixels)
 
 
 def listing_of(paths: list[Path]) -> Listing:
@@ -159,142 +140,6 @@ def test_rerun_extracts_only_new_images_and_a_new_input_size_gets_its_own_folder
     assert other.n_extracted == 34
     rows = {info.fingerprint: info.n_rows for info in list_caches(cfg.cache.root)}
     assert rows == {first.fingerprint: 34, other.fingerprint: 34}
-    assert verify_cache(cfg.cache.root) == []
-
-
-def write_config(cfg: Config, path: Path) -> Path:
-    path.write_text(to_yaml(cfg))
-    return path
-
-
-TWO_GPU_NODES = """
-    import json, sys
-    import ray
-    from ray.cluster_utils import Cluster
-    from emotr.config import load_config
-    from emotr.data.listing import list_images
-    from emotr.extract.driver import extract_features
-    from tests.integration.test_extract import SlowModel
-
-    cfg = load_config([sys.argv[1]])
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
-    cluster.add_node(num_cpus=2, num_gpus=1)
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        # Slower than decoding, as VGG16 on a GPU node is: blocks queue up for both actors.
-        summary = extract_features(cfg, list_images(cfg.data), progress=False,
-                                   load_model=lambda: SlowModel(cfg.backbone, 0.3))
-        print("RESULT", json.dumps({"workers": summary.rows_per_worker,
-                                    "n_actors": summary.n_actors,
-                                    "n_extracted": summary.n_extracted}))
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-"""
-
-
-def test_two_gpu_nodes_each_run_an_extractor(tmp_path):
-    # Fake GPUs: Ray schedules by them, TensorFlow runs on the CPU. A subprocess, because this
-    # process already holds the shared local Ray.
-    cfg = demo_config(tmp_path, "extract.batch_size=4", n=48)
-    process = run_python(TWO_GPU_NODES, str(write_config(cfg, tmp_path / "cfg.yaml")))
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output[-3000:]
-    result = json.loads(output.split("RESULT", 1)[1].splitlines()[0])
-    assert result["n_actors"] == 2 and result["n_extracted"] == 48
-    assert len(result["workers"]) == 2, result["workers"]
-    assert all(count > 0 for count in result["workers"].values())
-    assert sum(result["workers"].values()) == 48
-    assert verify_cache(cfg.cache.root) == []
-    [info] = list_caches(cfg.cache.root)
-    assert info.n_rows == 48
-
-
-def extractor_processes(root: psutil.Process) -> list[psutil.Process]:
-    found = []
-    for process in root.children(recursive=True):
-        try:
-            if "Extractor" in " ".join(process.cmdline()):
-                found.append(process)
-        except psutil.Error:
-            pass
-    return found
-
-
-def parts_in(cfg: Config) -> list[Path]:
-    return list(Path(cfg.cache.root).glob("*/part-*.parquet"))
-
-
-def test_killed_extractor_actor_still_ends_with_a_complete_cache(tmp_path, ray_local):
-    cfg = demo_config(tmp_path, "extract.batch_size=4", n=40)
-    listing = list_images(cfg.data)
-    outcome: dict = {}
-
-    def extract():
-        try:
-            outcome["summary"] = extract_features(
-                cfg, listing, progress=False, load_model=lambda: SlowModel(cfg.backbone, 0.4)
-            )
-        except BaseException as error:  # handed to the test thread
-            outcome["error"] = error
-
-    thread = threading.Thread(target=extract)
-    thread.start()
-    wait_for("the first committed part", lambda: parts_in(cfg), 120)
-    [victim] = wait_for("the actor process", lambda: extractor_processes(psutil.Process()), 30)
-    victim.kill()
-    thread.join(timeout=300)
-    assert "error" not in outcome, outcome.get("error")
-    summary = outcome["summary"]
-    assert summary.n_extracted + summary.n_cached == 40
-    assert FeatureCache.open(cfg.cache.root, summary.fingerprint).cached_hashes() == set(
-        listing.images["sha256"]
-    )
-    assert verify_cache(cfg.cache.root) == []
-    # The restarted actor is another process: two workers did the 40 rows (some maybe twice).
-    assert len(summary.rows_per_worker) == 2 and sum(summary.rows_per_worker.values()) >= 40
-
-
-DRIVER = """
-    import sys
-    import ray
-    from emotr.config import load_config
-    from emotr.data.listing import list_images
-    from emotr.extract.driver import extract_features
-    from tests.integration.test_extract import SlowModel
-
-    cfg = load_config([sys.argv[1]])
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    extract_features(cfg, list_images(cfg.data), progress=False,
-                     load_model=lambda: SlowModel(cfg.backbone, 0.5))
-    print("FINISHED")
-"""
-
-
-def test_killed_driver_is_resumed_by_extracting_only_what_is_missing(tmp_path, ray_local):
-    cfg = demo_config(tmp_path, "extract.batch_size=4", n=40)
-    driver = run_python(DRIVER, str(write_config(cfg, tmp_path / "cfg.yaml")))
-    try:
-        wait_for("the first part", lambda: parts_in(cfg) or driver.poll() is not None, 180)
-        assert driver.poll() is None, driver.communicate()[0][-3000:]
-        helpers = psutil.Process(driver.pid).children(recursive=True)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        stop_processes([psutil.Process(driver.pid)] if driver.poll() is None else [], grace_s=0)
-    stop_processes(helpers, grace_s=0)  # the driver's own Ray cluster, started by this test
-
-    listing = list_images(cfg.data)
-    # A kill during a commit leaves a _tmp file and nothing else: readers never see it.
-    leftovers = verify_cache(cfg.cache.root)
-    assert all("leftover of an interrupted commit" in problem for problem in leftovers)
-    gc_cache(cfg.cache.root, min_age_s=0)
-    n_before = len(FeatureCache.open(cfg.cache.root, parts_in(cfg)[0].parent.name).cached_hashes())
-    assert 0 < n_before < 40
-
-    summary = extract_features(cfg, listing, progress=False)
-    assert summary.n_cached == n_before
-    assert summary.n_extracted == 40 - n_before
     assert verify_cache(cfg.cache.root) == []
 
 

@@ -64,7 +64,9 @@ def test_a_finetuned_trial_registers_a_model_serving_its_probabilities(
     rows = served.predict(pd.DataFrame({"path": validation["path"]}))
     assert rows["error"].isna().all()
     # ... against the trial's own model on the cached activations.
-    features = load_feature_set(cfg.cache.root, cfg.tune, listing, version.tags["activation_fingerprint"])
+    features = load_feature_set(
+        cfg.cache.root, cfg.tune, listing, version.tags["activation_fingerprint"]
+    )
     tuning = load_finetune_set(
         cache_key(cfg.cache, cfg.backbone, cfg.decode),
         cfg.backbone,

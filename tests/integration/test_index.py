@@ -19,7 +19,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from emotr import pipeline
-from emotr.config import DataConfig, to_yaml
+from emotr.config import DataConfig
+from emotr.config_io import to_yaml
 from emotr.data.index import index_location, read_index, scan_images, write_index
 from emotr.track import Tracker
 from tests.conftest import demo_config
@@ -37,7 +38,7 @@ RUNS = """
     from PIL import Image
     import tests.counting_fs as counting
     from emotr import pipeline
-    from emotr.config import load_config
+    from emotr.config_io import load_config
     from emotr.extract.driver import extract_features
 
     cfg, log, out = load_config([sys.argv[1]]), sys.argv[2], Path(sys.argv[3])

@@ -64,7 +64,9 @@ def test_run_registers_a_deployable_champion(tmp_path: Path, ray_local, fluent_u
     validation = load_validation_set(tracker, challenger)
     served = model.predict(pd.DataFrame({"path": validation["path"]}))
     assert served["error"].isna().all()
-    features = load_feature_set(cfg.cache.root, cfg.tune, listing, challenger.tags["feature_fingerprint"])
+    features = load_feature_set(
+        cfg.cache.root, cfg.tune, listing, challenger.tags["feature_fingerprint"]
+    )
     head = mlflow.keras.load_model(f"runs:/{challenger.run_id}/model")
     trained = np.asarray(head(features.x_val, training=False)).reshape(-1)
     order = listing.val().set_index("sha256").loc[validation["sha256"]]

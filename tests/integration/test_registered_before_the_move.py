@@ -28,7 +28,7 @@ from tests.conftest import smoke_config
 pytestmark = pytest.mark.slow
 
 # emotr/serving_model.py as the flat layout (emotr 0.1.0, before the subpackages) logged it.
-FLAT_LAYOUT_SERVING_MODEL = '''
+FLAT_LAYOUT_SERVING_MODEL = """
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,7 +58,7 @@ class EmotrImageModel(mlflow.pyfunc.PythonModel):
 
 
 set_model(EmotrImageModel())
-'''
+"""
 
 
 def _jpeg(seed: int) -> bytes:
@@ -90,9 +90,7 @@ def _artifacts(cfg, folder: Path) -> tuple[ServingSpec, dict[str, str]]:
     return spec, {name: str(path) for name, path in paths.items()}
 
 
-def test_a_version_logged_with_the_flat_layouts_code_file_loads_and_scores(
-    tmp_path, mlflow_server
-):
+def test_a_version_logged_with_the_flat_layouts_code_file_loads_and_scores(tmp_path, mlflow_server):
     cfg = smoke_config(tmp_path, f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=old")
     tracker = Tracker(cfg.mlflow)
     code_file = tmp_path / "serving_model.py"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from emotr.config import to_flat_dict, to_yaml
+from emotr.config_io import to_flat_dict, to_yaml
 from emotr.track import Tracker
 from tests.conftest import smoke_config
 

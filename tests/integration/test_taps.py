@@ -11,7 +11,6 @@ import pytest
 
 from emotr import pipeline
 from emotr.cache.activations import ActivationsMissing
-from emotr.pipeline import activation_cache, load_activations
 from emotr.cache.maintenance import compact_cache, list_caches, verify_cache
 from emotr.cache.store import FeatureCache, open_tap
 from emotr.config import Config
@@ -21,6 +20,7 @@ from emotr.extract.backbone import FeatureExtractor
 from emotr.extract.driver import extract_features
 from emotr.extract.fingerprint import compute_fingerprint
 from emotr.extract.weights import _set_seeded_weights
+from emotr.pipeline import activation_cache, load_activations
 from emotr.search.training_set import load_feature_set
 from emotr.track import Tracker
 from tests.conftest import decoded, demo_config

@@ -13,12 +13,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from emotr.cache.maintenance import compact_cache, gc_cache, list_caches, verify_cache
 from emotr.cache.fingerprint import fingerprint_of
-from emotr.cache.maintenance import export_npy
+from emotr.cache.maintenance import compact_cache, export_npy, gc_cache, list_caches, verify_cache
 from emotr.cache.store import CacheMiss, FeatureCache, part_name
-from emotr.extract.fingerprint import compute_fingerprint
 from emotr.config import BackboneConfig, DecodeConfig
+from emotr.extract.fingerprint import compute_fingerprint
 from tests.counting_fs import LocalPassThrough
 
 REPO = Path(__file__).resolve().parents[2]

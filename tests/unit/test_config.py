@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 from emotr.config import (
-    DEFAULT_CONFIG,
     MAX_HEAD_LAYERS,
     CategoricalSpace,
     Config,
@@ -13,10 +12,8 @@ from emotr.config import (
     FloatSpace,
     HeadParams,
     IntSpace,
-    load_config,
-    to_flat_dict,
-    to_yaml,
 )
+from emotr.config_io import DEFAULT_CONFIG, load_config, to_flat_dict, to_yaml
 
 CONF = DEFAULT_CONFIG.parent
 

@@ -13,7 +13,7 @@ import pytest
 import ray
 import yaml
 
-from emotr.config import load_config
+from emotr.config_io import load_config
 from tests.conftest import REPO
 
 DOCKER = REPO / "docker"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from emotr.config import load_config
+from emotr.config_io import load_config
 from emotr.errors import EmotrError
 from emotr.ops.doctor import check_paths
 from emotr.storage import absolute_path

@@ -7,10 +7,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from emotr.config import ConfigError, HeadParams, load_config
+from emotr.config import ConfigError, HeadParams
+from emotr.config_io import load_config
 from emotr.extract.backbone import FeatureExtractor
 from emotr.search.finetune import fit_finetune, predict_batched
-from emotr.search.finetune_model import ActivationInput, backbone_block_weights, build_finetune_model, trained_blocks
+from emotr.search.finetune_model import (
+    ActivationInput,
+    backbone_block_weights,
+    build_finetune_model,
+    trained_blocks,
+)
 from emotr.search.finetune_set import FineTuneSet
 from emotr.search.head import fit_head
 from tests.conftest import SMOKE

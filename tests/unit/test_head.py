@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emotr.config import MAX_HEAD_LAYERS, load_config
+from emotr.config import MAX_HEAD_LAYERS
+from emotr.config_io import load_config
 from emotr.search.head import HeadParams, build_head, evaluate_scores, fit_head
 
 BASE = HeadParams(

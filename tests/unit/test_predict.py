@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from emotr.config import load_config
+from emotr.config_io import load_config
 from emotr.deploy.predict import (
     PredictError,
     check_output,

@@ -75,7 +75,7 @@ def test_log_records_are_redacted_whatever_logger_sends_them(caplog):
 
 
 def test_no_config_file_in_the_repository_holds_a_password():
-    from emotr.config import load_config, to_flat_dict
+    from emotr.config_io import load_config, to_flat_dict
     from tests.conftest import REPO
 
     for path in sorted((REPO / "conf").glob("*.yaml")):

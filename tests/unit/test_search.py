@@ -12,7 +12,7 @@ import pytest
 from optuna.trial import TrialState, create_trial
 
 from emotr.cache.store import FeatureCache
-from emotr.config import load_config
+from emotr.config_io import load_config
 from emotr.data.listing import Listing
 from emotr.errors import EmotrError
 from emotr.search.report import (
@@ -71,7 +71,10 @@ def test_a_partial_cache_is_an_error_unless_allowed(tmp_path: Path, caplog):
     assert "2 images not in the cache" in caplog.text
     # Images the extraction just failed to decode are left out without the flag.
     failed = listing.images["sha256"].tolist()[-2:]
-    assert len(load_feature_set(cfg.cache.root, cfg.tune, listing, FINGERPRINT, failed=failed).y_val) == 4
+    assert (
+        len(load_feature_set(cfg.cache.root, cfg.tune, listing, FINGERPRINT, failed=failed).y_val)
+        == 4
+    )
 
 
 def test_feature_sets_check_their_shapes():

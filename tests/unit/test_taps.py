@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 from emotr.cache.activations import ActivationCache, ActivationsMissing
-from emotr.pipeline import load_activations
-from emotr.cache.maintenance import gc_cache, list_caches, verify_cache
 from emotr.cache.fingerprint import tap_inputs
-from emotr.cache.maintenance import export_npy
+from emotr.cache.maintenance import export_npy, gc_cache, list_caches, verify_cache
 from emotr.cache.store import open_tap
-from emotr.extract.fingerprint import compute_fingerprint, features_fingerprint
-from emotr.config import ConfigError, load_config
+from emotr.config import ConfigError
+from emotr.config_io import load_config
 from emotr.extract.backbone import FeatureExtractor, features_extractor
+from emotr.extract.fingerprint import compute_fingerprint, features_fingerprint
+from emotr.pipeline import load_activations
 from emotr.search.training_set import FeatureError, FeatureSet
 from emotr.taps import combine_features, features_dim, parse_features, taps_of
 

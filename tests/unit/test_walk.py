@@ -1,4 +1,5 @@
-"""The class-folder walk (emotr.data.walk): what the filesystem holds, one listing per class folder."""
+"""The class-folder walk (emotr.data.walk): what the filesystem holds, one listing per class
+folder."""
 
 from __future__ import annotations
 
