@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from emotr.config import Config, MlflowConfig
 from emotr.data.imageio import hash_keys
@@ -253,8 +255,6 @@ def check_output(output: Path) -> None:
 
 def write_predictions(chunks: Iterator[pd.DataFrame], output: Path) -> PredictSummary:
     """Write chunks to a .parquet or .csv file as they come; returns the counts."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     check_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -293,6 +293,5 @@ def write_predictions(chunks: Iterator[pd.DataFrame], output: Path) -> PredictSu
 
 
 def _arrow(frames: list[pd.DataFrame], schema: Any) -> Any:
-    import pyarrow as pa
 
     return pa.Table.from_pandas(pd.concat(frames, ignore_index=True), schema, preserve_index=False)

@@ -245,6 +245,7 @@ def _log_optuna_plots(tracker: Tracker, run_id: str, study: optuna.Study, n_comp
 
 def history_figure(study: optuna.Study) -> Figure:
     """Optuna's optimization history, its objective named val AUC."""
+    # Optuna's matplotlib plots import matplotlib's pyplot (seconds): only a finished search pays.
     from optuna.visualization import matplotlib as optuna_plots
 
     with _quiet():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from PIL import Image
 
 from tests.conftest import store_overrides
 from tests.run_cli import emotr
+from tests.services import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -104,9 +104,7 @@ def test_a_tracking_store_that_does_not_answer_stops_work_but_not_a_run_with_not
 ):
     root = tmp_path / "emotions"
     write_photos(root)
-    with socket.socket() as probe:  # a port nobody listens on once this closes
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     args = ["extract", "-c", "conf/smoke.yaml", f"data.root={root}", *store_overrides(tmp_path)]
     down = [*args, f"mlflow.tracking_uri=http://127.0.0.1:{port}"]
 
