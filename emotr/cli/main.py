@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import typer
 
 from emotr.cli import cache, doctor, jobs
-from emotr.cli.options import main_options
+from emotr.cli.options import GRAMMAR, PREDICT_OPTIONS_METAVAR, main_options
 
 app = typer.Typer(
     help="Image emotion recognition by transfer learning: VGG16 features on Ray, heads tuned "
@@ -18,19 +19,22 @@ app = typer.Typer(
 )
 app.callback()(main_options)
 app.command("demo-data")(jobs.demo_data)
-app.command()(jobs.extract)
-app.command()(jobs.tune)
-app.command()(jobs.run)
-app.command()(jobs.promote)
-app.command()(jobs.predict)
-app.command()(doctor.doctor)
+# Every command that reads a config ends its --help with the grammar they share.
+command = partial(app.command, epilog=GRAMMAR)
+command()(jobs.extract)
+command()(jobs.tune)
+command()(jobs.run)
+command()(jobs.promote)
+command(options_metavar=PREDICT_OPTIONS_METAVAR)(jobs.predict)
+command()(doctor.doctor)
 
 cache_app = typer.Typer(help="Inspect, verify and export the feature cache.", no_args_is_help=True)
-cache_app.command("ls")(cache.cache_ls)
-cache_app.command("verify")(cache.cache_verify)
-cache_app.command("gc")(cache.cache_gc)
-cache_app.command("compact")(cache.cache_compact)
-cache_app.command("export")(cache.cache_export)
+cache_command = partial(cache_app.command, epilog=GRAMMAR)
+cache_command("ls")(cache.cache_ls)
+cache_command("verify")(cache.cache_verify)
+cache_command("gc")(cache.cache_gc)
+cache_command("compact")(cache.cache_compact)
+cache_command("export")(cache.cache_export)
 app.add_typer(cache_app, name="cache")
 
 

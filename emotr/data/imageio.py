@@ -23,12 +23,15 @@ from emotr.storage import read_bytes
 
 DECODE_RULES_VERSION = "1"
 
-# Bilinear, whole image, no crop (the tutorial squashes the image to the input size). Pillow widens
-# the bilinear filter with the scale factor, so downscaling is antialiased. reducing_gap=None keeps
-# Pillow from first shrinking JPEGs in the decoder (draft) or by box reduction: one exact filter,
-# whatever the source size or format.
-RESAMPLE = Image.Resampling.BILINEAR
-RESIZE_RULE = "pillow-bilinear,reducing_gap=None,no-crop,squash"
+# decode.resize: the whole image, no crop (the tutorial squashes the image to the input size).
+# Pillow widens the bilinear filter with the scale factor, so downscaling is antialiased; nearest
+# is Keras' load_img default, so the tutorial's. reducing_gap=None keeps Pillow from first
+# shrinking JPEGs in the decoder (draft) or by box reduction: one exact filter, whatever the
+# source size or format.
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
+DEFAULT_RESIZE = "bilinear"
+# The bilinear rule's text is the one every cache made before decode.resize existed hashed.
+RESIZE_RULES = {mode: f"pillow-{mode},reducing_gap=None,no-crop,squash" for mode in RESAMPLING}
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -76,13 +79,17 @@ def decode_image(
     *,
     max_pixels: int,
     background: tuple[int, int, int] = (255, 255, 255),
+    resize: str = DEFAULT_RESIZE,
 ) -> np.ndarray:
     """Decode an image file's bytes to (height, width, 3) uint8 RGB, `size` = (height, width).
 
     The first frame of an animation is used, EXIF orientation is applied, transparency is
-    composited onto `background`. Raises DecodeError with a short reason for anything else.
+    composited onto `background`, `resize` (decode.resize: bilinear | nearest) is Pillow's filter
+    to `size`. Raises DecodeError with a short reason for anything else.
     """
-    return decode_image_with_size(data, size, max_pixels=max_pixels, background=background).pixels
+    return decode_image_with_size(
+        data, size, max_pixels=max_pixels, background=background, resize=resize
+    ).pixels
 
 
 def decode_image_with_size(
@@ -91,10 +98,12 @@ def decode_image_with_size(
     *,
     max_pixels: int,
     background: tuple[int, int, int] = (255, 255, 255),
+    resize: str = DEFAULT_RESIZE,
 ) -> DecodedImage:
     """decode_image, plus the upright original size, from one opening of the bytes."""
     if not data:
         raise DecodeError("empty file")
+    resample = _resampling(resize)
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a bomb is an error here.
@@ -108,7 +117,7 @@ def decode_image_with_size(
                 ImageOps.exif_transpose(image, in_place=True)
                 width, height = image.size
                 rgb = _to_rgb(image, background)
-                rgb = rgb.resize((size[1], size[0]), RESAMPLE, reducing_gap=None)
+                rgb = rgb.resize((size[1], size[0]), resample, reducing_gap=None)
     except DecodeError:
         raise
     except _DECODE_FAILURES as error:
@@ -138,13 +147,14 @@ def decode_batch(
     max_pixels: int,
     background: tuple[int, int, int],
     skip: np.ndarray | None = None,
+    resize: str = DEFAULT_RESIZE,
 ) -> dict[str, np.ndarray]:
     """Read, hash and decode a batch of files; bad files become ok=False rows with a reason.
 
     `batch` holds "path" and "sha256" columns (a Ray Data numpy batch); each file is read once
     and opened once. An empty sha256 is a file the listing did not hash: the bytes read here
     give it (the output's sha256). Files whose hash is in `skip` (`hash_keys`: features already
-    cached) are hashed but not decoded: cached=True, ok=False, no reason.
+    cached) are hashed but not decoded: cached=True, ok=False, no reason. `resize`: decode.resize.
     """
     n = len(batch["path"])
     pixels = np.zeros((n, size[0], size[1], 3), np.uint8)
@@ -159,7 +169,7 @@ def decode_batch(
                 cached[i] = True
                 continue
             decoded = decode_image_with_size(
-                data, size, max_pixels=max_pixels, background=background
+                data, size, max_pixels=max_pixels, background=background, resize=resize
             )
         except (DecodeError, OSError) as error:
             reasons[i] = failure_reason(error)
@@ -186,6 +196,15 @@ def _read_checked(path: str, expected_sha256: str) -> tuple[bytes, str]:
     if expected_sha256 and actual != expected_sha256:
         raise DecodeError(f"file changed since it was listed (sha256 now {actual[:12]})")
     return data, actual
+
+
+def _resampling(resize: str) -> Image.Resampling:
+    try:
+        return RESAMPLING[resize]
+    except KeyError:
+        raise ValueError(
+            f"decode.resize must be one of {', '.join(RESAMPLING)}, got {resize!r}"
+        ) from None
 
 
 def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -248,7 +267,7 @@ def decode_rules(cfg: DecodeConfig) -> dict[str, str]:
     """
     return {
         "decode_rules_version": DECODE_RULES_VERSION,
-        "resize": RESIZE_RULE,
+        "resize": RESIZE_RULES[cfg.resize],
         "background": ",".join(str(channel) for channel in cfg.background),
         "frame": "first",
         "orientation": "exif",

@@ -10,7 +10,7 @@ other images are added or removed.
 from __future__ import annotations
 
 import hashlib
-import warnings
+import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +27,8 @@ from emotr.data.walk import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # where predic
 from emotr.data.walk import walk_root
 from emotr.errors import DataError
 from emotr.storage import resolve
+
+log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 1 << 20
 CONFLICT = "conflict"  # the split the listing index records for a file left out as a conflict
@@ -268,12 +270,13 @@ def _drop_conflicts(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _warn_conflicts(conflicts: pd.DataFrame) -> None:
+    # A log line, not warnings.warn: the user needs the files named, not listing.py's source line.
     shown = [f"{row.path} ({row.class_name})" for row in conflicts.itertuples()]
-    warnings.warn(
-        f"{conflicts['sha256'].nunique()} image(s) have identical bytes under more than one "
-        f"label and were left out: {named(shown)}; delete the wrong copies or fix the labels "
-        "(every path is in data/conflicts.csv of the run)",
-        stacklevel=4,
+    log.warning(
+        "%d image(s) have identical bytes under more than one label and were left out: %s; delete "
+        "the wrong copies or fix the labels (every path is in data/conflicts.csv of the run)",
+        conflicts["sha256"].nunique(),
+        named(shown),
     )
 
 

@@ -73,7 +73,7 @@ def register_model(cfg: Config, tracker: Tracker, candidate: Candidate) -> Model
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(
-            name, description="emotr: image bytes -> P(positive emotion) (VGG16 + tuned head)"
+            name, description="emotr: image bytes -> P(positive emotion) (VGG + tuned head)"
         )
     version = find_version_of_run(tracker, name, candidate.run_id)
     if version is None:

@@ -1,4 +1,4 @@
-"""The deployable classifier's compute: image bytes or paths -> decode -> VGG16 -> head -> rows.
+"""The deployable classifier's compute: image bytes or paths -> decode -> VGG -> head -> rows.
 
 `ImageScorer` is built from native Keras weight files and a JSON spec by emotr's own builders
 (`backbone.build_extractor`, `head.build_head`): loading a model version unpickles nothing. The
@@ -122,6 +122,7 @@ class ImageScorer:
             tuple(self.spec.backbone.input_size),
             max_pixels=decode.max_pixels,
             background=tuple(decode.background),
+            resize=decode.resize,
         )
 
 

@@ -1,9 +1,10 @@
-"""The feature extractor: uint8 RGB pixels -> VGG16 conv base -> average pooling -> 512 floats.
+"""The feature extractor: uint8 RGB pixels -> VGG conv base -> average pooling -> 512 floats.
 
-Caffe preprocessing (RGB->BGR, ImageNet means) is part of the model, so callers ship uint8 (4x less
-host->device traffic than float32) and any Keras 3 backend runs it: only keras.ops, no tf.* calls.
-The conv base and its weights come from emotr.extract.weights; this module holds the graph around
-it (preprocessing, taps, pooling, precision) and the callables that run it in batches.
+Preprocessing (backbone.preprocess: caffe = RGB->BGR and ImageNet means, or rescale = x / 255)
+is part of the model, so callers ship uint8 (4x less host->device traffic than float32) and any
+Keras 3 backend runs it: only keras.ops, no tf.* calls. The conv base (VGG16 or VGG19) and its
+weights come from emotr.extract.weights; this module holds the graph around it (preprocessing,
+taps, pooling, precision) and the callables that run it in batches.
 
 Keras (and with it TensorFlow) is imported inside the functions that build models: an extractor
 actor unpickles its model loader (a FeatureExtractor partial) before it sets KERAS_BACKEND, and
@@ -33,7 +34,7 @@ from emotr.taps import (
 if TYPE_CHECKING:
     import keras
 
-# keras.applications.vgg16.preprocess_input (caffe mode) subtracts these from BGR pixels.
+# keras.applications.vgg16/vgg19.preprocess_input (caffe mode) subtracts these from BGR pixels.
 _IMAGENET_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 _IN_FLIGHT = 2
 
@@ -46,23 +47,37 @@ def build_extractor(cfg: BackboneConfig, outputs: Sequence[str] = (DEFAULT_TAP,)
     mirror image); activations come out as float32 maps.
     """
     import keras
-    from keras import ops
 
     conv_base = build_conv_base(cfg)
     if cfg.precision == "bfloat16":
         conv_base = _with_dtype_policy(conv_base, "mixed_bfloat16")
     pixels = keras.Input((*cfg.input_size, 3), dtype="uint8", name="pixels")
-    bgr = ops.flip(ops.cast(pixels, "float32"), axis=-1) - _IMAGENET_MEAN_BGR
+    inputs = preprocess(pixels, cfg.preprocess)
     if tuple(outputs) != (DEFAULT_TAP,):
-        return _tapped_model(conv_base, pixels, bgr, outputs, cfg.name)
+        return _tapped_model(conv_base, pixels, inputs, outputs, cfg.name)
     # Pooled in float32 under bfloat16 too: a mean taken in bfloat16 loses digits for nothing.
-    features = keras.layers.GlobalAveragePooling2D(dtype="float32", name="avg_pool")(conv_base(bgr))
+    features = keras.layers.GlobalAveragePooling2D(dtype="float32", name="avg_pool")(
+        conv_base(inputs)
+    )
     model = keras.Model(pixels, features, name=f"emotr_{cfg.name}_extractor")
     model.trainable = False
     return model
 
 
-def _tapped_model(conv_base, pixels, bgr, outputs: Sequence[str], name: str) -> keras.Model:
+def preprocess(pixels, mode: str):
+    """uint8 RGB pixels (a Keras tensor) -> the conv base's float32 input (backbone.preprocess)."""
+    from keras import ops
+
+    values = ops.cast(pixels, "float32")
+    if mode == "rescale":
+        # ImageDataGenerator(rescale=1/255), the tutorial's: RGB in [0, 1], no mean.
+        return values / 255.0
+    if mode == "caffe":
+        return ops.flip(values, axis=-1) - _IMAGENET_MEAN_BGR
+    raise ValueError(f"backbone.preprocess must be caffe or rescale, got {mode!r}")
+
+
+def _tapped_model(conv_base, pixels, inputs, outputs: Sequence[str], name: str) -> keras.Model:
     """One output per tap or activation name, from the conv base's block outputs."""
     import keras
     from keras import ops
@@ -74,10 +89,10 @@ def _tapped_model(conv_base, pixels, bgr, outputs: Sequence[str], name: str) -> 
     blocks = keras.Model(
         conv_base.input, [conv_base.get_layer(layer).output for layer in layers], name="blocks"
     )
-    maps = dict(zip(layers, blocks(bgr), strict=True))
+    maps = dict(zip(layers, blocks(inputs), strict=True))
     if any(tap.flip for tap in taps.values()):
         # The mirror image through the same layers: what a flipped file would give, no decode.
-        mirrored = dict(zip(layers, blocks(ops.flip(bgr, axis=2)), strict=True))
+        mirrored = dict(zip(layers, blocks(ops.flip(inputs, axis=2)), strict=True))
     result = {}
     for output in outputs:
         if output in ACTIVATIONS:
@@ -121,7 +136,7 @@ class FeatureExtractor:
     gives the taps' features side by side.
 
     Larger inputs run in chunks of `batch_size`, and a short last chunk is padded to it: every
-    new batch shape recompiles the whole VGG16 on JAX, about a second on 2 cores. TensorFlow
+    new batch shape recompiles the whole VGG on JAX, about a second on 2 cores. TensorFlow
     retraces once for a free batch size and then runs any size, so there a chunk of at most half
     a batch runs as it is: 3 images cost 3 images' work, not 32.
     """

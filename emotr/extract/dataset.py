@@ -112,6 +112,7 @@ def build_dataset(
         "max_pixels": cfg.decode.max_pixels,
         "background": tuple(cfg.decode.background),
         "skip": skip,
+        "resize": cfg.decode.resize,
     }
     blocks = _split_rows(todo[["path", "sha256"]], _rows_per_block(cfg.extract, len(todo)))
     return (

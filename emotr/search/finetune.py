@@ -11,6 +11,9 @@ image (extract.cache_activation, e.g. block4_pool, bfloat16). A trial with HeadP
    learning_rate * finetune_lr_scale, with early stopping on val AUC counted from the head's own
    val AUC (best weights restored: fine-tuning never returns a worse model than step 2).
 
+HeadParams.early_stopping=false (the tutorial's procedure) turns both stops off: the head trains
+all tune.epochs, blocks and head all finetune_epochs, and the last weights are kept.
+
 Starting from a fitted head is the usual recipe: a random head's large gradients would first
 wreck the pretrained filters. Its model: emotr.search.finetune_model; its training set:
 emotr.search.finetune_set.
@@ -37,7 +40,9 @@ _PREDICT_BATCH = 64
 
 def _pooled_model(data: FineTuneSet) -> keras.Model:
     """activation -> the backbone's blocks above it -> GAP: the features a head starts on."""
-    model = build_finetune_model(HeadParams(n_layers=0), data.a_train.shape[1:], data.activation)
+    model = build_finetune_model(
+        HeadParams(n_layers=0), data.a_train.shape[1:], data.activation, backbone=data.backbone
+    )
     for name, weights in data.block_weights.items():
         model.get_layer(name).set_weights(weights)
     return keras.Model(model.input, model.get_layer("avg_pool").output)
@@ -81,7 +86,9 @@ def fit_finetune(
     )  # fmt: skip
     if fitted.stopped_by_callback:  # pruned on the head's curve: no fine-tuning
         return fitted
-    model = build_finetune_model(params, data.a_train.shape[1:], data.activation, g_train)
+    model = build_finetune_model(
+        params, data.a_train.shape[1:], data.activation, g_train, backbone=data.backbone
+    )
     for name, weights in data.block_weights.items():
         model.get_layer(name).set_weights(weights)
     model.get_layer("head").set_weights(fitted.model.get_weights())
@@ -105,8 +112,8 @@ def _train_jointly(
     on_epoch_end: Callable[[int, dict], bool | None] | None,
 ) -> tuple[dict[str, list[float]], bool]:
     """Up to finetune_epochs joint epochs with early stopping on val AUC counted from start_auc
-    (the model's own); leaves the best weights in `model`. Returns the curves and whether
-    on_epoch_end stopped it."""
+    (the model's own); leaves the best weights in `model` (params.early_stopping=false: all
+    epochs, the last weights). Returns the curves and whether on_epoch_end stopped it."""
     step = train_step(model, params)
     best_auc, best_weights, waited, stopped = start_auc, model.get_weights(), 0, False
     rng = np.random.default_rng(seed)
@@ -121,13 +128,16 @@ def _train_jointly(
         if on_epoch_end is not None and on_epoch_end(epoch, dict(logs)):
             stopped = True
             break
+        if not params.early_stopping:
+            continue
         if logs["val_auc"] > best_auc:
             best_auc, best_weights, waited = logs["val_auc"], model.get_weights(), 0
         else:
             waited += 1
             if waited >= params.finetune_patience:
                 break
-    model.set_weights(best_weights)
+    if params.early_stopping:
+        model.set_weights(best_weights)
     return history, stopped
 
 

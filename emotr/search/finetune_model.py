@@ -1,4 +1,4 @@
-"""The model of deep fine-tuning: VGG16's blocks above a cached activation, GAP, the head.
+"""The model of deep fine-tuning: the backbone's blocks above a cached activation, GAP, the head.
 
 Built by the trials that fine-tune (emotr.search.finetune) and by the deployable model
 (emotr.deploy.serving), which runs the frozen blocks on pixels, rounds their output to the
@@ -17,23 +17,20 @@ import numpy as np
 from emotr.cache.activations import STORED_DTYPE
 from emotr.config import BackboneConfig, HeadParams
 from emotr.extract.backbone import FeatureExtractor, OnExtractor, build_extractor
+from emotr.extract.weights import BLOCK_CONVS, conv_layers
 from emotr.search.head import build_head
 from emotr.taps import activation_shape
 
-# VGG16's blocks 4 and 5: three 3x3 convolutions of 512 filters, then a 2x2 max pool.
-_CONVS_PER_BLOCK = 3
+# VGG's blocks 4 and 5: three (VGG16) or four (VGG19) 3x3 convolutions of 512 filters, then a
+# 2x2 max pool.
 FILTERS = 512
 _TOP_BLOCK = 5
 
 
 def trained_blocks(activation: str) -> tuple[int, ...]:
-    """The VGG16 blocks above a cached activation: block4_pool -> (5,), block3_pool -> (4, 5)."""
+    """The blocks above a cached activation: block4_pool -> (5,), block3_pool -> (4, 5)."""
     block = int(activation.removeprefix("block").removesuffix("_pool"))
     return tuple(range(block + 1, _TOP_BLOCK + 1))
-
-
-def _block_layers(blocks: Sequence[int]) -> list[str]:
-    return [f"block{b}_conv{k}" for b in blocks for k in range(1, _CONVS_PER_BLOCK + 1)]
 
 
 def backbone_block_weights(cfg: BackboneConfig, activation: str) -> dict[str, list[np.ndarray]]:
@@ -43,7 +40,7 @@ def backbone_block_weights(cfg: BackboneConfig, activation: str) -> dict[str, li
     (conv_base,) = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     return {
         name: conv_base.get_layer(name).get_weights()
-        for name in _block_layers(trained_blocks(activation))
+        for name in conv_layers(cfg.name, trained_blocks(activation))
     }
 
 
@@ -52,15 +49,17 @@ def build_finetune_model(
     activation_shape: Sequence[int],
     activation: str,
     x_adapt: np.ndarray | None = None,
+    backbone: str = "vgg16",
 ) -> keras.Model:
-    """(B, h, w, c) activation -> the VGG16 blocks above it -> GAP -> the head (a nested model).
+    """(B, h, w, c) activation -> the blocks above it of `backbone` (backbone.name: vgg16 |
+    vgg19) -> GAP -> the head (a nested model).
 
     x_adapt: pooled features the head's Normalization adapts to (params.standardize).
     """
     inputs = keras.Input(tuple(activation_shape), name="activation")
     hidden = inputs
     for block in trained_blocks(activation):
-        for k in range(1, _CONVS_PER_BLOCK + 1):
+        for k in range(1, BLOCK_CONVS[backbone][block] + 1):
             conv = keras.layers.Conv2D(
                 FILTERS, 3, padding="same", activation="relu", name=f"block{block}_conv{k}"
             )
@@ -93,5 +92,5 @@ def serving_parts(
     """(pixels -> activation, activation -> probability) of a deployable fine-tuned model; the
     caller loads the trained weights into the second."""
     shape = activation_shape(activation, backbone.input_size)
-    model = build_finetune_model(head, shape, activation)
+    model = build_finetune_model(head, shape, activation, backbone=backbone.name)
     return ActivationInput(backbone, activation, batch_size), model

@@ -26,9 +26,10 @@ class FineTuneSet(FeatureSet):
 
     a_train: np.ndarray  # (n_train, h, w, c), any float dtype (bfloat16 as cached)
     a_val: np.ndarray
-    activation: str  # the VGG16 layer they are the output of, e.g. block4_pool
+    activation: str  # the backbone layer they are the output of, e.g. block4_pool
     # The backbone's weights of the blocks above it, by layer name: where fine-tuning starts.
     block_weights: dict[str, list[np.ndarray]]
+    backbone: str = "vgg16"  # backbone.name: how many convolutions those blocks have
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,4 +80,5 @@ def load_finetune_set(
         a_val=arrays["val"],
         activation=activation,
         block_weights=backbone_block_weights(backbone, activation),
+        backbone=backbone.name,
     )

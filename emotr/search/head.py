@@ -36,7 +36,8 @@ _EPSILON = 1e-7
 
 @dataclass
 class HeadResult:
-    """A fitted head (best epoch's weights), its per-epoch history and its validation metrics."""
+    """A fitted head (the best epoch's weights with early stopping, else the last epoch's), its
+    per-epoch history and its validation metrics (of those weights)."""
 
     model: keras.Model
     history: dict[str, list[float]]
@@ -54,7 +55,9 @@ def build_head(
 ) -> keras.Model:
     """[Normalization adapted on x_train] -> n_layers x (Dense, Dropout) -> Dense(1, sigmoid).
 
-    HeadParams bounds n_layers by config.MAX_HEAD_LAYERS, the depth this builds.
+    HeadParams bounds n_layers by config.MAX_HEAD_LAYERS, the depth this builds. The hidden
+    kernels start from params.kernel_init; the output layer keeps Keras' default (glorot_uniform),
+    as the tutorial's Dense(1, sigmoid) did.
     """
     inputs = keras.Input(shape=(n_features,), name="features")
     hidden = inputs
@@ -70,6 +73,7 @@ def build_head(
         hidden = keras.layers.Dense(
             params.units,
             activation=keras.activations.get(params.activation),
+            kernel_initializer=params.kernel_init,
             kernel_regularizer=regularizer,
             name=f"dense_{index}",
         )(hidden)
@@ -147,7 +151,9 @@ def fit_head(
     seed: int = 0,
     on_epoch_end: Callable[[int, dict], bool | None] | None = None,
 ) -> HeadResult:
-    """Train a head with early stopping on val AUC (best weights restored) and score it.
+    """Train a head and score it: with params.early_stopping, stopping after `patience` epochs
+    without a better val AUC, the best epoch's weights restored; without, all `epochs` epochs,
+    the last epoch's weights kept (the tutorial's procedure; `patience` is unused).
 
     on_epoch_end(epoch, logs) is called after every epoch (1-based) with the train and validation
     numbers; returning True stops training after that epoch (used for pruning).
@@ -170,16 +176,20 @@ def fit_head(
         jit_compile=False,
     )
     validation = _ValidationMetrics(x_val, y_val, on_epoch_end)
-    stopping = keras.callbacks.EarlyStopping(
-        monitor="val_auc", mode="max", patience=patience, restore_best_weights=True
-    )
+    callbacks: list[keras.callbacks.Callback] = [validation]
+    if params.early_stopping:  # after `validation`: it reads the val_auc that one writes
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_auc", mode="max", patience=patience, restore_best_weights=True
+            )
+        )
     started = time.perf_counter()
     fitted = model.fit(
         _train_dataset(params, x_train, y_train, seed),
         epochs=epochs,
         shuffle=False,
         verbose=0,
-        callbacks=[validation, stopping],  # order matters: stopping reads val_auc
+        callbacks=callbacks,
     )
     train_seconds = time.perf_counter() - started
     history = {
@@ -204,6 +214,7 @@ def head_result(
         history=history,
         metrics={
             **evaluate_scores(y_val, scores),
+            # The restored epoch with early stopping; without it, where the curve peaked.
             "best_epoch": float(int(np.argmax(history["val_auc"])) + 1),
         },
         val_scores=scores,

@@ -1,4 +1,7 @@
-"""What a search reports: the live status line, the summary on its `tune` run, the top trials."""
+"""What a search reports: the live status line and the summary on its `tune` run.
+
+The best trials as the console shows them: emotr.search.top_trials.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +16,8 @@ from typing import TYPE_CHECKING, Any
 import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
-from rich.table import Table
 
-from emotr.config import Config, HeadParams, TuneConfig
+from emotr.config import Config, TuneConfig
 from emotr.config_io import to_yaml
 from emotr.search.study import (
     ERROR_ATTR,
@@ -39,9 +41,6 @@ FINAL_METRICS += ("val_log_loss", "best_epoch", "train_seconds")
 _HIDDEN_ATTRS = ("enqueued_params", "head_params", "val_auc_curve", LEASE_ATTR)
 # What the plots call the objective.
 TARGET_NAME = "val AUC"
-# Short headers of the top-trials table; other head params show under their own name.
-_SHORT = {"n_layers": "layers", "activation": "act", "dropout": "drop", "learning_rate": "lr"}
-_SHORT |= {"batch_size": "batch", "standardize": "std", "class_weight": "cw"}
 
 
 @dataclass(frozen=True)
@@ -279,17 +278,3 @@ def _quiet() -> Iterator[None]:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", UserWarning)
         yield
-
-
-def top_table(result: SearchResult, n: int = 5) -> Table:
-    """The n best complete trials of the study with their head params."""
-    table = Table(title=f"Top {n} trials of study {result.study_name!r}")
-    names = list(HeadParams.model_fields)
-    for header in ["trial", "val AUC", *(_SHORT.get(name, name) for name in names)]:
-        table.add_column(header, justify="right")
-    top = result.trials[result.trials["state"] == "COMPLETE"].nlargest(n, "value")
-    for _, row in top.iterrows():
-        values = [row.get(f"param_{name}") for name in names]
-        cells = [f"{value:.2g}" if isinstance(value, float) else str(value) for value in values]
-        table.add_row(str(row["number"]), f"{row['value']:.4f}", *cells)
-    return table

@@ -137,8 +137,9 @@ def check_features(study: optuna.Study, identity: dict[str, str]) -> None:
 def suggest_params(trial: optuna.Trial, tune: TuneConfig) -> HeadParams:
     """Head params of a trial: the search space's suggestions, the rest from tune.baseline.
 
-    An enqueued value outside the space (the baseline's l2=0 against a log-scale range) is used
-    for the trial but not told to Optuna, which cannot represent it.
+    An enqueued value outside the space is used for the trial but not told to Optuna, which
+    cannot represent it: the baseline's l2=0 against a log-scale range, and its he_normal and
+    early_stopping=false against the searched trials' one-choice entries.
     """
     enqueued = trial.user_attrs.get("enqueued_params", {})
     params = tune.baseline.model_dump()

@@ -140,7 +140,7 @@ def train_trial(features: FeatureSet, job: TrialJob) -> TrialOutcome:
         "plots/roc_curve.png": plots.roc_figure(*result.roc[:2], result.metrics["val_auc"]),
         "plots/confusion_matrix.png": plots.confusion_figure(result.confusion, job.classes),
         "plots/learning_curves.png": plots.learning_curves_figure(
-            result.history, int(result.metrics["best_epoch"])
+            result.history, _restored_epoch(job.params, result.metrics)
         ),
     }
     # A pruned head is never deployed: skip saving it.
@@ -158,6 +158,12 @@ def train_trial(features: FeatureSet, job: TrialJob) -> TrialOutcome:
         finished=time.time(),
         cpu_seconds=time.process_time() - cpu_started,
     )
+
+
+def _restored_epoch(params: HeadParams, metrics: dict[str, float]) -> int | None:
+    """The epoch whose weights early stopping restored; None without early stopping (the last
+    epoch's weights are kept: there is nothing to mark)."""
+    return int(metrics["best_epoch"]) if params.early_stopping else None
 
 
 def _pruning_check(job: TrialJob) -> Any:

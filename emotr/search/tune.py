@@ -32,7 +32,6 @@ from emotr.search.report import (
     search_failure,
     status_line,
     summarize_search,
-    top_table,
 )
 from emotr.search.study import (
     LOST_PREFIX,
@@ -53,6 +52,7 @@ from emotr.search.study import (
     renew_lease,
     suggest_params,
 )
+from emotr.search.top_trials import top_table
 from emotr.search.training_set import FeatureSet
 from emotr.search.trial import TrialJob, TrialOutcome, submit_trial, task_failure
 from emotr.track import MLFLOW_PARENT_RUN_ID, Tracker

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -119,3 +122,65 @@ def test_a_tracking_store_that_does_not_answer_stops_work_but_not_a_run_with_not
     idle = emotr(*down)  # nothing left to do: the store is not needed, nor asked
     assert idle.returncode == 0, idle.stderr
     assert "nothing new to extract" in idle.stdout.replace("\n", " ")
+
+
+@pytest.fixture(scope="module")
+def run_with_a_conflict(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """`emotr run` (its output captured, as `> log` would) on demo images plus one file copied
+    under the other label; its tracking store and registered model are under the root."""
+    root = tmp_path_factory.mktemp("run-conflict")
+    data = root / "data"
+    made = emotr("demo-data", str(data), "--n", "24", "--size", "64x80")
+    assert made.returncode == 0, made.stderr
+    original = sorted((data / "negative").iterdir())[0]
+    shutil.copy(original, data / "positive" / f"copy{original.suffix}")
+    result = emotr(
+        "run",
+        "-c",
+        "conf/smoke.yaml",
+        f"data.root={data}",
+        "data.generate_demo=false",
+        *store_overrides(root),
+    )
+    assert result.returncode == 0, result.stderr
+    return root, data, result
+
+
+def test_a_run_in_a_log_shows_the_top_trials_whole_and_a_conflict_as_one_log_line(
+    run_with_a_conflict,
+):
+    _, _, result = run_with_a_conflict
+    table = result.stdout[result.stdout.index("Top 3 trials") :]
+    assert len(re.findall(r"\b0\.\d{4}\b|\b1\.0000\b", table)) >= 3  # three objectives, whole
+    assert "…" not in table
+    assert "finetune" not in table and "ft lr" not in table  # equal in every trial: left out
+    [line] = [line for line in result.stderr.splitlines() if "identical bytes" in line]
+    assert "WARNING emotr.data.listing: 1 image(s) have identical bytes" in line
+    assert line.rstrip().endswith("(every path is in data/conflicts.csv of the run)")
+    assert "UserWarning" not in result.stderr and "warnings.warn" not in result.stderr
+
+
+def test_predict_takes_overrides_a_second_tracking_store_among_them(
+    run_with_a_conflict, tmp_path: Path
+):
+    root, data, _ = run_with_a_conflict
+    other = tmp_path / "other.yaml"  # a config whose tracking store holds no model
+    other.write_text(
+        f"mlflow:\n  tracking_uri: sqlite:///{tmp_path / 'empty.db'}\n"
+        f"  artifact_location: {tmp_path / 'mlartifacts'}\ncache:\n  root: {root / 'cache'}\n"
+    )
+    images = [str(path) for path in sorted((data / "positive").iterdir())[:2]]
+    uri = f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}"
+
+    found = emotr("predict", "-c", str(other), uri, *images, "--output", str(tmp_path / "p.csv"))
+    assert found.returncode == 0, found.stderr
+    assert "2 images, 0 could not be read" in found.stdout
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 2
+
+    missing = emotr("predict", "-c", str(other), *images)  # its own store: no model there
+    assert missing.returncode == 1
+    assert "no version or alias 'champion'" in " ".join(missing.stderr.split())
+
+    misspelled = emotr("predict", "-c", str(other), "mlflow.tracking_ur=x", *images)
+    assert misspelled.returncode == 2
+    assert "mlflow.tracking_ur: unknown key; did you mean mlflow.tracking_uri?" in misspelled.stderr

@@ -61,8 +61,13 @@ def cache_of(cfg: Config, summary) -> FeatureCache:
     return FeatureCache.open(cfg.cache.root, summary.fingerprint)
 
 
-def test_pipeline_features_equal_a_single_process_extractor(tmp_path, ray_local):
-    cfg = demo_config(tmp_path)
+# The tutorial's backbone and input handling: each reaches the actors and the decode tasks.
+TUTORIAL = ("backbone.name=vgg19", "backbone.preprocess=rescale", "decode.resize=nearest")
+
+
+@pytest.mark.parametrize("overrides", [(), TUTORIAL], ids=["default", "tutorial"])
+def test_pipeline_features_equal_a_single_process_extractor(tmp_path, ray_local, overrides):
+    cfg = demo_config(tmp_path, *overrides)
     listing = list_images(cfg.data)
     summary = extract_features(cfg, listing, progress=False)
     assert (summary.n_extracted, summary.n_failed, summary.n_cached) == (24, 0, 0)

@@ -23,7 +23,7 @@ from emotr.config import DataConfig
 from emotr.config_io import to_yaml
 from emotr.data.index import index_location, read_index, scan_images, write_index
 from emotr.track import Tracker
-from tests.conftest import demo_config
+from tests.conftest import demo_config, warns_in_log
 from tests.run_cli import run_python
 
 pytestmark = pytest.mark.slow
@@ -232,7 +232,7 @@ def test_an_s3_data_root_is_listed_from_metadata_with_its_index_in_an_s3_cache(s
 
 
 def test_conflicts_and_bad_files_hashed_on_workers_are_artifacts_of_the_run(
-    tmp_path, ray_local, mlflow_server
+    tmp_path, ray_local, mlflow_server, caplog
 ):
     cfg = demo_config(
         tmp_path,
@@ -249,7 +249,7 @@ def test_conflicts_and_bad_files_hashed_on_workers_are_artifacts_of_the_run(
     broken.write_bytes(b"not an image")
     tracker = Tracker(cfg.mlflow)
 
-    with pytest.warns(UserWarning, match="identical bytes"):
+    with warns_in_log(caplog, "identical bytes"):
         summary = pipeline.extract(cfg, tracker, pipeline.prepare_scan(cfg))
 
     assert sorted(summary.listing.conflicts["path"]) == sorted([str(original), str(copy)])

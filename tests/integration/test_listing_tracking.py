@@ -12,13 +12,13 @@ from PIL import Image
 
 from emotr import pipeline
 from emotr.track import Tracker
-from tests.conftest import smoke_config
+from tests.conftest import smoke_config, warns_in_log
 
 pytestmark = pytest.mark.slow
 
 
 def test_files_under_two_labels_are_an_artifact_with_every_path_and_a_metric(
-    tmp_path: Path, mlflow_server
+    tmp_path: Path, mlflow_server, caplog
 ):
     cfg = smoke_config(
         tmp_path,
@@ -37,7 +37,7 @@ def test_files_under_two_labels_are_an_artifact_with_every_path_and_a_metric(
     for index in range(7):
         class_name = cfg.data.classes[index % 2]
         Image.new("RGB", (8, 8), "white").save(root / class_name / f"copy{index}.png")
-    with pytest.warns(UserWarning, match="conflicts.csv"):
+    with warns_in_log(caplog, "conflicts.csv"):
         listing = pipeline.prepare_listing(cfg)
     tracker = Tracker(cfg.mlflow)
     with tracker.run("listing") as run_id:

@@ -62,7 +62,13 @@ def children(client: MlflowClient, tracker: Tracker, parent_id: str) -> dict[str
 
 def test_search_logs_every_trial_to_the_tracking_server(tmp_path: Path, ray_local, mlflow_server):
     cfg = smoke_config(
-        tmp_path, "tune.n_trials=3", "tune.epochs=4", "tune.early_stopping_patience=4"
+        tmp_path,
+        "tune.n_trials=3",
+        "tune.epochs=4",
+        "tune.early_stopping_patience=4",
+        # Every trial here keeps its best epoch (trial 0, the tutorial's, keeps its last:
+        # test_trial_0_is_the_tutorials_recipe_trained_every_epoch).
+        "tune.baseline.early_stopping=true",
     )
     tracker = server_tracker(mlflow_server)
     features = make_features()
@@ -113,6 +119,42 @@ def test_search_logs_every_trial_to_the_tracking_server(tmp_path: Path, ray_loca
     names = {item.path for item in client.list_artifacts(result.parent_run_id, "plots")}
     assert "plots/optimization_history.png" in names
     assert "config.yaml" in {item.path for item in client.list_artifacts(result.parent_run_id)}
+
+
+def test_trial_0_is_the_tutorials_recipe_trained_every_epoch(tmp_path: Path, ray_local):
+    epochs = 6  # tune.epochs, as the recipe's 100 but small; patience 1 would stop it early
+    cfg = smoke_config(
+        tmp_path, "tune.n_trials=2", f"tune.epochs={epochs}", "tune.early_stopping_patience=1"
+    )
+    tracker = Tracker(cfg.mlflow)
+
+    result = run_search(cfg, make_features(), tracker, progress=False)
+
+    assert result.n_complete == 2
+    runs = {
+        int(run.data.tags["optuna.trial_number"]): run
+        for run in tracker.find_all_runs("tags.`emotr.role` = 'trial'")
+    }
+    zero, searched = runs[0].data.params, runs[1].data.params
+    assert (zero["n_layers"], zero["units"], zero["activation"]) == ("1", "512", "relu")
+    assert (zero["kernel_init"], zero["dropout"], zero["l2"]) == ("he_normal", "0.5", "0.0")
+    assert (zero["learning_rate"], zero["batch_size"]) == ("0.0001", "32")
+    assert (zero["early_stopping"], zero["standardize"], zero["class_weight"]) == ("False",) * 3
+    assert (searched["early_stopping"], searched["kernel_init"]) == ("True", "glorot_uniform")
+    run_id = runs[0].info.run_id
+    for key in PER_EPOCH:  # every epoch's point, then the kept model's numbers one step later
+        history = tracker.client.get_metric_history(run_id, key)
+        assert sorted(p.step for p in history if p.step <= epochs) == list(range(1, epochs + 1))
+    curve = sorted(tracker.client.get_metric_history(run_id, "val_auc"), key=lambda p: p.step)
+    assert curve[-1].step == epochs + 1
+    assert curve[-1].value == pytest.approx(curve[-2].value, abs=1e-6)  # the last epoch's model
+    # The packed model is the notebook's head: Dense(512, relu, he_normal), Dropout(0.5).
+    model = mlflow.keras.load_model(
+        tracker.client.download_artifacts(run_id, "model", str(tmp_path))
+    )
+    hidden = model.get_layer("dense_0")
+    assert hidden.units == 512 and type(hidden.kernel_initializer).__name__ == "HeNormal"
+    assert model.get_layer("dropout_0").rate == 0.5
 
 
 def tracker_name(tracker: Tracker) -> str:

@@ -174,6 +174,31 @@ def test_extractor_inputs_name_what_changes_features():
     assert feature_dim(backbone("none")) == 512
 
 
+def test_extractor_inputs_name_the_backbone_and_its_preprocessing():
+    default = extractor_inputs(backbone("none"))
+    assert (default["backbone"], default["preprocessing"]) == ("vgg16", "caffe")
+    rescale = extractor_inputs(backbone("none", preprocess="rescale"))
+    assert rescale["preprocessing"] == "rescale"
+    vgg19 = extractor_inputs(backbone("none", name="vgg19"))
+    assert vgg19["backbone"] == "vgg19" and vgg19["feature_dim"] == "512"
+    # Only what was asked for changes: the other inputs stay those of today's caches.
+    assert {k: v for k, v in rescale.items() if k != "preprocessing"} == {
+        k: v for k, v in default.items() if k != "preprocessing"
+    }
+    assert {k: v for k, v in vgg19.items() if k != "backbone"} == {
+        k: v for k, v in default.items() if k != "backbone"
+    }
+
+
+def test_rescale_preprocessing_is_the_tutorials_x_over_255(none_small):
+    pixels = random_pixels(2, seed=4)
+    rescaled = FeatureExtractor(backbone("none", preprocess="rescale"))
+    conv_base = rescaled.model.get_layer("vgg16")
+    expected = keras.ops.convert_to_numpy(conv_base(pixels.astype(np.float32) / 255)).mean((1, 2))
+    np.testing.assert_allclose(rescaled(pixels), expected, atol=1e-4, rtol=1e-5)
+    assert not np.allclose(rescaled(pixels), none_small(pixels), atol=1e-3)
+
+
 def test_preprocessing_inside_matches_keras_preprocess_input(hed_small):
     pixels = random_pixels(2, seed=3)
     preprocessed = keras.applications.vgg16.preprocess_input(pixels.astype(np.float32))

@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from emotr.cache.fingerprint import fingerprint_of
+from emotr.cache.fingerprint import fingerprint_of, tap_inputs
 from emotr.cache.maintenance import compact_cache, export_npy, gc_cache, list_caches, verify_cache
 from emotr.cache.store import CacheMiss, FeatureCache, part_name
 from emotr.config import BackboneConfig, DecodeConfig
@@ -195,6 +195,66 @@ def test_fingerprint_changes_with_decode_background_only_for_pixels():
     backbone = BackboneConfig(weights="none", input_size=(32, 32))
     base, _ = compute_fingerprint(backbone, DecodeConfig())
     assert compute_fingerprint(backbone, DecodeConfig(background=(0, 0, 0)))[0] != base
+
+
+def test_the_default_fingerprints_are_those_of_the_caches_made_before_vgg19():
+    """Pinned values computed before backbone.name=vgg19, backbone.preprocess and decode.resize
+    existed: vgg16 + caffe + bilinear must find the caches users already have."""
+    small = BackboneConfig(weights="none", input_size=(32, 32))
+    fingerprint, inputs = compute_fingerprint(small, DecodeConfig())
+    assert fingerprint == "c4be3950a8aa4df6"
+    assert fingerprint_of(tap_inputs(inputs, "gmp5")) == "2a0a0a752e3f6d20"
+    assert compute_fingerprint(BackboneConfig(), DecodeConfig())[0] == "d518ccf8e260daf4"
+    other = BackboneConfig(weights="none", input_size=(400, 500), precision="bfloat16")
+    assert compute_fingerprint(other, DecodeConfig(background=(0, 0, 0)))[0] == "f84607b52df23fe9"
+
+
+# backbone.name, backbone.preprocess and decode.resize: each its own folder.
+TUTORIAL_CHANGES = [
+    ("backbone", {"name": "vgg19"}),
+    ("backbone", {"preprocess": "rescale"}),
+    ("decode", {"resize": "nearest"}),
+    ("backbone", {"name": "vgg19", "preprocess": "rescale"}),
+]
+
+
+@pytest.mark.parametrize(("section", "change"), TUTORIAL_CHANGES)
+def test_backbone_preprocess_and_resize_get_caches_of_their_own(section, change, tmp_path):
+    backbone = BackboneConfig(weights="none", input_size=(32, 32))
+    decode = DecodeConfig()
+    root = str(tmp_path / "cache")
+    base, base_inputs = compute_fingerprint(backbone, decode)
+    names = keys("a", "b", "c")
+    commit(FeatureCache(root, base, base_inputs), names)
+    if section == "backbone":
+        backbone = backbone.model_copy(update=change)
+    else:
+        decode = decode.model_copy(update=change)
+    fingerprint, inputs = compute_fingerprint(backbone, decode)
+    assert fingerprint != base
+    changed = FeatureCache(root, fingerprint, inputs)
+    assert changed.cached_hashes() == set()  # nothing of the default's is taken for its own
+    commit(changed, names[:1])
+    # The default's cache is left as it was.
+    assert FeatureCache.open(root, base).cached_hashes() == set(names)
+    assert FeatureCache.open(root, fingerprint).cached_hashes() == set(names[:1])
+    assert {info.fingerprint for info in list_caches(root)} == {base, fingerprint}
+
+
+def test_each_tutorial_setting_names_its_own_fingerprint():
+    backbone = BackboneConfig(weights="none", input_size=(32, 32))
+    fingerprints = {compute_fingerprint(backbone, DecodeConfig())[0]}
+    for section, change in TUTORIAL_CHANGES:
+        changed_backbone = backbone.model_copy(update=change) if section == "backbone" else backbone
+        decode = DecodeConfig(**change) if section == "decode" else DecodeConfig()
+        fingerprints.add(compute_fingerprint(changed_backbone, decode)[0])
+    assert len(fingerprints) == 1 + len(TUTORIAL_CHANGES)
+    _, inputs = compute_fingerprint(
+        backbone.model_copy(update={"name": "vgg19", "preprocess": "rescale"}),
+        DecodeConfig(resize="nearest"),
+    )
+    assert (inputs["backbone"], inputs["preprocessing"]) == ("vgg19", "rescale")
+    assert inputs["resize"].startswith("pillow-nearest")
 
 
 class FaultyLocalFileSystem(LocalPassThrough):

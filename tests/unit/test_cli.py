@@ -1,11 +1,26 @@
 """The `emotr` command as a user runs it: a real subprocess, real files, exit codes and messages."""
 
+import io
+import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
+from rich.console import Console
 
+from emotr.cli.options import GRAMMAR, split_overrides
+from emotr.config import HeadParams
+from emotr.search.report import SearchResult
+from emotr.search.top_trials import top_table
 from tests.run_cli import emotr
+
+# Every command that reads a config: one grammar, `-c FILE` then section.key=value overrides.
+CONFIG_COMMANDS = [
+    ["extract"], ["tune"], ["run"], ["promote"], ["predict"], ["doctor"],
+    ["cache", "ls"], ["cache", "verify"], ["cache", "gc"], ["cache", "compact"],
+    ["cache", "export"],
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -77,3 +92,87 @@ def test_unreachable_imagenet_weights_fail_with_the_alternatives(tmp_path: Path)
     assert "backbone.weights=hed-bsds500" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list((tmp_path / "cache").rglob("part-*.parquet"))
+
+
+@pytest.mark.parametrize("command", CONFIG_COMMANDS, ids=" ".join)
+def test_every_command_that_reads_a_config_shows_the_same_grammar(command):
+    result = emotr(*command, "--help", env={**os.environ, "COLUMNS": "300"})
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    usage = text[text.index("Usage:") : text.index(command[-1]) + 200]
+    assert "[section.key=value]..." in usage
+    assert "--config -c" in text
+    assert GRAMMAR in text
+
+
+def test_predict_refuses_a_misspelled_override_naming_it_before_any_work(tmp_path: Path):
+    result = emotr("predict", "-c", "conf/smoke.yaml", "tune.n_trails=3", str(tmp_path))
+    assert result.returncode == 2
+    assert "tune.n_trails: unknown key; did you mean tune.n_trials?" in result.stderr
+    assert "champion" not in result.stderr  # it did not go looking for a model
+    assert "Traceback" not in result.stderr
+
+
+def test_predict_tells_overrides_from_inputs():
+    arguments = [
+        "mlflow.tracking_uri=sqlite:///other.db",
+        "photos/",
+        "./tune.n_trials=3.jpg",  # a file whose name holds '=': given as ./NAME
+        "a=b.jpg",
+        "dir/x.y=1.png",
+        "tune.baseline.units=64",
+    ]
+    overrides, inputs = split_overrides(arguments)
+    assert overrides == ["mlflow.tracking_uri=sqlite:///other.db", "tune.baseline.units=64"]
+    assert inputs == ["photos/", "./tune.n_trials=3.jpg", "a=b.jpg", "dir/x.y=1.png"]
+
+
+def test_an_override_that_is_also_a_file_says_how_to_give_the_file(tmp_path: Path):
+    (tmp_path / "happy.face=1.jpg").write_bytes(b"")
+    result = emotr("predict", "happy.face=1.jpg", cwd=tmp_path)
+    assert result.returncode == 2
+    said = " ".join(result.stderr.split())
+    assert "happy: unknown key" in said and "write ./happy.face=1.jpg" in said
+
+
+def _search(rows: list[dict]) -> SearchResult:
+    trials = pd.DataFrame(
+        [
+            {"number": i, "value": value, "state": "COMPLETE"}
+            | {f"param_{k}": v for k, v in HeadParams(**params).model_dump().items()}
+            for i, (value, params) in enumerate(rows)
+        ]
+    )
+    return SearchResult("s", 0, None, None, None, None, None, len(rows), 0, 0, 0, [], trials, "", 0)
+
+
+def _rendered(result: SearchResult, width: int) -> str:
+    out = io.StringIO()
+    Console(file=out, width=width).print(top_table(result))
+    return out.getvalue()
+
+
+def test_top_trials_in_a_log_show_the_objective_whole_and_only_params_that_vary():
+    searched = {
+        "n_layers": 2, "units": 128, "activation": "gelu", "dropout": 0.31, "l2": 1.5e-05,
+        "learning_rate": 0.00043, "batch_size": 64, "standardize": True, "class_weight": True,
+    }  # fmt: skip
+    result = _search([(0.876543, {}), (0.912345, searched), (0.801, {"units": 64})])
+    for width in (80, 60, 40):  # a log (80 columns) and narrower terminals
+        text = _rendered(result, width)
+        assert "0.9123" in text and "0.8765" in text and "0.8010" in text, text
+        assert "…" not in text
+        for varying in ("units", "lr", "drop", "layers", "batch"):
+            assert varying in text
+        for constant in ("finetune", "ft lr", "features", "gap5"):
+            assert constant not in text  # equal in every trial: left out
+    best_first = _rendered(result, 80)
+    assert best_first.index("0.9123") < best_first.index("0.8765") < best_first.index("0.8010")
+
+
+def test_top_trials_fit_an_80_column_log_as_a_table_when_they_can():
+    result = _search([(0.9, {"units": 64}), (0.8, {"units": 512})])
+    text = _rendered(result, 80)
+    header = next(line for line in text.splitlines() if "val AUC" in line)
+    assert header.split() == ["trial", "val", "AUC", "units"]
+    assert max(len(line) for line in text.splitlines()) <= 80

@@ -15,14 +15,15 @@ from emotr.config import (
 )
 from emotr.config_io import DEFAULT_CONFIG, load_config, to_flat_dict, to_yaml
 
-CONF = DEFAULT_CONFIG.parent
+# The user-facing copies (DEFAULT_CONFIG is the package's own, inside emotr/).
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def test_default_yaml_documents_exactly_the_schema_defaults():
     assert load_config([DEFAULT_CONFIG]) == Config()
 
 
-@pytest.mark.parametrize("name", ["default", "demo", "smoke", "cluster"])
+@pytest.mark.parametrize("name", ["default", "demo", "smoke", "cluster", "tutorial"])
 def test_every_shipped_config_is_valid(name):
     load_config([CONF / f"{name}.yaml"])
 
@@ -68,6 +69,9 @@ def test_search_space_in_a_file_replaces_the_default_whole(tmp_path: Path):
         ("tune.search_space.dropout={type: uniform}", ["search_space.dropout", "uniform", "int"]),
         ("tune.trial_timeout_s=0", ["tune.trial_timeout_s", "greater than 0"]),
         ("tune.min_complete_fraction=1.5", ["tune.min_complete_fraction", "1.5"]),
+        ("backbone.name=resnet50", ["backbone.name", "'vgg16'", "'vgg19'", "'resnet50'"]),
+        ("backbone.preprocess=torch", ["backbone.preprocess", "'caffe'", "'rescale'", "'torch'"]),
+        ("decode.resize=bicubic", ["decode.resize", "'bilinear'", "'nearest'", "'bicubic'"]),
     ],
 )
 def test_bad_values_fail_naming_the_key_and_value(override, expected):
@@ -150,3 +154,112 @@ def test_baseline_is_head_params_and_a_partial_override_keeps_the_rest():
 def test_trial_timeout_can_be_switched_off():
     assert Config().tune.trial_timeout_s == 3600
     assert load_config([], ["tune.trial_timeout_s=null"]).tune.trial_timeout_s is None
+
+
+def test_the_tutorials_backbone_settings_load_and_the_defaults_stay_todays():
+    default = Config()
+    assert (default.backbone.name, default.backbone.preprocess) == ("vgg16", "caffe")
+    assert default.decode.resize == "bilinear"
+    cfg = load_config(
+        [], ["backbone.name=vgg19", "backbone.preprocess=rescale", "decode.resize=nearest"]
+    )
+    assert (cfg.backbone.name, cfg.backbone.preprocess, cfg.decode.resize) == (
+        "vgg19",
+        "rescale",
+        "nearest",
+    )
+
+
+def test_hed_weights_with_vgg19_are_refused_naming_both_keys(tmp_path: Path):
+    # demo.yaml sets backbone.weights=hed-bsds500: asking for vgg19 on top of it is the mistake.
+    with pytest.raises(ConfigError) as error:
+        load_config([CONF / "demo.yaml"], ["backbone.name=vgg19"])
+    message = str(error.value)
+    assert "backbone.name=vgg19" in message
+    assert "backbone.weights=hed-bsds500" in message
+    assert "backbone.name=vgg16" in message  # one of the fixes
+    extra = tmp_path / "vgg19.yaml"
+    extra.write_text("backbone:\n  name: vgg19\n  weights: hed-bsds500\n")
+    with pytest.raises(ConfigError, match=r"backbone\.weights=hed-bsds500"):
+        load_config([extra])
+    assert load_config([CONF / "demo.yaml"], ["backbone.name=vgg19", "backbone.weights=none"])
+
+
+def test_the_tutorial_config_is_the_notebooks_recipe_alone():
+    cfg = load_config([CONF / "tutorial.yaml"])
+
+    assert (cfg.backbone.name, cfg.backbone.input_size) == ("vgg19", (400, 500))
+    assert (cfg.backbone.preprocess, cfg.decode.resize) == ("rescale", "nearest")
+    assert cfg.backbone.weights == "imagenet"
+    assert cfg.tune.n_trials == 1 and cfg.tune.epochs == 100  # trial 0 alone, all 100 epochs
+    assert cfg.tune.baseline == HeadParams()  # the schema's defaults are the recipe
+    assert cfg.data.val_fraction == 0.2
+    # Offline (no ImageNet download here) the same recipe runs on random weights.
+    assert load_config([CONF / "tutorial.yaml"], ["backbone.weights=none"]).backbone.name == "vgg19"
+
+
+def test_kernel_init_and_early_stopping_are_checked_head_parameters():
+    with pytest.raises(ConfigError) as error:
+        load_config([], ["tune.baseline.kernel_init=he_uniform"])
+    for text in ("tune.baseline.kernel_init", "'he_normal'", "'glorot_uniform'", "he_uniform"):
+        assert text in str(error.value)
+    with pytest.raises(ConfigError, match=r"tune\.search_space.*kernel_init.*he_uniform"):
+        load_config(
+            [], ["tune.search_space.kernel_init={type: categorical, choices: [he_uniform]}"]
+        )
+    with pytest.raises(ConfigError, match=r"tune\.baseline\.early_stopping"):
+        load_config([], ["tune.baseline.early_stopping=sometimes"])
+    searched = load_config([], ["tune.baseline.early_stopping=true"]).tune.baseline
+    assert searched.early_stopping and searched == HeadParams(early_stopping=True)
+
+
+def test_searched_trials_keep_early_stopping_and_keras_default_init():
+    """The default space's one-choice entries: searched trials' procedure, not trial 0's."""
+    tune = Config().tune
+    assert tune.choices("early_stopping") == (True,)
+    assert tune.choices("kernel_init") == ("glorot_uniform",)
+    assert tune.searched("early_stopping") == [False, True]  # trial 0's, then the searched ones'
+
+
+def _recipe_rows(readme: str) -> list[str]:
+    """The rows of the README's recipe table (section "Reproduce the tutorial")."""
+    section = readme.split("## Reproduce the tutorial", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+
+
+def test_the_readme_recipe_table_is_what_conf_tutorial_yaml_loads():
+    """Each `key: value` of the table's emotr column is the value conf/tutorial.yaml gives."""
+    import re
+
+    import yaml
+
+    cfg = load_config([CONF / "tutorial.yaml"])
+    rows = _recipe_rows((CONF.parent / "README.md").read_text())
+    pairs = [pair for row in rows for pair in re.findall(r"`([a-z_.]+): ([^`]+)`", row)]
+    assert len(pairs) >= 15, pairs
+    for key, text in pairs:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        expected = yaml.safe_load(text)
+        assert (list(value) if isinstance(value, tuple) else value) == expected, key
+
+
+def test_the_packaged_default_config_is_conf_default_yaml_byte_for_byte():
+    # The wheel ships emotr/default.yaml (no conf/ there); readers of the repository edit conf/.
+    assert DEFAULT_CONFIG.parent == Path(__file__).resolve().parents[2] / "emotr"
+    assert DEFAULT_CONFIG.read_bytes() == (CONF / "default.yaml").read_bytes(), (
+        "emotr/default.yaml and conf/default.yaml differ: copy the one you edited over the other"
+    )
+
+
+def test_a_command_without_c_loads_the_packaged_default_from_any_directory(tmp_path: Path):
+    from tests.run_cli import emotr
+
+    listed = emotr("cache", "ls", cwd=tmp_path)  # no -c: the defaults, outside the checkout
+    assert listed.returncode == 0, listed.stderr
+    assert "fingerprint" in listed.stdout
+    misspelled = emotr("cache", "ls", "cache.rot=x", cwd=tmp_path)
+    assert misspelled.returncode == 2
+    assert "cache.rot: unknown key; did you mean cache.root?" in misspelled.stderr
+    assert str(DEFAULT_CONFIG) in misspelled.stderr.replace("\n", "")

@@ -1,7 +1,9 @@
-"""fit_head on small synthetic features: it learns, stops early, standardises on train only."""
+"""fit_head on small synthetic features: it learns, stops early (or trains every epoch, as the
+tutorial's recipe does), standardises on train only; the recipe's head is the notebook's."""
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
@@ -19,6 +21,9 @@ BASE = HeadParams(
     batch_size=32,
     standardize=False,
     class_weight=False,
+    # The searched trials' procedure (the defaults are trial 0's, the tutorial's).
+    kernel_init="glorot_uniform",
+    early_stopping=True,
 )
 METRICS = {
     "val_auc",
@@ -85,6 +90,55 @@ def test_early_stopping_restores_the_best_epoch():
     assert evaluate_scores(y_val, result.val_scores)["val_auc"] == pytest.approx(
         max(curve), abs=1e-6
     )
+
+
+def test_without_early_stopping_every_epoch_trains_and_the_last_is_kept():
+    # The data and head of the test above, where patience 2 stops early: the tutorial's
+    # procedure trains on and scores the model after its last epoch, not the best one.
+    x_train, y_train, x_val, y_val = separable(noise=0.3, seed=1)
+    params = replace(BASE, units=128, dropout=0.0, learning_rate=1e-2, early_stopping=False)
+
+    result = fit_head(params, x_train, y_train, x_val, y_val, epochs=12, patience=2)
+
+    curve = result.history["val_auc"]
+    assert all(len(values) == 12 for values in result.history.values())
+    assert result.metrics["val_auc"] == pytest.approx(curve[-1], abs=1e-6)
+    assert result.metrics["val_auc"] < max(curve), "overfitting: the last epoch is not the best"
+    assert result.metrics["best_epoch"] == int(np.argmax(curve)) + 1  # where the curve peaked
+    scores = np.asarray(result.model(x_val, training=False)).reshape(-1)
+    np.testing.assert_allclose(scores, result.val_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_the_recipe_head_is_the_notebooks():
+    """GAP features -> Dense(512, relu, he_normal) -> Dropout(0.5) -> Dense(1, sigmoid)."""
+    model = build_head(HeadParams(), n_features=512)
+
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["InputLayer", "Dense", "Dropout", "Dense"]  # no Normalization (standardize)
+    hidden, dropout, score = model.layers[1:]
+    assert (hidden.units, hidden.activation.__name__) == (512, "relu")
+    assert isinstance(hidden.kernel_initializer, keras.initializers.HeNormal)
+    assert hidden.kernel_regularizer is None  # l2 0
+    assert dropout.rate == 0.5
+    assert (score.units, score.activation.__name__) == (1, "sigmoid")
+    # Keras' default, as the notebook's Dense(1, sigmoid) has it.
+    assert isinstance(score.kernel_initializer, keras.initializers.GlorotUniform)
+    # The notebook's head (GAP has no weights): 512 x 512 + 512, then 512 + 1.
+    assert model.count_params() == 263_169
+
+
+@pytest.mark.parametrize(
+    ("kernel_init", "initializer"),
+    [
+        ("he_normal", keras.initializers.HeNormal),
+        ("glorot_uniform", keras.initializers.GlorotUniform),
+    ],
+)
+def test_kernel_init_sets_the_hidden_layers_initializer(kernel_init, initializer):
+    model = build_head(replace(BASE, n_layers=2, kernel_init=kernel_init), n_features=16)
+
+    for name in ("dense_0", "dense_1"):
+        assert isinstance(model.get_layer(name).kernel_initializer, initializer)
 
 
 def test_on_epoch_end_sees_every_epoch_and_can_stop_training():
@@ -169,6 +223,18 @@ def test_head_params_are_one_typed_schema_with_the_tutorial_defaults():
         HeadParams(n_layer=2)
     with pytest.raises(ValueError, match="frozen"):
         BASE.units = 8
+    with pytest.raises(ValueError, match="kernel_init"):
+        HeadParams(kernel_init="he_uniform")
+
+
+def test_the_default_head_params_are_the_tutorials_recipe():
+    recipe = HeadParams()
+
+    assert (recipe.n_layers, recipe.units, recipe.activation) == (1, 512, "relu")
+    assert (recipe.kernel_init, recipe.dropout, recipe.l2) == ("he_normal", 0.5, 0.0)
+    assert (recipe.learning_rate, recipe.batch_size) == (1e-4, 32)
+    assert not (recipe.standardize or recipe.class_weight or recipe.early_stopping)
+    assert recipe.features == "gap5" and not recipe.finetune
 
 
 def test_a_trial_head_fits_and_packs_quietly_into_a_loadable_mlflow_model(tmp_path, capfd):

@@ -292,3 +292,52 @@ def test_decode_image_with_size_gives_the_upright_original_size():
     decoded = decode_image_with_size(rotated_jpeg(), (16, 24), max_pixels=MAX_PIXELS)
     assert (decoded.height, decoded.width) == (40, 20)
     assert decoded.pixels.shape == (16, 24, 3)
+
+
+def gradient_png(width: int = 50, height: int = 30) -> bytes:
+    """Noise over gradients: every filter gives its own pixels."""
+    rng = np.random.default_rng(8)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 5, y * 8, (x * y) % 256], -1) + rng.integers(0, 40, (height, width, 3))
+    return encode(Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)), "PNG")
+
+
+@pytest.mark.parametrize(
+    ("resize", "pillow_filter"),
+    [("bilinear", Image.Resampling.BILINEAR), ("nearest", Image.Resampling.NEAREST)],
+)
+def test_decode_resize_gives_the_pixels_of_pillows_filter(resize, pillow_filter):
+    data = gradient_png()
+    expected = Image.open(io.BytesIO(data)).convert("RGB").resize((24, 16), pillow_filter)
+    np.testing.assert_array_equal(decode(data, resize=resize), np.asarray(expected))
+    # Upscaling too (the tutorial's 400 x 500 from smaller photos).
+    expected = Image.open(io.BytesIO(data)).convert("RGB").resize((80, 64), pillow_filter)
+    np.testing.assert_array_equal(decode(data, (64, 80), resize=resize), np.asarray(expected))
+
+
+def test_nearest_and_bilinear_differ_and_bilinear_stays_the_default():
+    data = gradient_png()
+    assert DecodeConfig().resize == "bilinear"
+    np.testing.assert_array_equal(decode(data), decode(data, resize="bilinear"))
+    assert not np.array_equal(decode(data, resize="nearest"), decode(data, resize="bilinear"))
+    with pytest.raises(ValueError, match=r"decode\.resize.*'cubic'"):
+        decode(data, resize="cubic")
+
+
+def test_decode_rules_name_the_resize_filter_and_keep_the_old_bilinear_text():
+    # The text every cache made before decode.resize hashed: the default's fingerprints stay.
+    old = "pillow-bilinear,reducing_gap=None,no-crop,squash"
+    assert decode_rules(DecodeConfig())["resize"] == old
+    nearest = decode_rules(DecodeConfig(resize="nearest"))
+    assert nearest["resize"] == "pillow-nearest,reducing_gap=None,no-crop,squash"
+    assert {k: v for k, v in nearest.items() if k != "resize"} == {
+        k: v for k, v in decode_rules(DecodeConfig()).items() if k != "resize"
+    }
+
+
+def test_decode_batch_resizes_with_the_given_filter(tmp_path):
+    path = tmp_path / "a.png"
+    path.write_bytes(gradient_png())
+    out = decode_batch(batch_of([path]), (16, 24), MAX_PIXELS, (255, 255, 255), resize="nearest")
+    assert out["ok"].all()
+    np.testing.assert_array_equal(out["pixels"][0], decode(gradient_png(), resize="nearest"))

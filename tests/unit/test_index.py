@@ -21,6 +21,7 @@ from emotr.data.index import (
 )
 from emotr.data.listing import DataError, list_images
 from tests import counting_fs
+from tests.conftest import warns_in_log
 from tests.unit.test_listing import write_folders, write_image
 
 
@@ -194,17 +195,17 @@ def test_write_index_replaces_the_old_one_whole(tmp_path):
     assert os.listdir(tmp_path / "cache" / "_listings") == ["x.parquet"]
 
 
-def test_a_warm_listing_takes_the_stored_splits_only_under_the_same_rule(tmp_path, ids):
+def test_a_warm_listing_takes_the_stored_splits_only_under_the_same_rule(tmp_path, ids, caplog):
     root, cache = tmp_path / "data", str(tmp_path / "cache")
     paths = write_folders(root, ids, n_per_class=6)
     (root / "positive" / "copy.jpg").write_bytes(paths[0].read_bytes())  # a label conflict
     cfg = DataConfig(root=str(root))
-    with pytest.warns(UserWarning, match="identical bytes"):
+    with warns_in_log(caplog, "identical bytes"):
         cold = list_images_indexed(cfg, cache)
 
     warm_scan = scan_images(cfg, cache)
     assert warm_scan.stored is not None  # the split rule and the files are unchanged
-    with pytest.warns(UserWarning, match="identical bytes"):  # still said on every run
+    with warns_in_log(caplog, "identical bytes"):  # still said on every run
         warm = warm_scan.complete_here()
     pd.testing.assert_frame_equal(warm.images, cold.images)
     pd.testing.assert_frame_equal(warm.conflicts, cold.conflicts)
@@ -213,9 +214,9 @@ def test_a_warm_listing_takes_the_stored_splits_only_under_the_same_rule(tmp_pat
     reseeded = DataConfig(root=str(root), seed=cfg.seed + 1)
     scan = scan_images(reseeded, cache)
     assert scan.stored is None  # another seed splits anew
-    with pytest.warns(UserWarning, match="identical bytes"):
+    with warns_in_log(caplog, "identical bytes"):
         listing = scan.complete_here()
-    with pytest.warns(UserWarning, match="identical bytes"):
+    with warns_in_log(caplog, "identical bytes"):
         assert listing.digest == list_images(reseeded).digest
     assert scan_images(reseeded, cache).stored is not None  # the index now keeps that rule
 

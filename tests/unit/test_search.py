@@ -22,7 +22,14 @@ from emotr.search.report import (
     importance_figure,
     search_failure,
 )
-from emotr.search.study import LEASE_ATTR, check_storage, count_trials, is_stale
+from emotr.search.study import (
+    LEASE_ATTR,
+    check_storage,
+    count_trials,
+    enqueue_baseline,
+    is_stale,
+    suggest_params,
+)
 from emotr.search.training_set import FeatureSet, load_feature_set
 
 FINGERPRINT = "f" * 16
@@ -225,3 +232,34 @@ def test_a_trial_hands_back_a_typed_outcome():
         "plots/learning_curves.png",
     }
     assert outcome.model is not None and outcome.finished >= outcome.started
+
+
+def test_trial_0_is_the_recipe_and_searched_trials_stop_early():
+    tune = load_config().tune
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    enqueue_baseline(study, tune)
+
+    trials = [study.ask() for _ in range(3)]
+    zero, *searched = [suggest_params(trial, tune) for trial in trials]
+
+    assert zero == tune.baseline and zero.units == 512 and zero.kernel_init == "he_normal"
+    assert not zero.early_stopping
+    # Outside the searched trials' one-choice entries: used, not told to Optuna.
+    assert not {"kernel_init", "early_stopping"} & set(trials[0].params)
+    for params in searched:
+        assert params.early_stopping and params.kernel_init == "glorot_uniform"
+
+
+def test_the_search_space_can_express_the_recipe():
+    """Every searched value of trial 0 lies inside the default space (l2 = 0 cannot on a log
+    scale; the procedure entries are the searched trials' alone)."""
+    tune = load_config().tune
+    outside = {"l2", "kernel_init", "early_stopping"}
+    for name, space in tune.search_space.items():
+        if name in outside:
+            continue
+        value = getattr(tune.baseline, name)
+        if hasattr(space, "choices"):
+            assert value in space.choices, name
+        else:
+            assert space.low <= value <= space.high, name
