@@ -18,13 +18,14 @@ import numpy as np
 
 from emotr.cache.activations import ActivationCache, open_activation_cache
 from emotr.cache.fingerprint import CacheKey
-from emotr.config import Config, HeadParams
+from emotr.config import Config
 from emotr.config_io import to_yaml
 from emotr.data.demo import generate_demo_dataset, is_complete_demo_root, is_demo_root
 from emotr.data.index import Scan, scan_images
 from emotr.data.listing import Listing
 from emotr.extract.driver import ExtractSummary, TooManyFailures, extract_features, plan_extraction
 from emotr.extract.fingerprint import cache_key
+from emotr.hyperparams import HeadParams
 from emotr.search.finetune_set import load_finetune_set, may_finetune
 from emotr.search.training_set import load_feature_set
 from emotr.storage import is_uri

@@ -36,12 +36,12 @@ import requests
 import yaml
 from benchlib import REPO, add_output_arguments, publish
 
-from emotr.config import HeadParams
 from emotr.config_io import load_config
 from emotr.data.demo import generate_demo_dataset
 from emotr.data.imageio import decode_image
 from emotr.deploy.package import Candidate, register_model
 from emotr.deploy.predict import open_predictor, predict_paths
+from emotr.hyperparams import HeadParams
 from emotr.search.head import fit_head
 from emotr.track import Tracker, keras_model_bytes
 

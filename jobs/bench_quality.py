@@ -238,7 +238,7 @@ def run_taps(features: FeatureSet, tracker: Tracker, args, best: dict) -> dict:
     """A head with the search's best params (else the tutorial's) on each features choice, one
     extraction pass for every tap; the logistic regression's val AUC noted beside each."""
     from emotr.cache.sets import open_cache_set
-    from emotr.config import HeadParams
+    from emotr.hyperparams import HeadParams
     from emotr.search.head import fit_head
     from emotr.taps import combine_features
 
@@ -299,7 +299,7 @@ def run_cost(args: argparse.Namespace) -> dict:
     step) against pixels through the whole VGG16, blocks 1-4 frozen (the tutorial's way)."""
     import keras
 
-    from emotr.config import HeadParams
+    from emotr.hyperparams import HeadParams
     from emotr.search.finetune import train_step
     from emotr.search.finetune_model import build_finetune_model
     from emotr.search.head import build_head

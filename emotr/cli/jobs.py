@@ -66,7 +66,7 @@ def demo_data(
 
 
 def extract(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
-    """Extract VGG16 features of every image not yet in the cache (Ray job)."""
+    """Extract VGG features of every image not yet in the cache (Ray job)."""
     from emotr import pipeline
 
     cfg = load_command_config(config, overrides)
@@ -214,13 +214,13 @@ def predict(
     ] = None,
     batch: Annotated[
         int | None,
-        typer.Option(min=1, help="Images per VGG16 forward pass (default: extract.batch_size)."),
+        typer.Option(min=1, help="Images per VGG forward pass (default: extract.batch_size)."),
     ] = None,
 ) -> None:
     """Classify images with a registered model (Ray Data job); a bad file is a row with its reason.
 
     Runs extraction's pipeline (decode tasks, extractor actors) with the model's own decode
-    rules and backbone; images whose features are cached skip VGG16.
+    rules and backbone; images whose features are cached skip the backbone.
     """
     overrides, inputs = split_overrides(arguments)
     if batch:

@@ -11,7 +11,7 @@ from emotr.cli import cache, doctor, jobs
 from emotr.cli.options import GRAMMAR, PREDICT_OPTIONS_METAVAR, main_options
 
 app = typer.Typer(
-    help="Image emotion recognition by transfer learning: VGG16 features on Ray, heads tuned "
+    help="Image emotion recognition by transfer learning: VGG features on Ray, heads tuned "
     "with Optuna, tracked in MLflow.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

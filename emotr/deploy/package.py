@@ -26,7 +26,7 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image
 
 import emotr
-from emotr.config import Config, HeadParams
+from emotr.config import Config
 from emotr.deploy.registry import (
     FEATURE_FINGERPRINT_TAG,
     VALIDATION_ARTIFACT,
@@ -42,6 +42,7 @@ from emotr.deploy.serving import (
 from emotr.extract.backbone import save_conv_base_weights
 from emotr.extract.fingerprint import features_fingerprint
 from emotr.extract.weights import weights_identity
+from emotr.hyperparams import HeadParams
 from emotr.track import Tracker, pinned, pinned_requirements
 
 _MODEL_NAME_IN_RUN = "deployable"

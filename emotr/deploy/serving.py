@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from emotr.config import BackboneConfig, DecodeConfig, HeadParams
+from emotr.config import BackboneConfig, DecodeConfig
 from emotr.data.imageio import DecodeError, decode_image, failure_reason
+from emotr.hyperparams import HeadParams
 from emotr.storage import read_bytes
 
 # Input columns: one of them per row. `image` is binary (base64 strings over REST, decoded by

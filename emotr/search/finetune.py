@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from emotr.config import HeadParams
+from emotr.hyperparams import HeadParams
 from emotr.search.finetune_model import build_finetune_model
 from emotr.search.finetune_set import FineTuneSet
 from emotr.search.head import HeadResult, fit_head, head_result, sample_weights, score_epoch

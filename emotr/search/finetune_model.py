@@ -15,9 +15,10 @@ import ml_dtypes
 import numpy as np
 
 from emotr.cache.activations import STORED_DTYPE
-from emotr.config import BackboneConfig, HeadParams
+from emotr.config import BackboneConfig
 from emotr.extract.backbone import FeatureExtractor, OnExtractor, build_extractor
 from emotr.extract.weights import BLOCK_CONVS, conv_layers
+from emotr.hyperparams import HeadParams
 from emotr.search.head import build_head
 from emotr.taps import activation_shape
 

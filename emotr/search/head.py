@@ -27,8 +27,8 @@ from sklearn.metrics import (
 )
 from sklearn.utils.class_weight import compute_class_weight
 
-# HeadParams lives with the config (tune.baseline is one); imported from here by compute code.
-from emotr.config import HeadParams
+# HeadParams is validated config (tune.baseline is one), a leaf that compute code imports too.
+from emotr.hyperparams import HeadParams
 
 # Keras clips probabilities to [eps, 1 - eps] in binary cross-entropy; val_loss does the same.
 _EPSILON = 1e-7
@@ -55,7 +55,7 @@ def build_head(
 ) -> keras.Model:
     """[Normalization adapted on x_train] -> n_layers x (Dense, Dropout) -> Dense(1, sigmoid).
 
-    HeadParams bounds n_layers by config.MAX_HEAD_LAYERS, the depth this builds. The hidden
+    HeadParams bounds n_layers by hyperparams.MAX_HEAD_LAYERS, the depth this builds. The hidden
     kernels start from params.kernel_init; the output layer keeps Keras' default (glorot_uniform),
     as the tutorial's Dense(1, sigmoid) did.
     """

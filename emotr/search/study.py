@@ -25,15 +25,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from emotr.config import (
-    CategoricalSpace,
-    FloatSpace,
-    HeadParams,
-    IntSpace,
-    ParamSpace,
-    TuneConfig,
-)
+from emotr.config import TuneConfig
 from emotr.errors import EmotrError
+from emotr.hyperparams import CategoricalSpace, FloatSpace, HeadParams, IntSpace, ParamSpace
 from emotr.redaction import redact
 from emotr.track import Tracker
 

@@ -14,7 +14,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from emotr.config import HeadParams
+from emotr.hyperparams import HeadParams
 from emotr.search.report import SearchResult
 
 # Short headers of the top-trials table; other head params show under their own name.

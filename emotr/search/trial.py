@@ -20,7 +20,7 @@ import numpy as np
 import optuna
 import ray
 
-from emotr.config import HeadParams
+from emotr.hyperparams import HeadParams
 from emotr.search import plots
 from emotr.search.training_set import FeatureSet
 from emotr.track import keras_model_bytes

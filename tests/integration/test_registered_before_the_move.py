@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from emotr.config import HeadParams
 from emotr.deploy.registry import load_model, scorer_of
 from emotr.deploy.serving import ImageScorer, ServingSpec
 from emotr.extract.backbone import save_conv_base_weights
+from emotr.hyperparams import HeadParams
 from emotr.search.head import build_head
 from emotr.track import Tracker
 from tests.conftest import smoke_config

@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from emotr.config import HeadParams, MlflowConfig
+from emotr.config import MlflowConfig
+from emotr.hyperparams import HeadParams
 from emotr.search.training_set import FeatureSet
 from emotr.search.tune import run_search
 from emotr.track import Tracker

@@ -10,7 +10,7 @@ from PIL import Image
 from rich.console import Console
 
 from emotr.cli.options import GRAMMAR, split_overrides
-from emotr.config import HeadParams
+from emotr.hyperparams import HeadParams
 from emotr.search.report import SearchResult
 from emotr.search.top_trials import top_table
 from tests.run_cli import emotr

@@ -4,16 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from emotr.config import (
-    MAX_HEAD_LAYERS,
-    CategoricalSpace,
-    Config,
-    ConfigError,
-    FloatSpace,
-    HeadParams,
-    IntSpace,
-)
+from emotr.config import Config, ConfigError
 from emotr.config_io import DEFAULT_CONFIG, load_config, to_flat_dict, to_yaml
+from emotr.hyperparams import MAX_HEAD_LAYERS, CategoricalSpace, FloatSpace, HeadParams, IntSpace
 
 # The user-facing copies (DEFAULT_CONFIG is the package's own, inside emotr/).
 CONF = Path(__file__).resolve().parents[2] / "conf"

@@ -11,11 +11,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from emotr.config import BackboneConfig, ConfigError, DecodeConfig, HeadParams
+from emotr.config import BackboneConfig, ConfigError, DecodeConfig
 from emotr.config_io import load_config
 from emotr.data.imageio import decode_image
 from emotr.deploy.serving import ImageScorer, ServingSpec
 from emotr.extract.backbone import FeatureExtractor, save_conv_base_weights
+from emotr.hyperparams import HeadParams
 from emotr.search.finetune import fit_finetune, predict_batched
 from emotr.search.finetune_model import (
     ActivationInput,

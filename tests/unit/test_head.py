@@ -7,8 +7,8 @@ import keras
 import numpy as np
 import pytest
 
-from emotr.config import MAX_HEAD_LAYERS
 from emotr.config_io import load_config
+from emotr.hyperparams import MAX_HEAD_LAYERS
 from emotr.search.head import HeadParams, build_head, evaluate_scores, fit_head
 
 BASE = HeadParams(

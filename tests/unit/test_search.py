@@ -213,7 +213,7 @@ def test_check_storage_creates_the_sqlite_folder_and_names_an_unusable_storage(t
 
 
 def test_a_trial_hands_back_a_typed_outcome():
-    from emotr.config import HeadParams
+    from emotr.hyperparams import HeadParams
     from emotr.search.trial import TrialJob, TrialOutcome, train_trial
 
     rng = np.random.default_rng(0)

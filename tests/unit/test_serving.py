@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from emotr.config import BackboneConfig, DecodeConfig, HeadParams
+from emotr.config import BackboneConfig, DecodeConfig
 from emotr.data.imageio import decode_image
 from emotr.deploy.serving import ImageScorer, ServingSpec
 from emotr.extract.backbone import FeatureExtractor, save_conv_base_weights
+from emotr.hyperparams import HeadParams
 from emotr.search.head import build_head, predict_scores
 
 BACKBONE = BackboneConfig(weights="none", input_size=(32, 32))
