@@ -35,8 +35,12 @@ class ConfigError(EmotrError, ValueError):
 class DataConfig(StrictModel):
     root: str = ".emotr/data/demo"
     manifest: str | None = None
-    classes: tuple[str, ...] = ("negative", "positive")
+    # None: the root's subfolders, sorted (Keras' image_dataset_from_directory), or a manifest's
+    # label names, sorted; emotr.data.listing.resolve_classes fills it in at start-up.
+    classes: tuple[str, ...] | None = None
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    # Share of each class held out as a test split the search never reads; 0 = train/val only.
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0
     # Generate the demo data set into `root` when it does not exist yet (make demo, tests).
     generate_demo: bool = False
@@ -45,10 +49,25 @@ class DataConfig(StrictModel):
 
     @field_validator("classes")
     @classmethod
-    def _two_distinct_classes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if len(value) != 2 or len(set(value)) != 2:
-            raise ValueError(f"must name two distinct classes (index = label), got {list(value)}")
+    def _distinct_classes(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and (len(value) < 2 or len(set(value)) != len(value)):
+            raise ValueError(
+                f"must name two or more distinct classes (index = label), got {list(value)}; "
+                "or null for the root's folder names"
+            )
+        if value is not None and not all(name.strip() for name in value):
+            raise ValueError(f"must name each class (no empty name), got {list(value)}")
         return value
+
+    @model_validator(mode="after")
+    def _train_keeps_a_share(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"data.val_fraction {self.val_fraction} + data.test_fraction "
+                f"{self.test_fraction} must be below 1: the train split takes the rest; "
+                "lower one of them"
+            )
+        return self
 
 
 class BackboneConfig(StrictModel):

@@ -8,6 +8,7 @@ MLflow, Keras) are imported by the verbs that use them, so that a warm `emotr ex
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,9 +21,14 @@ from emotr.cache.activations import ActivationCache, open_activation_cache
 from emotr.cache.fingerprint import CacheKey
 from emotr.config import Config
 from emotr.config_io import to_yaml
-from emotr.data.demo import generate_demo_dataset, is_complete_demo_root, is_demo_root
+from emotr.data.demo import (
+    DEMO_CLASSES,
+    generate_demo_dataset,
+    is_complete_demo_root,
+    is_demo_root,
+)
 from emotr.data.index import Scan, scan_images
-from emotr.data.listing import Listing
+from emotr.data.listing import Listing, resolve_classes
 from emotr.extract.driver import ExtractSummary, TooManyFailures, extract_features, plan_extraction
 from emotr.extract.fingerprint import cache_key
 from emotr.hyperparams import HeadParams
@@ -32,6 +38,9 @@ from emotr.storage import is_uri
 from emotr.taps import features_dim
 
 if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow.entities.model_registry import ModelVersion
+
     from emotr.deploy.package import Candidate
     from emotr.search.report import SearchResult
     from emotr.search.training_set import FeatureSet
@@ -53,6 +62,18 @@ class RunResult:
     n_images: int
     n_failed: int
     promotion: str | None = None  # the gate's decision and why; None with auto_promote off
+    # The registered version on the test split (TestScore.describe), or why there is none.
+    test: str = ""
+
+
+def resolve_data(cfg: Config) -> Config:
+    """cfg with data.classes known, as every later step reads it: the demo set generated first
+    when configured and absent, then, for data.classes null, the classes inferred from the root's
+    folders (or the manifest's label names), sorted. Cheap: one listing of folder names."""
+    if cfg.data.generate_demo and cfg.data.manifest is None:
+        ensure_demo_data(cfg)
+    data = resolve_classes(cfg.data)
+    return cfg if data is cfg.data else cfg.model_copy(update={"data": data})
 
 
 def prepare_listing(cfg: Config) -> Listing:
@@ -63,8 +84,7 @@ def prepare_listing(cfg: Config) -> Listing:
 def prepare_scan(cfg: Config) -> Scan:
     """List the data set from metadata and the listing index, generating the demo set first
     when configured and absent; files of unknown hash are left for the extraction to read."""
-    if cfg.data.generate_demo and cfg.data.manifest is None:
-        ensure_demo_data(cfg)
+    cfg = resolve_data(cfg)
     return scan_images(cfg.data, cfg.cache.root)
 
 
@@ -90,7 +110,7 @@ def ensure_demo_data(cfg: Config) -> None:
         n=cfg.data.demo_n,
         size=cfg.data.demo_size,
         seed=cfg.data.seed,
-        classes=cfg.data.classes,
+        classes=cfg.data.classes or DEMO_CLASSES,
     )
     log.info(
         "demo data set: %d images in %s; Bayes ceiling accuracy %.3f, AUC %.3f",
@@ -107,15 +127,25 @@ def log_listing(tracker: Tracker, run_id: str, cfg: Config, listing: Listing) ->
     tracker.log_table(run_id, listing.images, "data/listing.csv")
     if len(listing.conflicts):  # every path, where the console warning names a few
         tracker.log_table(run_id, listing.conflicts, "data/conflicts.csv")
+    if len(listing.cross_split):
+        tracker.log_table(run_id, listing.cross_split, "data/cross_split_duplicates.csv")
+    splits = listing.images["split"].value_counts()
     tracker.log_metrics(
         run_id,
         {
             "n_listed_images": len(listing.images),
+            **{f"n_{name}_images": int(splits.get(name, 0)) for name in ("train", "val", "test")},
             "n_conflict_files": len(listing.conflicts),
             "n_conflict_images": listing.conflicts["sha256"].nunique(),
+            # Copies of bytes that another split holds too, left out of their (later) split.
+            "n_cross_split_duplicates": int((~listing.cross_split["kept"]).sum())
+            if len(listing.cross_split)
+            else 0,
         },
     )
-    tracker.set_tags(run_id, {"split_digest": listing.digest})
+    tracker.set_tags(
+        run_id, {"split_digest": listing.digest, "classes": json.dumps(list(cfg.data.classes))}
+    )
 
 
 def idle_extraction(cfg: Config, scan: Scan) -> ExtractSummary | None:
@@ -145,6 +175,7 @@ def extract(
     A Scan is completed by the extraction (`summary.listing`); `connect` starts Ray, called
     only when there is something to extract. `key`: the job's cache key, if computed already.
     """
+    cfg = resolve_data(cfg)
     key = key or cache_key(cfg.cache, cfg.backbone, cfg.decode)
     fingerprint, inputs = key.fingerprint, dict(key.inputs)
     with tracker.run("extract", parent_run_id, tags={"fingerprint": fingerprint}) as run_id:
@@ -202,6 +233,7 @@ def tune(cfg: Config, tracker: Tracker, listing: Listing):
     from emotr.search.tune import run_search
 
     check_storage(cfg.tune)
+    cfg = resolve_data(cfg)
     key = cache_key(cfg.cache, cfg.backbone, cfg.decode)
     features = load_feature_set(cfg.cache.root, cfg.tune, listing, key.fingerprint)
     return run_search(cfg, with_activations(cfg, key, listing, features), tracker)
@@ -242,6 +274,7 @@ def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
     from emotr.search.tune import run_search
 
     check_storage(cfg.tune)  # before the extraction, not after an hour of it
+    cfg = resolve_data(cfg)
     key = cache_key(cfg.cache, cfg.backbone, cfg.decode)  # once: it hashes the weights file
     with tracker.run("pipeline") as run_id:
         summary = extract(cfg, tracker, listing, run_id, key=key)
@@ -257,6 +290,7 @@ def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
         features = with_activations(cfg, key, summary.listing, features)
         search = run_search(cfg, features, tracker, run_id)
         version = register_model(cfg, tracker, _candidate(search, features, summary))
+        test = _score_test(cfg, tracker, run_id, version, summary)
         promotion = _run_gate(cfg, tracker)
         metrics = {"best_val_auc": search.best_value}
         if search.baseline_value is not None:  # a failed baseline is a tag of the tune run
@@ -275,7 +309,37 @@ def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
         n_images=summary.n_images,
         n_failed=summary.n_failed,
         promotion=promotion,
+        test=test,
     )
+
+
+def _score_test(
+    cfg: Config, tracker: Tracker, run_id: str, version: ModelVersion, summary: ExtractSummary
+) -> str:
+    """Score the registered version on the test split, log the numbers on the pipeline run and
+    as tags of the version; what to print (or why there is no test number)."""
+    from emotr.deploy.evaluate import score_test_split, tag_test_score
+
+    test = _usable(summary.listing.test(), summary)
+    if not len(test):
+        tracker.set_tags(run_id, {"test": "none: data.test_fraction is 0"})
+        return (
+            "no test split (data.test_fraction=0): the validation AUC above was selected on the "
+            "same images it reports, so it is optimistic"
+        )
+    score = score_test_split(cfg, tracker, version, test)
+    if score is None:
+        tracker.set_tags(run_id, {"test": "no AUC: the test split holds one class"})
+        return "no test AUC: the test split's images hold one class (raise data.test_fraction)"
+    tracker.log_metrics(run_id, score.metrics)
+    tag_test_score(tracker, version, score)
+    return score.describe()
+
+
+def _usable(images: pd.DataFrame, summary: ExtractSummary) -> pd.DataFrame:
+    """path, sha256, label of the images whose features the extraction has (not failed)."""
+    images = images[~images["sha256"].isin(summary.failures["sha256"])]
+    return images[["path", "sha256", "label"]].reset_index(drop=True)
 
 
 def _run_gate(cfg: Config, tracker: Tracker) -> str | None:
@@ -299,8 +363,6 @@ def _candidate(search: SearchResult, features: FeatureSet, summary: ExtractSumma
     from emotr.deploy.package import Candidate
 
     assert summary.listing is not None and search.best_run_id is not None
-    val = summary.listing.val()
-    val = val[~val["sha256"].isin(summary.failures["sha256"])]
     head = HeadParams.model_validate(search.best_params)
     return Candidate(
         run_id=search.best_run_id,
@@ -312,5 +374,6 @@ def _candidate(search: SearchResult, features: FeatureSet, summary: ExtractSumma
         study=search.study_name,
         trial=search.best_trial_number,
         val_auc=search.best_value,
-        validation=val[["path", "sha256", "label"]].reset_index(drop=True),
+        validation=_usable(summary.listing.val(), summary),
+        test=_usable(summary.listing.test(), summary),
     )

@@ -96,7 +96,7 @@ def register(work: Path, input_size: int):
 def bench_core(cfg, paths: list[str]) -> float:
     """(a) images/s of decode -> FeatureExtractor -> head in this process (model built first)."""
     from emotr.extract.backbone import FeatureExtractor
-    from emotr.search.head import build_head, predict_scores
+    from emotr.search.head import build_head, predict_proba
 
     batch = cfg.extract.batch_size
     extractor = FeatureExtractor(cfg.backbone, batch_size=batch)
@@ -108,7 +108,7 @@ def bench_core(cfg, paths: list[str]) -> float:
         pixels = np.stack(
             [decode_image(Path(p).read_bytes(), size, max_pixels=pixels_cap) for p in chunk]
         )
-        predict_scores(head, extractor(pixels))
+        predict_proba(head, extractor(pixels))
     return len(paths) / (time.perf_counter() - started)
 
 

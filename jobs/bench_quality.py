@@ -144,7 +144,7 @@ def run_tutorial(cfg: Config, features: FeatureSet, args: argparse.Namespace) ->
     )
     wall = time.perf_counter() - started
     note = f"tune.baseline, best epoch {int(result.metrics['best_epoch'])}"
-    return scored_row("tutorial recipe", features.y_val, result.val_scores, wall, note)
+    return scored_row("tutorial recipe", features.y_val, result.val_proba[:, 1], wall, note)
 
 
 def run_search_part(
@@ -155,7 +155,7 @@ def run_search_part(
 
     from emotr.search.finetune import predict_batched
     from emotr.search.finetune_set import FineTuneSet
-    from emotr.search.head import predict_scores
+    from emotr.search.head import predict_proba
     from emotr.search.tune import run_search
 
     study = f"{option}-{int(time.time())}"
@@ -168,7 +168,7 @@ def run_search_part(
     if isinstance(features, FineTuneSet):  # a fine-tuned model takes the activations
         scores = predict_batched(model, features.a_val).reshape(-1)
     else:
-        scores = predict_scores(model, features.x_val)
+        scores = predict_proba(model, features.x_val)[:, 1]
     note = f"{n_trials} trials, best trial {result.best_trial_number}"
     row = scored_row(option, features.y_val, scores, result.wall_seconds, note)
     return {**row, "params": result.best_params}
@@ -263,7 +263,7 @@ def run_taps(features: FeatureSet, tracker: Tracker, args, best: dict) -> dict:
         cv = logreg["note"].split("images ")[-1]
         note = f"search's best head; logistic regression {logreg['val_auc']:.3f} (CV {cv})"
         rows[choice] = scored_row(
-            f"features {choice}", features.y_val, result.val_scores, wall, note
+            f"features {choice}", features.y_val, result.val_proba[:, 1], wall, note
         )
         print(json.dumps(rows[choice]), flush=True)
     return {"choices": rows, "extract_s": summary.wall_seconds, "n_extracted": summary.n_extracted}

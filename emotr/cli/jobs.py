@@ -10,7 +10,7 @@ only once the config is loaded: loading it sets the environment that quiets thos
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
@@ -112,8 +112,9 @@ def run(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> N
         result = pipeline.run(cfg, _tracker(cfg), scan)
     console.print(
         f"\n[bold]best validation AUC {result.best_val_auc:.4f}[/] (trial "
-        f"{result.best_trial_number}; the tutorial's recipe: {result.baseline})"
+        f"{result.best_trial_number}, chosen on it; the tutorial's recipe: {result.baseline})"
     )
+    console.print(f"[bold]{result.test}[/]", highlight=False, soft_wrap=True)
     console.print(
         f"registered model [bold]{result.model_name}[/] version {result.model_version} "
         f"(alias {cfg.registry.challenger_alias})"
@@ -246,26 +247,30 @@ def predict(
             predictor = open_predictor(cfg, _tracker(cfg), uri)
         rows = predict_paths(cfg, predictor, paths, connect=lambda: connect_ray(cfg))
         if output is not None:
-            summary = write_predictions(rows, output)
+            summary = write_predictions(rows, output, predictor.scorer.spec.classes)
             n_images, n_failed = summary.n_images, summary.n_failed
             shown = f"{n_images} images, {n_failed} could not be read; wrote {output}"
         else:
-            shown, n_images, n_failed = _prediction_table(rows)
+            shown, n_images, n_failed = _prediction_table(rows, predictor.scorer.spec.classes)
     console.print(shown)
     if n_images and n_failed == n_images:
         raise fail(f"none of the {n_images} images could be read")
 
 
-def _prediction_table(chunks: Iterable[pd.DataFrame]) -> tuple[Table, int, int]:
-    """Rows of whole file names (two files must be told apart), label, P(positive), error."""
-    table = Table("image", "label", "P(positive)", "error")
+def _prediction_table(
+    chunks: Iterable[pd.DataFrame], classes: Sequence[str]
+) -> tuple[Table, int, int]:
+    """Rows of whole file names (two files must be told apart), label, P(class) each, error."""
+    columns = [f"P({name})" for name in classes]
+    table = Table("image", "label", *columns, "error")
     for column in table.columns:
         column.overflow = "fold"
     n_images = n_failed = 0
     for frame in chunks:
-        for row in frame.itertuples(index=False):
+        probabilities = frame[[f"p_{name}" for name in classes]].to_numpy(dtype=float)
+        for row, values in zip(frame.itertuples(index=False), probabilities, strict=True):
             bad = isinstance(row.error, str)
-            probability = "-" if bad else f"{row.p_positive:.3f}"
-            table.add_row(row.path, row.label or "-", probability, row.error or "")
+            shown = ["-"] * len(classes) if bad else [f"{value:.3f}" for value in values]
+            table.add_row(row.path, row.label or "-", *shown, row.error or "")
             n_images, n_failed = n_images + 1, n_failed + bad
     return table, n_images, n_failed

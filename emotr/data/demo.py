@@ -45,6 +45,8 @@ SAG_POWER = 0.65
 # Written into every generated root before anything else: only a root holding it is emotr's to
 # change. A hidden name, so that listing a data root never takes it for an image or a class.
 DEMO_MARKER = ".emotr-demo.json"
+# The demo set's class folders (data.classes null lists them back in this order: sorted).
+DEMO_CLASSES = ("negative", "positive")
 
 # numpy has no erf and scipy is not a declared dependency; math.erf over a grid is fast enough.
 _erf = np.frompyfunc(math.erf, 1, 1)
@@ -74,7 +76,7 @@ def generate_demo_dataset(
     seed: int = 0,
     ambiguous_share: float = 0.15,
     positive_share: float = 0.53,
-    classes: tuple[str, str] = ("negative", "positive"),
+    classes: tuple[str, str] = DEMO_CLASSES,
 ) -> DemoSummary:
     """Write n synthetic face JPEGs (height, width) into out/<class>/ plus out/manifest.csv.
 

@@ -1,8 +1,10 @@
 """Read a data set's manifest (a CSV or Parquet of path, label) into readable image sources.
 
 Paths may be absolute, relative to the manifest's folder, or URIs; labels are class names or
-indexes. Every file is stat'ed here (one metadata call per filesystem; URIs in parallel), so a
-missing image fails the listing with its path before any byte is read.
+indexes. Two columns are optional: `split` (train, val or test, any case; an empty cell leaves the
+file to the split rule) and `group` (any text: files of one group, e.g. one person's photos, share
+a split; empty = no group). Every file is stat'ed here (one metadata call per filesystem; URIs in
+parallel), so a missing image fails the listing with its path before any byte is read.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from emotr.errors import DataError
 from emotr.storage import is_uri, join, resolve
 
 MANIFEST_EXTENSIONS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+SPLITS = ("train", "val", "test")  # a manifest's given splits, in the order identical bytes keep
 _MAX_NAMED = 10  # paths spelled out in one message; the rest are counted
 
 
@@ -34,11 +37,47 @@ class Source(NamedTuple):
     fs_path: str
     size: int = -1  # bytes and modification time from the filesystem's metadata; -1 unknown
     mtime_ns: int = -1
+    split: str | None = None  # the manifest's split for it: train, val or test; None: the rule's
+    group: str | None = None  # files of one group share a split; None: the file is its own unit
 
 
 def read_manifest(manifest: str, classes: Sequence[str]) -> list[Source]:
-    """The manifest's images (path, label) with size and mtime; bad rows are DataErrors."""
+    """The manifest's images (path, label, split, group) with size and mtime; bad rows are
+    DataErrors."""
     filesystem, fs_path = resolve(manifest)
+    table = _read_checked_table(manifest, filesystem, fs_path)
+    n_rows = len(table)
+    splits = table["split"].tolist() if "split" in table.columns else [None] * n_rows
+    groups = table["group"].tolist() if "group" in table.columns else [None] * n_rows
+    columns = zip(table["path"], table["label"], splits, groups, strict=True)
+    sources = []
+    local = pafs.LocalFileSystem()  # one instance: _stat_sources asks it once for every file
+    for row, (entry, value, split, group) in enumerate(columns, 1):
+        if not isinstance(entry, str) or not entry.strip():
+            raise DataError(f"manifest {manifest} row {row}: empty path; give every image a path")
+        where = f"manifest {manifest} row {row} ({entry})"
+        label = _label_index(value, classes, where)
+        source = _manifest_source(entry.strip(), label, manifest, filesystem, fs_path, local)
+        sources.append(source._replace(split=_given_split(split, where), group=_text(group)))
+    return _stat_sources(sources)
+
+
+def manifest_label_names(manifest: str) -> tuple[str, ...]:
+    """The distinct label names of the manifest, sorted; a DataError if a label is an index."""
+    filesystem, fs_path = resolve(manifest)
+    labels = {_text(value) for value in _read_checked_table(manifest, filesystem, fs_path)["label"]}
+    labels.discard(None)  # an empty label fails later, in read_manifest, naming its row
+    indexes = sorted(label for label in labels if _as_index(label) is not None)
+    if indexes:
+        raise DataError(
+            f"manifest {manifest} has index labels ({named(indexes)}), and data.classes is null, "
+            "so the classes would be its label names: set data.classes to name the indexes "
+            "(0 first), or write class names in the label column"
+        )
+    return tuple(sorted(labels))
+
+
+def _read_checked_table(manifest: str, filesystem: pafs.FileSystem, fs_path: str) -> pd.DataFrame:
     table = _read_table(manifest, filesystem, fs_path)
     missing = {"path", "label"} - set(table.columns)
     if missing:
@@ -46,14 +85,29 @@ def read_manifest(manifest: str, classes: Sequence[str]) -> list[Source]:
             f"manifest {manifest} lacks column(s) {sorted(missing)}: it needs 'path' and 'label' "
             f"(class name or index), found {list(table.columns)}"
         )
-    sources = []
-    local = pafs.LocalFileSystem()  # one instance: _stat_sources asks it once for every file
-    for row, (entry, value) in enumerate(zip(table["path"], table["label"], strict=True), 1):
-        if not isinstance(entry, str) or not entry.strip():
-            raise DataError(f"manifest {manifest} row {row}: empty path; give every image a path")
-        label = _label_index(value, classes, f"manifest {manifest} row {row} ({entry})")
-        sources.append(_manifest_source(entry.strip(), label, manifest, filesystem, fs_path, local))
-    return _stat_sources(sources)
+    return table
+
+
+def _text(value: Any) -> str | None:
+    """A cell as stripped text; None for an empty or missing one (CSV "", Parquet null or NaN)."""
+    if value is None or (isinstance(value, float | np.floating) and np.isnan(value)):
+        return None
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        value = int(value)  # Parquet turns an int column with nulls into floats: 3.0 is "3"
+    text = str(value).strip()
+    return text or None
+
+
+def _given_split(value: Any, where: str) -> str | None:
+    text = _text(value)
+    if text is None:
+        return None
+    if text.lower() not in SPLITS:
+        raise DataError(
+            f"{where}: unknown split {value!r}; use one of {list(SPLITS)} (any case), or leave "
+            "the cell empty for the split rule to decide"
+        )
+    return text.lower()
 
 
 def _read_table(manifest: str, filesystem: pafs.FileSystem, fs_path: str) -> pd.DataFrame:
@@ -97,7 +151,7 @@ def _label_index(value: Any, classes: Sequence[str], where: str) -> int:
         text = value.strip()
         if text in classes:
             return list(classes).index(text)
-        number = int(text) if text.lstrip("-").isdigit() else None
+        number = _as_index(text)
     elif isinstance(value, float | np.floating) and float(value).is_integer():
         number = int(value)
     is_int = isinstance(number, int | np.integer) and not isinstance(number, bool | np.bool_)
@@ -107,6 +161,10 @@ def _label_index(value: Any, classes: Sequence[str], where: str) -> int:
         f"{where}: unknown label {value!r}; use a class name from data.classes "
         f"{list(classes)} or an index 0..{len(classes) - 1}"
     )
+
+
+def _as_index(text: str) -> int | None:
+    return int(text) if text.lstrip("-").isdigit() else None
 
 
 def _stat_sources(sources: Sequence[Source]) -> list[Source]:

@@ -1,4 +1,4 @@
-"""Find the image files of class folders from filesystem metadata alone: path, size, mtime.
+"""Find the class folders and their image files from filesystem metadata alone: path, size, mtime.
 
 One recursive pyarrow listing per class folder, the folders in threads. Measured on 100,000
 local files (2 CPUs): pyarrow's C++ stat loop listed them in 0.27 s against 0.35 s for
@@ -50,15 +50,34 @@ def walk_root(root: str, classes: Sequence[str]) -> tuple[pa.Table, pafs.FileSys
     return pa.concat_tables(tables), filesystem, where
 
 
-def require_folder(fs: pafs.FileSystem, path: str, shown: str, classes: Sequence[str]) -> None:
+def require_folder(
+    fs: pafs.FileSystem, path: str, shown: str, classes: Sequence[str] | None
+) -> None:
     """Raise a DataError naming `shown` unless `path` is a folder."""
     kind = fs.get_file_info(path).type
     if kind != pafs.FileType.Directory:
         problem = "does not exist" if kind == pafs.FileType.NotFound else "is not a folder"
-        raise DataError(
-            f"{shown} {problem}: data.root must hold one folder per class in data.classes "
-            f"{list(classes)}; check data.root and data.classes, or set data.manifest"
+        wanted = (
+            f"one folder per class in data.classes {list(classes)}"
+            if classes is not None
+            else "one folder per class (data.classes null: its subfolders are the classes)"
         )
+        raise DataError(
+            f"{shown} {problem}: data.root must hold {wanted}; check data.root and "
+            "data.classes, or set data.manifest"
+        )
+
+
+def class_folders(root: str) -> tuple[str, ...]:
+    """The names of the subfolders of `root`, sorted; hidden ones ('.', '_') are skipped.
+
+    Sorted as Python sorts text, as Keras' image_dataset_from_directory orders its classes.
+    """
+    filesystem, base = resolve(root)
+    require_folder(filesystem, base, f"data root {root}", None)
+    entries = filesystem.get_file_info(pafs.FileSelector(base, recursive=False))
+    names = (entry.base_name for entry in entries if entry.type == pafs.FileType.Directory)
+    return tuple(sorted(name for name in names if not name.startswith((".", "_"))))
 
 
 def list_class_folder(

@@ -1,4 +1,5 @@
-"""The promotion gate's statistics: paired bootstrap of an AUC difference, and the decision.
+"""The promotion gate's statistics: paired bootstrap of an AUC difference (macro one-vs-rest AUC
+for more than two classes), and the decision.
 
 Pure numpy + scikit-learn: no MLflow, no Keras. Both models are scored on the same images, so the
 resamples draw image indices once and score both models on them (paired): what the two models get
@@ -10,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+
+from emotr.search.metrics import as_probabilities, macro_auc
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,8 @@ class Comparison:
     low: float  # of the 95 % interval of auc_challenger - auc_champion
     high: float
     n_images: int
-    n_resamples: int  # resamples holding both classes (the others have no AUC)
+    n_resamples: int  # resamples holding two classes or more (the others have no AUC)
+    n_classes: int = 2
 
     @property
     def delta(self) -> float:
@@ -47,8 +50,10 @@ def compare_auc(
     seed: int = 0,
     level: float = 0.95,
 ) -> Comparison:
-    """Paired bootstrap (percentile) interval of AUC(challenger) - AUC(champion)."""
-    y_true, challenger, champion = (np.asarray(a) for a in (y_true, challenger, champion))
+    """Paired bootstrap (percentile) interval of AUC(challenger) - AUC(champion); scores are
+    P(class 1) (n,) or (n, K) class probabilities."""
+    y_true = np.asarray(y_true)
+    challenger, champion = as_probabilities(challenger), as_probabilities(champion)
     if not len(y_true) == len(challenger) == len(champion):
         raise ValueError(
             f"labels and scores differ in length: {len(y_true)}, {len(challenger)}, {len(champion)}"
@@ -62,18 +67,19 @@ def compare_auc(
         y = y_true[rows]
         if y.min() == y.max():  # one class drawn: no AUC; skipped, not redrawn (stays seeded)
             continue
-        deltas.append(roc_auc_score(y, challenger[rows]) - roc_auc_score(y, champion[rows]))
+        deltas.append(macro_auc(y, challenger[rows]) - macro_auc(y, champion[rows]))
     if not deltas:
         raise ValueError(f"no bootstrap resample of {len(y_true)} images held both classes")
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(deltas, [tail, 100 - tail])
     return Comparison(
-        auc_challenger=float(roc_auc_score(y_true, challenger)),
-        auc_champion=float(roc_auc_score(y_true, champion)),
+        auc_challenger=macro_auc(y_true, challenger),
+        auc_champion=macro_auc(y_true, champion),
         low=float(low),
         high=float(high),
         n_images=len(y_true),
         n_resamples=len(deltas),
+        n_classes=challenger.shape[1],
     )
 
 
@@ -81,8 +87,9 @@ def decide(comparison: Comparison | None, min_delta: float, force: bool = False)
     """Promote when there is no champion, when forced, or when the interval lies above min_delta."""
     if comparison is None:
         return Decision(True, "no champion yet: the challenger becomes the champion")
+    auc = "AUC" if comparison.n_classes == 2 else "macro AUC"
     gap = (
-        f"AUC challenger {comparison.auc_challenger:.4f} vs champion "
+        f"{auc} challenger {comparison.auc_challenger:.4f} vs champion "
         f"{comparison.auc_champion:.4f}, difference {comparison.delta:+.4f}, 95 % interval "
         f"[{comparison.low:+.4f}, {comparison.high:+.4f}] on {comparison.n_images} images"
     )

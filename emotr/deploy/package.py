@@ -7,6 +7,7 @@ a JSON spec as artifacts, so loading it unpickles nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -29,6 +30,8 @@ import emotr
 from emotr.config import Config
 from emotr.deploy.registry import (
     FEATURE_FINGERPRINT_TAG,
+    TEST_ARTIFACT,
+    TEST_SET_TAG,
     VALIDATION_ARTIFACT,
     find_version_of_run,
     fluent_store,
@@ -38,6 +41,8 @@ from emotr.deploy.serving import (
     HEAD_WEIGHTS_ARTIFACT,
     SPEC_ARTIFACT,
     ServingSpec,
+    output_columns,
+    probability_columns,
 )
 from emotr.extract.backbone import save_conv_base_weights
 from emotr.extract.fingerprint import features_fingerprint
@@ -61,6 +66,10 @@ class Candidate:
     trial: int
     val_auc: float
     validation: pd.DataFrame  # path, sha256, label of the validation images
+    # path, sha256, label of the test split (never seen by the search); empty: none held out
+    test: pd.DataFrame = dataclasses.field(
+        default_factory=lambda: pd.DataFrame(columns=["path", "sha256", "label"])
+    )
 
 
 def register_model(cfg: Config, tracker: Tracker, candidate: Candidate) -> ModelVersion:
@@ -74,7 +83,7 @@ def register_model(cfg: Config, tracker: Tracker, candidate: Candidate) -> Model
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(
-            name, description="emotr: image bytes -> P(positive emotion) (VGG + tuned head)"
+            name, description="emotr: image bytes -> P(emotion class) (VGG + tuned head)"
         )
     version = find_version_of_run(tracker, name, candidate.run_id)
     if version is None:
@@ -93,6 +102,8 @@ def _register_new(cfg: Config, tracker: Tracker, candidate: Candidate) -> ModelV
         activation=cfg.extract.cache_activation if candidate.head.finetune else None,
     )
     tracker.log_table(candidate.run_id, candidate.validation, VALIDATION_ARTIFACT)
+    if len(candidate.test):
+        tracker.log_table(candidate.run_id, candidate.test, TEST_ARTIFACT)
     with tempfile.TemporaryDirectory() as folder, fluent_store(tracker):
         artifacts = _write_artifacts(cfg, candidate, spec, Path(folder))
         weights_sha256 = _sha256(Path(artifacts[BACKBONE_WEIGHTS_ARTIFACT]))
@@ -101,7 +112,7 @@ def _register_new(cfg: Config, tracker: Tracker, candidate: Candidate) -> ModelV
                 name=_MODEL_NAME_IN_RUN,
                 python_model=str(Path(__file__).with_name("serving_model.py")),
                 artifacts=artifacts,
-                signature=serving_signature(),
+                signature=serving_signature(spec.classes),
                 input_example=pd.DataFrame({"image": [_example_jpeg()]}),
                 pip_requirements=pinned_requirements() + pinned(("mlflow", "pillow", "pandas")),
             )
@@ -113,7 +124,7 @@ def _register_new(cfg: Config, tracker: Tracker, candidate: Candidate) -> ModelV
         description=(
             f"trial {candidate.trial} of study {candidate.study} (run {candidate.run_id}), "
             f"val AUC {candidate.val_auc:.4f}; input: `image` bytes (base64 over REST) or "
-            "`path`; output: p_positive, label, error"
+            f"`path`; output: {', '.join(output_columns(spec.classes))}"
         ),
     )
     return version
@@ -133,8 +144,8 @@ def _write_artifacts(cfg: Config, candidate: Candidate, spec: Any, folder: Path)
     return {key: str(path) for key, path in paths.items()}
 
 
-def serving_signature() -> Any:
-    """`image` (binary; base64 over REST) or `path` in; p_positive, label, error out."""
+def serving_signature(classes: tuple[str, ...] = ("negative", "positive")) -> Any:
+    """`image` (binary; base64 over REST) or `path` in; p_<class> each, label, error out."""
     return ModelSignature(
         inputs=Schema(
             [
@@ -144,7 +155,7 @@ def serving_signature() -> Any:
         ),
         outputs=Schema(
             [
-                ColSpec("double", "p_positive"),
+                *(ColSpec("double", name) for name in probability_columns(classes)),
                 ColSpec("string", "label", required=False),
                 ColSpec("string", "error", required=False),
             ]
@@ -177,9 +188,12 @@ def _version_tags(
         "trial": str(candidate.trial),
         "val_auc": f"{candidate.val_auc:.6f}",
         "validation_set": f"runs:/{candidate.run_id}/{VALIDATION_ARTIFACT}",
+        "n_test_images": str(len(candidate.test)),
         "emotr_version": emotr.__version__,
         "git_commit": git_commit(),
     }
+    if len(candidate.test):
+        tags[TEST_SET_TAG] = f"runs:/{candidate.run_id}/{TEST_ARTIFACT}"
     if spec.activation is None:
         tags["features"] = spec.head.features
         # The folder of exactly the head's features (gap5's is the cache's own fingerprint):

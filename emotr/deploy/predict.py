@@ -32,14 +32,13 @@ from emotr.deploy.registry import (
     scorer_of,
     version_features,
 )
-from emotr.deploy.serving import prediction_frame
+from emotr.deploy.serving import output_columns, prediction_frame, probability_columns
 from emotr.errors import EmotrError
 from emotr.extract.actor import output_column
 from emotr.extract.dataset import build_dataset, plan_actors, stream_batches
 from emotr.taps import DEFAULT_TAP
 from emotr.track import Tracker
 
-OUTPUT_COLUMNS = ("path", "p_positive", "label", "error")
 DEFAULT_CHUNK = 64
 # Rows per Parquet row group of --output: a few hundred KB, however small the batches are.
 _ROW_GROUP = 4096
@@ -140,10 +139,10 @@ def open_predictor(cfg: Config, tracker: Tracker, uri: str) -> Predictor:
 
 
 class VersionScores:
-    """pixels -> P(positive) as a (n, 1) column: a version's extractor, then its head.
+    """pixels -> (n, K) class probabilities: a version's extractor, then its head.
 
     What an extractor actor of predict's job runs. The head runs in the actor, right after the
-    backbone, so that one number per image travels to the driver whatever the extractor gives:
+    backbone, so that K numbers per image travel to the driver whatever the extractor gives:
     512 gap5 features, a combination of taps, or the block-4 activations (400 KB per image at
     224x224) that a fine-tuned version's own block 5 consumes.
     """
@@ -152,9 +151,9 @@ class VersionScores:
         self.scorer = scorer
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        """P(positive) of a batch of decoded images, one row each."""
+        """Class probabilities of a batch of decoded images, one row each."""
         features = self.scorer.extractor(pixels)
-        return self.scorer.score_features(features).astype(np.float32).reshape(-1, 1)
+        return self.scorer.score_features(features).astype(np.float32)
 
 
 def load_version_scores(mlflow: MlflowConfig, uri: str, batch_size: int) -> VersionScores:
@@ -178,7 +177,7 @@ def predict_paths(
     progress: bool = True,
     connect: Callable[[], None] | None = None,
 ) -> Iterator[pd.DataFrame]:
-    """path, p_positive, label, error for each path, in input order, one frame per batch.
+    """path, p_<class>..., label, error for each path, in input order, one frame per batch.
 
     A Ray Data job: extraction's pipeline (emotr.extract.dataset.build_dataset) reads, hashes and
     decodes each file once with the version's decode rules and input size; its extractor actors
@@ -196,7 +195,8 @@ def predict_paths(
     loader = functools.partial(
         load_version_scores, predictor.mlflow, predictor.uri, cfg.extract.batch_size
     )
-    outputs = {DEFAULT_TAP: (1,)}  # the actors' model gives one probability per image
+    # The actors' model gives one probability per class and image.
+    outputs = {DEFAULT_TAP: (len(spec.classes),)}
     dataset = build_dataset(job, todo, loader, plan_actors(cfg.extract), skip, outputs=outputs)
     # Rows in the order of the inputs; Ray Data still streams, holding back only blocks that
     # finish ahead of an earlier one.
@@ -210,8 +210,8 @@ def score_batch(predictor: Predictor, batch: dict[str, np.ndarray]) -> pd.DataFr
     the driver, which holds the same version), else the reason the file could not be used."""
     scorer, n_rows = predictor.scorer, len(batch["path"])
     ok, cached = batch["ok"].astype(bool), batch["cached"].astype(bool)
-    probabilities = np.full(n_rows, np.nan)
-    probabilities[ok] = batch[output_column(DEFAULT_TAP)][ok, 0]
+    probabilities = np.full((n_rows, len(scorer.spec.classes)), np.nan)
+    probabilities[ok] = batch[output_column(DEFAULT_TAP)][ok]
     if cached.any():
         hashes = [str(digest) for digest in batch["sha256"][cached]]
         probabilities[cached] = scorer.score_features(predictor.cached.cache.load(hashes))
@@ -221,7 +221,8 @@ def score_batch(predictor: Predictor, batch: dict[str, np.ndarray]) -> pd.DataFr
     ]
     frame = prediction_frame(probabilities, errors, scorer.spec)
     # A file's rows keep one float dtype (NaN where there is none): what Parquet and CSV want.
-    frame["p_positive"] = probabilities
+    for k, name in enumerate(probability_columns(scorer.spec.classes)):
+        frame[name] = probabilities[:, k]
     frame.insert(0, "path", pd.Series([str(path) for path in batch["path"]], dtype=object))
     return frame
 
@@ -229,7 +230,7 @@ def score_batch(predictor: Predictor, batch: dict[str, np.ndarray]) -> pd.DataFr
 def predict_chunks(
     model: Any, paths: Sequence[str], chunk: int = DEFAULT_CHUNK
 ) -> Iterator[pd.DataFrame]:
-    """path, p_positive, label, error for each path, `chunk` paths per pyfunc call, in process.
+    """path, p_<class>..., label, error for each path, `chunk` paths per pyfunc call, in process.
 
     For a notebook or a test with a loaded model and a few images; `emotr predict` runs
     `predict_paths` (a Ray Data job).
@@ -237,14 +238,13 @@ def predict_chunks(
     for start in range(0, len(paths), chunk):
         part = list(paths[start : start + chunk])
         scored = model.predict(pd.DataFrame({"path": part}))
-        yield pd.DataFrame(
-            {
-                "path": part,
-                "p_positive": scored["p_positive"].to_numpy(dtype=float),
-                "label": scored["label"].where(scored["error"].isna(), None).to_numpy(),
-                "error": scored["error"].to_numpy(),
-            }
-        )
+        columns = {"path": part}
+        for name in scored.columns:
+            if name.startswith("p_"):
+                columns[name] = scored[name].to_numpy(dtype=float)
+        columns["label"] = scored["label"].where(scored["error"].isna(), None).to_numpy()
+        columns["error"] = scored["error"].to_numpy()
+        yield pd.DataFrame(columns)
 
 
 def check_output(output: Path) -> None:
@@ -253,15 +253,17 @@ def check_output(output: Path) -> None:
         raise PredictError(f"--output {output} must end with .parquet or .csv")
 
 
-def write_predictions(chunks: Iterator[pd.DataFrame], output: Path) -> PredictSummary:
-    """Write chunks to a .parquet or .csv file as they come; returns the counts."""
-
+def write_predictions(
+    chunks: Iterator[pd.DataFrame], output: Path, classes: Sequence[str] = ("negative", "positive")
+) -> PredictSummary:
+    """Write chunks (path, p_<class> per class, label, error) to a .parquet or .csv file as they
+    come; returns the counts."""
     check_output(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     schema = pa.schema(
         [
             ("path", pa.string()),
-            ("p_positive", pa.float64()),
+            *((name, pa.float64()) for name in probability_columns(classes)),
             ("label", pa.string()),
             ("error", pa.string()),
         ]
@@ -288,7 +290,7 @@ def write_predictions(chunks: Iterator[pd.DataFrame], output: Path) -> PredictSu
         if writer is not None:
             writer.close()
     if writer is None and n_images == 0:
-        pd.DataFrame(columns=list(OUTPUT_COLUMNS)).to_csv(output, index=False)
+        pd.DataFrame(columns=["path", *output_columns(classes)]).to_csv(output, index=False)
     return PredictSummary(n_images, n_failed)
 
 

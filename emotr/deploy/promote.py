@@ -1,6 +1,7 @@
 """The promotion gate: score challenger and champion on the same images, move `champion` or not.
 
-The images are the challenger's recorded validation split (or any listing given). A model whose
+The images are the challenger's recorded test split, which its search never read (its validation
+split when it has none), or any listing given. A model whose
 feature fingerprint has every image in the cache is scored from the cached features (seconds);
 otherwise its own pyfunc decodes the files. Images that either model cannot score are left out
 for both, so the comparison stays paired.
@@ -20,12 +21,13 @@ from emotr.deploy.gate import Comparison, Decision, compare_auc, decide
 from emotr.deploy.registry import (
     find_version,
     get_version,
+    load_evaluation_set,
     load_scorer,
-    load_validation_set,
     set_alias,
     tag_version,
     version_features,
 )
+from emotr.deploy.serving import probability_columns
 from emotr.errors import EmotrError
 from emotr.track import Tracker
 
@@ -50,6 +52,7 @@ class Promotion:
     champion: ModelVersion | None  # the champion before the gate ran
     comparison: Comparison | None
     decision: Decision
+    split: str = "test"  # which images: test | validation (the challenger's) | given (--data)
 
     @property
     def champion_version(self) -> str | None:
@@ -67,7 +70,7 @@ def promote_challenger(
     force: bool = False,
     images: pd.DataFrame | None = None,
 ) -> Promotion:
-    """Run the gate on the challenger; `images` (path, sha256, label) replace its validation set."""
+    """Run the gate on the challenger; `images` (path, sha256, label) replace its test set."""
     registry, name = cfg.registry, cfg.registry.model_name
     challenger = get_version(tracker, name, registry.challenger_alias)
     champion = find_version(tracker, name, registry.champion_alias)
@@ -75,16 +78,19 @@ def promote_challenger(
     if champion is not None and champion.version == challenger.version:
         decision = Decision(False, f"version {challenger.version} is already the champion")
         return Promotion(challenger, champion, None, decision)
-    comparison = None
+    comparison, split = None, "given"
     if champion is not None:
         if images is None:
-            images = load_validation_set(tracker, challenger)
+            images, split = load_evaluation_set(tracker, challenger)
         comparison = _compare(cfg, tracker, challenger, champion, images)
     decision = decide(comparison, min_delta, force)
     if decision.promote:
         set_alias(tracker, name, registry.champion_alias, str(challenger.version))
-    tag_version(tracker, challenger, _decision_tags(champion, comparison, decision))
-    return Promotion(challenger, champion, comparison, decision)
+    tags = _decision_tags(champion, comparison, decision)
+    if comparison is not None:
+        tags["promotion.split"] = split
+    tag_version(tracker, challenger, tags)
+    return Promotion(challenger, champion, comparison, decision, split)
 
 
 def point_champion(cfg: Config, tracker: Tracker, version: str) -> ModelVersion:
@@ -103,7 +109,13 @@ def _compare(
     images: pd.DataFrame,
 ) -> Comparison:
     scores = [score_images(cfg, tracker, version, images) for version in (challenger, champion)]
-    usable = np.isfinite(scores[0]) & np.isfinite(scores[1])
+    if scores[0].shape[1] != scores[1].shape[1]:
+        raise PromotionError(
+            f"version {challenger.version} scores {scores[0].shape[1]} classes, the champion "
+            f"(version {champion.version}) {scores[1].shape[1]}: the gate compares models of the "
+            "same classes; point the champion alias with `emotr promote --version N`"
+        )
+    usable = np.isfinite(scores[0]).all(axis=1) & np.isfinite(scores[1]).all(axis=1)
     labels = images["label"].to_numpy()[usable]
     if len(np.unique(labels)) < 2:
         raise PromotionError(
@@ -122,18 +134,21 @@ def _compare(
 def score_images(
     cfg: Config, tracker: Tracker, version: ModelVersion, images: pd.DataFrame
 ) -> np.ndarray:
-    """P(positive) of each image by a version (NaN where it cannot decode the file)."""
+    """(n, K) class probabilities of each image by a version (NaN where it cannot decode the
+    file)."""
     scorer = load_scorer(tracker, version)
     features = _cached_features(cfg, version, images["sha256"].tolist())
     if features is not None:
         return scorer.score_features(features)
     log.info("version %s: features not in the cache, decoding the images", version.version)
-    paths = images["path"].tolist()
+    paths, columns = images["path"].tolist(), probability_columns(scorer.spec.classes)
     chunks = [
-        scorer.score(pd.DataFrame({"path": paths[start : start + _CHUNK]}))["p_positive"]
+        scorer.score(pd.DataFrame({"path": paths[start : start + _CHUNK]}))[columns]
         for start in range(0, len(paths), _CHUNK)
     ]
-    return np.concatenate([np.asarray(chunk, dtype=np.float64) for chunk in chunks])
+    if not chunks:
+        return np.zeros((0, len(columns)))
+    return np.concatenate([chunk.to_numpy(dtype=np.float64, na_value=np.nan) for chunk in chunks])
 
 
 def _cached_features(cfg: Config, version: ModelVersion, sha256s: list[str]) -> np.ndarray | None:

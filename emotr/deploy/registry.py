@@ -1,7 +1,8 @@
 """The Model Registry's side of emotr: find versions, point aliases, load models, read lineage.
 
 A registered version is one MLflow pyfunc model that takes image bytes (or paths) and returns
-p_positive, label and error (emotr.deploy.serving); emotr.deploy.package builds and registers it.
+p_<class> for each class, label and error (emotr.deploy.serving); emotr.deploy.package builds
+and registers it.
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ from emotr.cache.store import FeatureCache
 from emotr.errors import EmotrError
 from emotr.track import Tracker
 
-# Where the validation images of a version are listed, on its run: the promotion gate's data.
+# Where the validation images of a version are listed, on its run.
 VALIDATION_ARTIFACT = "data/validation.csv"
+# Where its test images are listed (the split the search never read): the promotion gate's data,
+# and the version tag naming them (absent when data.test_fraction was 0, or for older versions).
+TEST_ARTIFACT = "data/test.csv"
+TEST_SET_TAG = "test_set"
 # The version tag naming the cache folder of exactly the features its head reads (absent for
 # a combination of taps and for fine-tuned models: those decode the images instead).
 FEATURE_FINGERPRINT_TAG = "feature_fingerprint"
@@ -119,13 +124,27 @@ def scorer_of(model: Any) -> Any:
 
 
 def load_validation_set(tracker: Tracker, version: ModelVersion) -> pd.DataFrame:
-    """path, sha256, label of the images a version was validated on."""
+    """path, sha256, label of the images a version was validated on (its trial chose on them)."""
     uri = version.tags.get("validation_set")
     if not uri:
         raise RegistryError(
             f"version {version.version} of {version.name!r} records no validation set "
             "(registered by an older emotr); pass --data ROOT|MANIFEST"
         )
+    return _load_images(tracker, uri)
+
+
+def load_evaluation_set(tracker: Tracker, version: ModelVersion) -> tuple[pd.DataFrame, str]:
+    """path, sha256, label of the images a version is judged on, and which split they are:
+    its test split (never seen by its search), else its validation split (data.test_fraction 0,
+    or a version registered before test splits)."""
+    uri = version.tags.get(TEST_SET_TAG)
+    if uri:
+        return _load_images(tracker, uri), "test"
+    return load_validation_set(tracker, version), "validation"
+
+
+def _load_images(tracker: Tracker, uri: str) -> pd.DataFrame:
     with fluent_store(tracker):
         text = mlflow.artifacts.load_text(uri)
     return pd.read_csv(io.StringIO(text))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,8 @@ from emotr.storage import read_bytes
 # MLflow's scoring server); `path` is a local path or a URI emotr.storage can read.
 IMAGE_COLUMN = "image"
 PATH_COLUMN = "path"
-OUTPUT_COLUMNS = ("p_positive", "label", "error")
+# Output columns: p_<class> for each class (p_negative, p_positive by default), label, error.
+PROBABILITY_PREFIX = "p_"
 # The artifacts of a logged deployable model, by name (emotr.deploy.package writes them).
 SPEC_ARTIFACT = "spec"
 BACKBONE_WEIGHTS_ARTIFACT = "backbone_weights"
@@ -47,15 +48,25 @@ class ServingSpec(BaseModel):
     decode: DecodeConfig
     head: HeadParams
     n_features: int
-    classes: tuple[str, str]
-    threshold: float = 0.5
+    classes: tuple[str, ...]  # index = label; two: a sigmoid head, more: a softmax
+    threshold: float = 0.5  # two classes: P(class 1) from which the label is class 1
     # A fine-tuned model (head.finetune) starts from this activation, e.g. block4_pool: the head
     # weights file then holds the fine-tuned blocks above it too (emotr.search.finetune).
     activation: str | None = None
 
 
+def output_columns(classes: Sequence[str]) -> list[str]:
+    """The columns a model of `classes` answers with: p_<class> each, label, error."""
+    return [*probability_columns(classes), "label", "error"]
+
+
+def probability_columns(classes: Sequence[str]) -> list[str]:
+    """p_<class> for each class, in label order."""
+    return [f"{PROBABILITY_PREFIX}{name}" for name in classes]
+
+
 class ImageScorer:
-    """Loads the backbone and head once; `score(frame)` -> p_positive, label, error per row."""
+    """Loads the backbone and head once; `score(frame)` -> p_<class>..., label, error per row."""
 
     def __init__(self, spec: ServingSpec, backbone_weights: str | Path, head_weights: str | Path):
         # The models' graphs import Keras: only a loaded scorer pays for it, never `emotr
@@ -68,29 +79,29 @@ class ImageScorer:
         backbone = spec.backbone.model_copy(update={"weights": str(backbone_weights)})
         if spec.activation is not None:  # `features` are then activations
             self.extractor, self.head = serving_parts(
-                spec.head, backbone, spec.activation, SERVING_BATCH
+                spec.head, backbone, spec.activation, SERVING_BATCH, len(spec.classes)
             )
         else:
             # The taps the head was trained on, combined as in training (emotr.taps).
             self.extractor = features_extractor(backbone, spec.head.features, SERVING_BATCH)
             # Normalization needs data to build; the loaded weights replace what it adapts to.
             placeholder = np.zeros((2, spec.n_features), dtype=np.float32)
-            self.head = build_head(spec.head, spec.n_features, placeholder)
+            self.head = build_head(spec.head, spec.n_features, placeholder, len(spec.classes))
         self.head.load_weights(str(head_weights))
 
     def score_features(self, features: np.ndarray) -> np.ndarray:
-        """P(positive) of cached features (the promotion gate skips decoding with these)."""
-        from emotr.search.head import predict_scores
+        """(n, K) class probabilities of cached features (the gate skips decoding with these)."""
+        from emotr.search.head import predict_proba
 
         if len(features) == 0:
-            return np.zeros(0, dtype=np.float64)
-        return predict_scores(self.head, np.asarray(features, dtype=np.float32))
+            return np.zeros((0, len(self.spec.classes)), dtype=np.float64)
+        return predict_proba(self.head, np.asarray(features, dtype=np.float32))
 
     def score(
         self, frame: pd.DataFrame, known: Mapping[int, np.ndarray] | None = None
     ) -> pd.DataFrame:
-        """One output row per input row; a row that cannot be read or decoded has p_positive and
-        label None and the reason in `error` (None on good rows).
+        """One output row per input row; a row that cannot be read or decoded has probabilities
+        and label None and the reason in `error` (None on good rows).
 
         known: features of some rows (by position), e.g. from the feature cache: not decoded.
         """
@@ -108,7 +119,7 @@ class ImageScorer:
                 errors[row] = failure_reason(error)
                 continue
             decoded_rows.append(row)
-        probabilities = np.full(n_rows, np.nan)
+        probabilities = np.full((n_rows, len(self.spec.classes)), np.nan)
         if pixels:
             probabilities[decoded_rows] = self.score_features(self.extractor(np.stack(pixels)))
         if known:
@@ -130,16 +141,23 @@ class ImageScorer:
 def prediction_frame(
     probabilities: np.ndarray, errors: list[str | None], spec: ServingSpec
 ) -> pd.DataFrame:
-    """p_positive, label (the class its probability reaches at spec.threshold) and error per
-    row; p_positive and label are None where `error` says why the row has none."""
-    labels = [
-        None if error else spec.classes[int(p >= spec.threshold)]
-        for p, error in zip(probabilities, errors, strict=True)
-    ]
-    scores = [None if error else float(p) for p, error in zip(probabilities, errors, strict=True)]
+    """p_<class> for each class, label and error per row, from (n, K) probabilities; the label is
+    class 1 where its probability reaches spec.threshold (two classes), else the most probable
+    class. Probabilities and label are None where `error` says why the row has none."""
+    from emotr.search.metrics import predicted_labels  # scikit-learn: only when scoring
+
+    good = np.array([error is None for error in errors], dtype=bool)
+    predicted = np.zeros(len(errors), dtype=np.int64)
+    if good.any():
+        predicted[good] = predicted_labels(probabilities[good], spec.threshold)
+    labels = [spec.classes[k] if ok else None for k, ok in zip(predicted, good, strict=True)]
     # Object columns holding None: pandas would store NaN (float, or its str dtype), which
     # MLflow's scoring server writes as a bare NaN, not JSON; None is written as null.
-    columns = {"p_positive": scores, "label": labels, "error": errors}
+    columns: dict[str, list] = {
+        name: [float(p) if ok else None for p, ok in zip(probabilities[:, k], good, strict=True)]
+        for k, name in enumerate(probability_columns(spec.classes))
+    }
+    columns |= {"label": labels, "error": errors}
     return pd.DataFrame({name: pd.Series(values, dtype=object) for name, values in columns.items()})
 
 

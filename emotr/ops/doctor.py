@@ -170,8 +170,9 @@ def check_weights(backbone: BackboneConfig) -> Check:
 def check_data(data: DataConfig) -> Check:
     """The data set is listable: its images per class, from file metadata alone (no bytes read)."""
     key = "data.manifest" if data.manifest else "data.root"
+    folders = ", ".join(data.classes) if data.classes else "one per class"
     fix = (
-        f"point {key} at images in <class>/ folders ({', '.join(data.classes)}) or a path,label "
+        f"point {key} at images in <class>/ folders ({folders}) or a path,label "
         "table; for s3:// the AWS_* credentials must allow listing"
     )
     return checked(

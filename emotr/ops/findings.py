@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from emotr.config import BackboneConfig, DataConfig, MlflowConfig, TuneConfig
-from emotr.data.listing import list_files
+from emotr.data.listing import list_files, resolve_classes
 from emotr.extract.weights import weights_identity
 from emotr.storage import check_writable, is_uri
 
@@ -43,6 +43,7 @@ def count_images(data: DataConfig) -> str:
     """Images per class, from file metadata alone (no byte read)."""
     if _demo_pending(data):
         return f"the demo data set ({data.demo_n} images) is generated there first"
+    data = resolve_classes(data)  # data.classes null: the root's folders
     counts = list_files(data).files["class_name"].value_counts()
     missing = [name for name in data.classes if not counts.get(name)]
     if missing:

@@ -22,16 +22,17 @@ emotr.search.finetune_set.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from emotr.hyperparams import HeadParams
+from emotr.search import metrics
 from emotr.search.finetune_model import build_finetune_model
 from emotr.search.finetune_set import FineTuneSet
-from emotr.search.head import HeadResult, fit_head, head_result, sample_weights, score_epoch
+from emotr.search.head import HeadResult, fit_head, head_result, sample_weights
 from emotr.search.training_set import FeatureError
 
 # Activations per forward pass outside training: bounds memory at large input sizes.
@@ -65,6 +66,7 @@ def fit_finetune(
     patience: int,
     seed: int = 0,
     on_epoch_end: Callable[[int, dict], bool | None] | None = None,
+    classes: Sequence[str] = ("negative", "positive"),
 ) -> HeadResult:
     """Fit the head on the backbone's pooled features, then fine-tune blocks and head together.
 
@@ -82,12 +84,17 @@ def fit_finetune(
     g_train, g_val = predict_batched(pooled, data.a_train), predict_batched(pooled, data.a_val)
     fitted = fit_head(
         params, g_train, data.y_train, g_val, data.y_val,
-        epochs=epochs, patience=patience, seed=seed, on_epoch_end=on_epoch_end,
+        epochs=epochs, patience=patience, seed=seed, on_epoch_end=on_epoch_end, classes=classes,
     )  # fmt: skip
     if fitted.stopped_by_callback:  # pruned on the head's curve: no fine-tuning
         return fitted
     model = build_finetune_model(
-        params, data.a_train.shape[1:], data.activation, g_train, backbone=data.backbone
+        params,
+        data.a_train.shape[1:],
+        data.activation,
+        g_train,
+        backbone=data.backbone,
+        n_classes=len(classes),
     )
     for name, weights in data.block_weights.items():
         model.get_layer(name).set_weights(weights)
@@ -96,8 +103,9 @@ def fit_finetune(
     joint, stopped = _train_jointly(model, params, data, fitted.metrics["val_auc"], n_head_epochs,
                                     seed, on_epoch_end)  # fmt: skip
     history = {key: fitted.history[key] + joint[key] for key in fitted.history}
-    scores = predict_batched(model, data.a_val).reshape(-1).astype(np.float64)
-    result = head_result(model, history, data.y_val, scores, time.perf_counter() - started, stopped)
+    proba = metrics.as_probabilities(predict_batched(model, data.a_val))
+    seconds = time.perf_counter() - started
+    result = head_result(model, history, data.y_val, proba, seconds, stopped, classes)
     result.metrics["finetune_from_epoch"] = float(n_head_epochs + 1)
     return result
 
@@ -122,7 +130,8 @@ def _train_jointly(
     for epoch in range(n_done + 1, n_done + params.finetune_epochs + 1):
         loss, accuracy = _train_epoch(step, data.a_train, data.y_train, weights, params, rng)
         logs = {"loss": loss, "accuracy": accuracy}
-        logs |= score_epoch(data.y_val, predict_batched(model, data.a_val).reshape(-1))
+        proba = metrics.as_probabilities(predict_batched(model, data.a_val))
+        logs |= metrics.epoch_metrics(data.y_val, proba)
         for key, value in logs.items():
             history.setdefault(key, []).append(float(value))
         if on_epoch_end is not None and on_epoch_end(epoch, dict(logs)):
@@ -156,7 +165,12 @@ def train_step(model: keras.Model, params: HeadParams) -> Callable:
     )
     optimizers[0].build(block_vars)
     optimizers[1].build(head_vars)
-    loss_fn = keras.losses.BinaryCrossentropy()
+    binary = model.output.shape[-1] == 1  # the sigmoid head of two classes
+    loss_fn = (
+        keras.losses.BinaryCrossentropy()
+        if binary
+        else keras.losses.SparseCategoricalCrossentropy()
+    )
 
     @tf.function(reduce_retracing=True)
     def step(x, y, w):
@@ -189,5 +203,6 @@ def _train_epoch(
         y = np.asarray(y_train[rows], np.float32).reshape(-1, 1)
         loss, p = step(np.asarray(a_train[rows], np.float32), y, weights[rows])
         losses.append(float(loss) * len(rows))
-        hits += int(np.sum((np.asarray(p) >= 0.5) == (y == 1)))
+        predicted = metrics.predicted_labels(metrics.as_probabilities(np.asarray(p)))
+        hits += int(np.sum(predicted == y[:, 0]))
     return sum(losses) / len(order), hits / len(order)

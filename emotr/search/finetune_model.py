@@ -51,9 +51,10 @@ def build_finetune_model(
     activation: str,
     x_adapt: np.ndarray | None = None,
     backbone: str = "vgg16",
+    n_classes: int = 2,
 ) -> keras.Model:
     """(B, h, w, c) activation -> the blocks above it of `backbone` (backbone.name: vgg16 |
-    vgg19) -> GAP -> the head (a nested model).
+    vgg19) -> GAP -> the head of n_classes (a nested model).
 
     x_adapt: pooled features the head's Normalization adapts to (params.standardize).
     """
@@ -69,7 +70,7 @@ def build_finetune_model(
     pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(hidden)
     if params.standardize and x_adapt is None:
         x_adapt = np.zeros((2, FILTERS), dtype=np.float32)  # load_weights replaces its stats
-    head = build_head(params, FILTERS, x_adapt)
+    head = build_head(params, FILTERS, x_adapt, n_classes)
     return keras.Model(inputs, head(pooled), name="finetune")
 
 
@@ -88,10 +89,16 @@ class ActivationInput(OnExtractor):
 
 
 def serving_parts(
-    head: HeadParams, backbone: BackboneConfig, activation: str, batch_size: int
+    head: HeadParams,
+    backbone: BackboneConfig,
+    activation: str,
+    batch_size: int,
+    n_classes: int = 2,
 ) -> tuple[Any, keras.Model]:
-    """(pixels -> activation, activation -> probability) of a deployable fine-tuned model; the
+    """(pixels -> activation, activation -> probabilities) of a deployable fine-tuned model; the
     caller loads the trained weights into the second."""
     shape = activation_shape(activation, backbone.input_size)
-    model = build_finetune_model(head, shape, activation, backbone=backbone.name)
+    model = build_finetune_model(
+        head, shape, activation, backbone=backbone.name, n_classes=n_classes
+    )
     return ActivationInput(backbone, activation, batch_size), model

@@ -1,4 +1,5 @@
-"""Build and fit a classification head on cached features; metrics. Pure Keras + scikit-learn.
+"""Build and fit a classification head on cached features: one sigmoid unit for two classes (the
+tutorial's), a softmax over K for more; its numbers come from emotr.search.metrics.
 
 Speed (measured on 2 cores, 1,304 x 512 features, the tutorial recipe, 100 epochs): Keras' numpy
 path with `validation_data` took ~9-15 s, mostly per-step Python and a second evaluation loop each
@@ -10,28 +11,20 @@ XLA (`jit_compile=True`) was slower on CPU for a head this small, so it stays of
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import keras
 import numpy as np
 import tensorflow as tf
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-    roc_curve,
-)
 from sklearn.utils.class_weight import compute_class_weight
 
 # HeadParams is validated config (tune.baseline is one), a leaf that compute code imports too.
 from emotr.hyperparams import HeadParams
+from emotr.search import metrics
 
-# Keras clips probabilities to [eps, 1 - eps] in binary cross-entropy; val_loss does the same.
-_EPSILON = 1e-7
+# Two classes keep the tutorial's head: one sigmoid unit, P(class 1), and binary cross-entropy.
+BINARY = 2
 
 
 @dataclass
@@ -42,18 +35,22 @@ class HeadResult:
     model: keras.Model
     history: dict[str, list[float]]
     metrics: dict[str, float]
-    val_scores: np.ndarray
-    confusion: np.ndarray
-    roc: tuple[np.ndarray, np.ndarray, np.ndarray]
+    val_proba: np.ndarray  # (n, K) class probabilities of the validation rows
+    confusion: np.ndarray  # K x K counts, rows = true class
+    roc: list  # per class: (fpr, tpr, auc) one vs rest, None where undefined
     train_seconds: float
     # True when on_epoch_end asked to stop (e.g. the trial was pruned).
     stopped_by_callback: bool = False
 
 
 def build_head(
-    params: HeadParams, n_features: int, x_train: np.ndarray | None = None
+    params: HeadParams,
+    n_features: int,
+    x_train: np.ndarray | None = None,
+    n_classes: int = BINARY,
 ) -> keras.Model:
-    """[Normalization adapted on x_train] -> n_layers x (Dense, Dropout) -> Dense(1, sigmoid).
+    """[Normalization adapted on x_train] -> n_layers x (Dense, Dropout) -> the output layer:
+    Dense(1, sigmoid) for two classes (the tutorial's), Dense(n_classes, softmax) for more.
 
     HeadParams bounds n_layers by hyperparams.MAX_HEAD_LAYERS, the depth this builds. The hidden
     kernels start from params.kernel_init; the output layer keeps Keras' default (glorot_uniform),
@@ -78,7 +75,10 @@ def build_head(
             name=f"dense_{index}",
         )(hidden)
         hidden = keras.layers.Dropout(params.dropout, name=f"dropout_{index}")(hidden)
-    outputs = keras.layers.Dense(1, activation="sigmoid", name="score")(hidden)
+    if n_classes == BINARY:
+        outputs = keras.layers.Dense(1, activation="sigmoid", name="score")(hidden)
+    else:
+        outputs = keras.layers.Dense(n_classes, activation="softmax", name="score")(hidden)
     return keras.Model(inputs, outputs, name="head")
 
 
@@ -94,27 +94,21 @@ class _ValidationMetrics(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs if logs is not None else {}
-        scores = predict_scores(self.model, self.x_val)
-        logs.update(score_epoch(self.y_val, scores))
+        logs.update(metrics.epoch_metrics(self.y_val, predict_proba(self.model, self.x_val)))
         if self.report is not None and self.report(epoch + 1, dict(logs)):
             self.stopped_by_callback = True
             self.model.stop_training = True
 
 
-def predict_scores(model: keras.Model, x: np.ndarray | tf.Tensor) -> np.ndarray:
-    """Positive-class probabilities in inference mode (one call, no predict() loop overhead)."""
-    return np.asarray(model(x, training=False), dtype=np.float64).reshape(-1)
+def predict_proba(model: keras.Model, x: np.ndarray | tf.Tensor) -> np.ndarray:
+    """(n, K) class probabilities in inference mode (one call, no predict() loop overhead); a
+    sigmoid head's P(class 1) becomes the two columns [1 - p, p]."""
+    return metrics.as_probabilities(np.asarray(model(x, training=False), dtype=np.float64))
 
 
-def score_epoch(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """The per-epoch validation numbers: loss as Keras computes it, accuracy at 0.5, ROC AUC."""
-    clipped = np.clip(scores, _EPSILON, 1 - _EPSILON)
-    loss = -np.mean(y_true * np.log(clipped) + (1 - y_true) * np.log(1 - clipped))
-    return {
-        "val_loss": float(loss),
-        "val_accuracy": float(np.mean((scores >= 0.5) == (y_true == 1))),
-        "val_auc": float(roc_auc_score(y_true, scores)),
-    }
+def loss_name(n_classes: int) -> str:
+    """The Keras loss of a head with n_classes outputs (labels are class indexes)."""
+    return "binary_crossentropy" if n_classes == BINARY else "sparse_categorical_crossentropy"
 
 
 def sample_weights(params: HeadParams, y_train: np.ndarray) -> np.ndarray:
@@ -150,26 +144,28 @@ def fit_head(
     patience: int,
     seed: int = 0,
     on_epoch_end: Callable[[int, dict], bool | None] | None = None,
+    classes: Sequence[str] = ("negative", "positive"),
 ) -> HeadResult:
-    """Train a head and score it: with params.early_stopping, stopping after `patience` epochs
-    without a better val AUC, the best epoch's weights restored; without, all `epochs` epochs,
-    the last epoch's weights kept (the tutorial's procedure; `patience` is unused).
+    """Train a head on labels 0..len(classes)-1 and score it: with params.early_stopping,
+    stopping after `patience` epochs without a better val AUC, the best epoch's weights restored;
+    without, all `epochs` epochs, the last epoch's weights kept (the tutorial's procedure;
+    `patience` is unused).
 
     on_epoch_end(epoch, logs) is called after every epoch (1-based) with the train and validation
     numbers; returning True stops training after that epoch (used for pruning).
     """
     if len(np.unique(y_val)) < 2 or len(np.unique(y_train)) < 2:
-        raise ValueError("train and validation labels must both contain the two classes")
+        raise ValueError("train and validation labels must both hold two classes or more")
     keras.utils.set_random_seed(seed)
     x_train = np.asarray(x_train, dtype=np.float32)
     x_val = np.asarray(x_val, dtype=np.float32)
     y_train = np.asarray(y_train).astype(np.int64)
     y_val = np.asarray(y_val).astype(np.int64)
-    model = build_head(params, x_train.shape[1], x_train)
+    model = build_head(params, x_train.shape[1], x_train, len(classes))
     n_steps = -(-len(x_train) // params.batch_size)
     model.compile(
         optimizer=keras.optimizers.Adam(params.learning_rate),
-        loss="binary_crossentropy",
+        loss=loss_name(len(classes)),
         metrics=["accuracy"],
         # One graph call per epoch: per-step Python dispatch dominated a head this small.
         steps_per_execution=n_steps,
@@ -196,44 +192,32 @@ def fit_head(
         key: [float(value) for value in fitted.history[key]]
         for key in ("loss", "accuracy", "val_loss", "val_accuracy", "val_auc")
     }
-    scores = predict_scores(model, x_val)
-    return head_result(model, history, y_val, scores, train_seconds, validation.stopped_by_callback)
+    proba = predict_proba(model, x_val)
+    stopped = validation.stopped_by_callback
+    return head_result(model, history, y_val, proba, train_seconds, stopped, classes)
 
 
 def head_result(
     model: keras.Model,
     history: dict[str, list[float]],
     y_val: np.ndarray,
-    scores: np.ndarray,
+    proba: np.ndarray,
     train_seconds: float,
     stopped_by_callback: bool,
+    classes: Sequence[str],
 ) -> HeadResult:
-    """A HeadResult from a trained model's history and its validation scores."""
+    """A HeadResult from a trained model's history and its (n, K) validation probabilities."""
     return HeadResult(
         model=model,
         history=history,
         metrics={
-            **evaluate_scores(y_val, scores),
+            **metrics.evaluate(y_val, proba, classes),
             # The restored epoch with early stopping; without it, where the curve peaked.
             "best_epoch": float(int(np.argmax(history["val_auc"])) + 1),
         },
-        val_scores=scores,
-        confusion=confusion_matrix(y_val, (scores >= 0.5).astype(int), labels=[0, 1]),
-        roc=roc_curve(y_val, scores),
+        val_proba=proba,
+        confusion=metrics.confusion(y_val, proba, len(classes)),
+        roc=metrics.roc_curves(y_val, proba),
         train_seconds=train_seconds,
         stopped_by_callback=stopped_by_callback,
     )
-
-
-def evaluate_scores(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """Validation metrics of positive-class scores (threshold 0.5 for the label metrics)."""
-    predicted = (scores >= 0.5).astype(int)
-    epoch = score_epoch(y_true, scores)
-    return {
-        "val_auc": epoch["val_auc"],
-        "val_accuracy": float(accuracy_score(y_true, predicted)),
-        "val_precision": float(precision_score(y_true, predicted, zero_division=0)),
-        "val_recall": float(recall_score(y_true, predicted, zero_division=0)),
-        "val_f1": float(f1_score(y_true, predicted, zero_division=0)),
-        "val_log_loss": epoch["val_loss"],
-    }

@@ -35,12 +35,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The numbers of the restored epoch, logged per trial and, prefixed best_, on the `tune` run.
-FINAL_METRICS = ("val_auc", "val_accuracy", "val_precision", "val_recall", "val_f1")
-FINAL_METRICS += ("val_log_loss", "best_epoch", "train_seconds")
+FINAL_METRICS = ("val_auc", "val_accuracy", "val_balanced_accuracy", "val_precision")
+FINAL_METRICS += ("val_recall", "val_f1", "val_log_loss", "best_epoch", "train_seconds")
 # Driver bookkeeping in the trials' user attributes; the full head params get their own columns.
 _HIDDEN_ATTRS = ("enqueued_params", "head_params", "val_auc_curve", LEASE_ATTR)
-# What the plots call the objective.
-TARGET_NAME = "val AUC"
+
+
+def objective_name(n_classes: int) -> str:
+    """What the report and plots call the objective (the metric `val_auc` for every K)."""
+    if n_classes == 2:
+        return "val AUC"
+    return f"val macro AUC (one vs rest, {n_classes} classes)"
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,8 @@ def summarize_search(
     _, runs = find_study_runs(tracker, study.study_name)  # another driver's trials included
     best_run_id = runs[best.number].info.run_id if best and best.number in runs else None
     summary = {**counts.as_metrics(), "n_trials_made": float(counts.n_made)}
+    objective = objective_name(len(cfg.data.classes))
+    tracker.set_tags(parent_id, {"objective": f"val_auc: {objective}"})
     if best_run_id is not None:
         best_metrics = tracker.client.get_run(best_run_id).data.metrics
         summary.update(
@@ -164,7 +171,7 @@ def summarize_search(
     frame = _trials_frame(study, runs, timings)
     tracker.log_table(parent_id, frame, "trials.csv")
     tracker.log_text(parent_id, to_yaml(cfg), "config.yaml")
-    _log_optuna_plots(tracker, parent_id, study, counts.n_complete)
+    _log_optuna_plots(tracker, parent_id, study, counts.n_complete, objective)
     return SearchResult(
         study_name=study.study_name,
         best_trial_number=best.number if best else None,
@@ -227,37 +234,39 @@ def _trials_frame(
     return frame.join(timing, on="number") if not timing.empty else frame
 
 
-def _log_optuna_plots(tracker: Tracker, run_id: str, study: optuna.Study, n_complete: int) -> None:
+def _log_optuna_plots(
+    tracker: Tracker, run_id: str, study: optuna.Study, n_complete: int, objective: str
+) -> None:
     if n_complete == 0:
         return
-    tracker.log_figure(run_id, history_figure(study), "plots/optimization_history.png")
+    tracker.log_figure(run_id, history_figure(study, objective), "plots/optimization_history.png")
     if n_complete < 2:
         tracker.set_tags(run_id, {"plots.param_importances": "skipped: < 2 complete trials"})
         return
     try:
-        figure = importance_figure(study)
+        figure = importance_figure(study, objective)
     except (ValueError, RuntimeError) as error:  # e.g. every trial has the same params
         tracker.set_tags(run_id, {"plots.param_importances": f"skipped: {error}"})
         return
     tracker.log_figure(run_id, figure, "plots/param_importances.png")
 
 
-def history_figure(study: optuna.Study) -> Figure:
-    """Optuna's optimization history, its objective named val AUC."""
+def history_figure(study: optuna.Study, objective: str = "val AUC") -> Figure:
+    """Optuna's optimization history, its objective named `objective`."""
     # Optuna's matplotlib plots import matplotlib's pyplot (seconds): only a finished search pays.
     from optuna.visualization import matplotlib as optuna_plots
 
     with _quiet():
-        axes = optuna_plots.plot_optimization_history(study, target_name=TARGET_NAME)
+        axes = optuna_plots.plot_optimization_history(study, target_name=objective)
     return _fit_labels(axes.figure)
 
 
-def importance_figure(study: optuna.Study) -> Figure:
+def importance_figure(study: optuna.Study, objective: str = "val AUC") -> Figure:
     """Optuna's hyperparameter importances, sized so that every parameter name shows whole."""
     from optuna.visualization import matplotlib as optuna_plots
 
     with _quiet():
-        axes = optuna_plots.plot_param_importances(study, target_name=TARGET_NAME)
+        axes = optuna_plots.plot_param_importances(study, target_name=objective)
     n_params = len(axes.get_yticks())
     axes.figure.set_size_inches(8, max(3.0, 0.4 * n_params + 1.5))
     # Room right of the longest bar for Optuna's value labels.

@@ -72,15 +72,15 @@ class FeatureSet:
 
 
 def check_shapes(features: FeatureSet) -> None:
-    """x is (n, d) and y (n,) with both labels, in each split; both splits have the same d."""
+    """x is (n, d) and y (n,) with two classes or more, in each split; both splits have the same
+    d."""
     for name in ("train", "val"):
         x, y = getattr(features, f"x_{name}"), getattr(features, f"y_{name}")
         if x.ndim != 2 or len(x) != len(y):
             raise FeatureError(f"x_{name} {x.shape} and y_{name} {y.shape} must be (n, d) and (n,)")
-        if set(np.unique(y).tolist()) != {0, 1}:
-            raise FeatureError(
-                f"y_{name} must hold both labels 0 and 1, got {np.unique(y).tolist()}"
-            )
+        labels = np.unique(y).tolist()
+        if len(labels) < 2 or min(labels) < 0:
+            raise FeatureError(f"y_{name} must hold two class indexes or more, got {labels}")
     if features.x_train.shape[1] != features.x_val.shape[1]:
         raise FeatureError(
             f"train has {features.x_train.shape[1]} features, val {features.x_val.shape[1]}"
@@ -105,12 +105,16 @@ def load_feature_set(
     images = listing.images[cached]
     _check_missing(tune, listing.images[~cached], set(failed), fingerprint, len(images))
     parts = {}
+    # The test split is never read here: no trial, early stop or choice of trial sees it.
+    every_class = set(images["label"].tolist())
     for split in ("train", "val"):
         rows = images[images["split"] == split]
-        if rows["label"].nunique() < 2:
+        missing = sorted(every_class - set(rows["label"].tolist()))
+        if missing or len(every_class) < 2:
             raise FeatureError(
-                f"the {split} split has cached images of fewer than two classes; add images "
-                f"(data.root) or change data.val_fraction"
+                f"the {split} split has no cached image of class(es) {missing or 'but one'}; "
+                "add images "
+                f"(data.root), change data.val_fraction, or fix the manifest's split column"
             )
         keys = rows["sha256"].tolist()
         taps = {tap: cache.load(keys) for tap, cache in caches.items()}

@@ -102,7 +102,7 @@ class TrialOutcome:
 
     @property
     def val_auc(self) -> float:
-        """The trial's value: val AUC of the restored (best) epoch."""
+        """The trial's value: val AUC (macro one vs rest for K > 2) of the restored epoch."""
         return self.metrics["val_auc"]
 
 
@@ -122,6 +122,7 @@ def train_trial(features: FeatureSet, job: TrialJob) -> TrialOutcome:
             patience=job.patience,
             seed=job.seed,
             on_epoch_end=_pruning_check(job),
+            classes=job.classes,
         )
     else:
         features = features.select(job.params.features)  # the taps this trial's head reads
@@ -135,9 +136,10 @@ def train_trial(features: FeatureSet, job: TrialJob) -> TrialOutcome:
             patience=job.patience,
             seed=job.seed,
             on_epoch_end=_pruning_check(job),
+            classes=job.classes,
         )
     pngs = {
-        "plots/roc_curve.png": plots.roc_figure(*result.roc[:2], result.metrics["val_auc"]),
+        "plots/roc_curve.png": plots.roc_figure(result.roc, job.classes, result.metrics["val_auc"]),
         "plots/confusion_matrix.png": plots.confusion_figure(result.confusion, job.classes),
         "plots/learning_curves.png": plots.learning_curves_figure(
             result.history, _restored_epoch(job.params, result.metrics)

@@ -22,6 +22,7 @@ from emotr import pipeline
 from emotr.config import DataConfig
 from emotr.config_io import to_yaml
 from emotr.data.index import index_location, read_index, scan_images, write_index
+from emotr.data.listing import resolve_classes
 from emotr.track import Tracker
 from tests.conftest import demo_config, warns_in_log
 from tests.run_cli import run_python
@@ -206,7 +207,8 @@ def test_an_s3_data_root_is_listed_from_metadata_with_its_index_in_an_s3_cache(s
             stream.write(f"image {index}".encode())
     with filesystem.open_output_stream(f"{bucket}/data/positive/d.jpg") as stream:
         stream.write(b"image 3")
-    data, cache = DataConfig(root=f"{s3_bucket}/data"), f"{s3_bucket}/cache"
+    data, cache = resolve_classes(DataConfig(root=f"{s3_bucket}/data")), f"{s3_bucket}/cache"
+    assert data.classes == ("negative", "positive")  # the bucket's "folders": key prefixes
 
     cold = scan_images(data, cache)
     assert len(cold.unknown()) == 4

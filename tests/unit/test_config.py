@@ -56,7 +56,11 @@ def test_search_space_in_a_file_replaces_the_default_whole(tmp_path: Path):
         ("data.val_fraction=1.5", ["data.val_fraction", "1.5"]),
         ("backbone.precision=float16", ["backbone.precision", "bfloat16"]),
         ("backbone.input_size=[16, 16]", ["backbone.input_size", "32x32"]),
-        ("data.classes=[a]", ["data.classes", "two distinct classes"]),
+        ("data.classes=[a]", ["data.classes", "two or more distinct classes", "['a']"]),
+        ("data.classes=[a, b, a]", ["data.classes", "distinct", "['a', 'b', 'a']"]),
+        ("data.test_fraction=1.0", ["data.test_fraction", "1.0"]),
+        ("data.test_fraction=-0.1", ["data.test_fraction", "-0.1"]),
+        ("data.val_fraction=0.95", ["data.val_fraction 0.95 + data.test_fraction 0.1", "below 1"]),
         ("decode.background=[0, 0, 300]", ["decode.background", "0..255"]),
         ("tune.search_space.lr={type: float, low: 1, high: 2}", ["tune.search_space", "lr"]),
         ("tune.search_space.dropout={type: uniform}", ["search_space.dropout", "uniform", "int"]),
@@ -256,3 +260,11 @@ def test_a_command_without_c_loads_the_packaged_default_from_any_directory(tmp_p
     assert misspelled.returncode == 2
     assert "cache.rot: unknown key; did you mean cache.root?" in misspelled.stderr
     assert str(DEFAULT_CONFIG) in misspelled.stderr.replace("\n", "")
+
+
+def test_data_classes_default_to_the_folders_and_any_number_of_classes_is_allowed():
+    assert Config().data.classes is None
+    assert Config().data.test_fraction == 0.1
+    four = load_config([], ["data.classes=[angry, happy, neutral, sad]"]).data.classes
+    assert four == ("angry", "happy", "neutral", "sad")
+    assert load_config([], ["data.test_fraction=0"]).data.test_fraction == 0.0

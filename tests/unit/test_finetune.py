@@ -66,7 +66,7 @@ def test_finetuning_continues_the_fitted_head_and_never_ends_worse():
     assert result.metrics["val_auc"] == pytest.approx(max(result.history["val_auc"]))
     assert result.metrics["val_auc"] >= head_only
     scores = predict_batched(result.model, data.a_val).reshape(-1)
-    np.testing.assert_allclose(scores, result.val_scores, atol=1e-6)
+    np.testing.assert_allclose(scores, result.val_proba[:, 1], atol=1e-6)
 
 
 def test_without_early_stopping_every_epoch_trains_and_the_last_weights_are_kept():
@@ -94,7 +94,7 @@ def test_the_fitted_head_is_where_joint_training_starts():
         model.get_layer(name).set_weights(weights)
     model.get_layer("head").set_weights(head.model.get_weights())
     np.testing.assert_allclose(
-        predict_batched(model, data.a_val).reshape(-1), head.val_scores, atol=1e-5
+        predict_batched(model, data.a_val).reshape(-1), head.val_proba[:, 1], atol=1e-5
     )
 
 
@@ -108,7 +108,7 @@ def test_saved_weights_rebuild_the_same_model(tmp_path: Path):
     rebuilt = build_finetune_model(params, (2, 2, 512), "block4_pool")
     rebuilt.load_weights(str(path))
     np.testing.assert_allclose(
-        predict_batched(rebuilt, data.a_val).reshape(-1), result.val_scores, atol=1e-6
+        predict_batched(rebuilt, data.a_val).reshape(-1), result.val_proba[:, 1], atol=1e-6
     )
 
 
@@ -223,4 +223,4 @@ def test_finetuning_vgg19_runs_and_serves_the_trials_probabilities(vgg19_images,
     images, _, _ = vgg19_images
     rows = scorer.score(pd.DataFrame({"image": images[16:]}))
     assert rows["error"].isna().all()
-    np.testing.assert_allclose(rows["p_positive"].to_numpy(float), result.val_scores, atol=1e-4)
+    np.testing.assert_allclose(rows["p_yes"].to_numpy(float), result.val_proba[:, 1], atol=1e-4)

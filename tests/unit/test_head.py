@@ -6,10 +6,12 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from emotr.config_io import load_config
 from emotr.hyperparams import MAX_HEAD_LAYERS
-from emotr.search.head import HeadParams, build_head, evaluate_scores, fit_head
+from emotr.search import metrics
+from emotr.search.head import HeadParams, build_head, fit_head
 
 BASE = HeadParams(
     n_layers=1,
@@ -25,6 +27,7 @@ BASE = HeadParams(
     kernel_init="glorot_uniform",
     early_stopping=True,
 )
+CLASSES = ("negative", "positive")
 METRICS = {
     "val_auc",
     "val_accuracy",
@@ -32,8 +35,11 @@ METRICS = {
     "val_recall",
     "val_f1",
     "val_log_loss",
+    "val_balanced_accuracy",
     "best_epoch",
 }
+# Per class, by the default class names.
+METRICS |= {f"val_{kind}_{name}" for kind in ("auc", "precision", "recall") for name in CLASSES}
 HISTORY = {"loss", "accuracy", "val_loss", "val_accuracy", "val_auc"}
 
 
@@ -68,8 +74,8 @@ def test_learns_separable_features_with_full_history_and_metrics():
     n_epochs = len(result.history["loss"])
     assert all(len(values) == n_epochs for values in result.history.values())
     assert result.confusion.shape == (2, 2) and result.confusion.sum() == len(y_val)
-    assert result.val_scores.shape == (len(y_val),)
-    fpr, tpr, _ = result.roc
+    assert result.val_proba.shape == (len(y_val), 2)
+    fpr, tpr, _ = result.roc[1]
     assert fpr[0] == 0 and tpr[-1] == 1
     assert result.train_seconds > 0
 
@@ -87,7 +93,7 @@ def test_early_stopping_restores_the_best_epoch():
     assert 1 <= best_epoch <= len(curve)
     assert best_epoch == int(np.argmax(curve)) + 1
     assert result.metrics["val_auc"] == pytest.approx(max(curve), abs=1e-6)
-    assert evaluate_scores(y_val, result.val_scores)["val_auc"] == pytest.approx(
+    assert metrics.evaluate(y_val, result.val_proba, ("n", "p"))["val_auc"] == pytest.approx(
         max(curve), abs=1e-6
     )
 
@@ -106,7 +112,7 @@ def test_without_early_stopping_every_epoch_trains_and_the_last_is_kept():
     assert result.metrics["val_auc"] < max(curve), "overfitting: the last epoch is not the best"
     assert result.metrics["best_epoch"] == int(np.argmax(curve)) + 1  # where the curve peaked
     scores = np.asarray(result.model(x_val, training=False)).reshape(-1)
-    np.testing.assert_allclose(scores, result.val_scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores, result.val_proba[:, 1], rtol=1e-5, atol=1e-6)
 
 
 def test_the_recipe_head_is_the_notebooks():
@@ -193,7 +199,7 @@ def test_same_seed_gives_the_same_head():
     first = fit_head(BASE, x_train, y_train, x_val, y_val, epochs=2, patience=2, seed=3)
     second = fit_head(BASE, x_train, y_train, x_val, y_val, epochs=2, patience=2, seed=3)
 
-    np.testing.assert_allclose(first.val_scores, second.val_scores, rtol=1e-6)
+    np.testing.assert_allclose(first.val_proba, second.val_proba, rtol=1e-6)
 
 
 @pytest.mark.parametrize("n_layers", [0, MAX_HEAD_LAYERS])
@@ -257,4 +263,28 @@ def test_a_trial_head_fits_and_packs_quietly_into_a_loadable_mlflow_model(tmp_pa
     model = mlflow.pyfunc.load_model(str(tmp_path / "model"))
     assert model.metadata.signature is not None
     scores = np.asarray(model.predict(x_val[:4])).reshape(-1)
-    np.testing.assert_allclose(scores, result.val_scores[:4], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores, result.val_proba[:4, 1], rtol=1e-5, atol=1e-6)
+
+
+def test_four_classes_get_a_softmax_head_and_macro_auc():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(0, 1.0, (4, 512))
+    y = rng.integers(0, 4, 480)
+    x = (centres[y] + rng.normal(0, 3.0, (480, 512))).astype(np.float32)
+    classes = ("angry", "happy", "sad", "surprise")
+    params = replace(BASE, class_weight=True)
+
+    result = fit_head(
+        params, x[:400], y[:400], x[400:], y[400:], epochs=8, patience=8, classes=classes
+    )
+
+    assert result.model.output.shape[-1] == 4
+    np.testing.assert_allclose(result.val_proba.sum(axis=1), 1.0, atol=1e-5)
+    assert result.metrics["val_auc"] == pytest.approx(
+        roc_auc_score(y[400:], result.val_proba, multi_class="ovr", average="macro"), abs=1e-9
+    )
+    assert result.metrics["val_auc"] > 0.9
+    assert {f"val_auc_{name}" for name in classes} <= set(result.metrics)
+    assert result.confusion.shape == (4, 4) and result.confusion.sum() == 80
+    assert len(result.roc) == 4
+    assert max(result.history["val_auc"]) == pytest.approx(result.metrics["val_auc"], abs=1e-6)

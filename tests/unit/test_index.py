@@ -11,7 +11,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from emotr.config import DataConfig
 from emotr.data.index import (
     index_location,
     list_images_indexed,
@@ -19,10 +18,16 @@ from emotr.data.index import (
     scan_images,
     write_index,
 )
-from emotr.data.listing import DataError, list_images
+from emotr.data.listing import (
+    DataError,
+    complete_listing,
+    hash_files,
+    list_files,
+    list_images,
+)
 from tests import counting_fs
 from tests.conftest import warns_in_log
-from tests.unit.test_listing import write_folders, write_image
+from tests.unit.test_listing import data_config, write_folders, write_image
 
 
 @pytest.fixture
@@ -44,7 +49,7 @@ def counted(tmp_path, monkeypatch) -> Path:
 def test_warm_listing_reads_no_image_and_equals_a_full_listing(tmp_path, ids, counted):
     root, cache = tmp_path / "data", str(tmp_path / "cache")
     paths = write_folders(root, ids, n_per_class=4)
-    cfg = DataConfig(root=str(root))
+    cfg = data_config(root=str(root))
 
     cold = list_images_indexed(cfg, cache)
     assert sorted(counting_fs.opened(counted, root)) == sorted(map(str, paths))
@@ -59,7 +64,7 @@ def test_warm_listing_reads_no_image_and_equals_a_full_listing(tmp_path, ids, co
 def test_a_touched_file_is_hashed_again_and_nothing_else(tmp_path, ids, counted):
     root, cache = tmp_path / "data", str(tmp_path / "cache")
     paths = write_folders(root, ids, n_per_class=4)
-    cfg = DataConfig(root=str(root))
+    cfg = data_config(root=str(root))
     list_images_indexed(cfg, cache)
     counted.unlink()
 
@@ -77,7 +82,7 @@ def test_a_touched_file_is_hashed_again_and_nothing_else(tmp_path, ids, counted)
 def test_a_renamed_file_keeps_its_hash_and_split(tmp_path, ids):
     root, cache = tmp_path / "data", str(tmp_path / "cache")
     paths = write_folders(root, ids, n_per_class=5)
-    cfg = DataConfig(root=str(root))
+    cfg = data_config(root=str(root))
     before = list_images_indexed(cfg, cache).images.set_index("path")
 
     renamed = paths[1].with_name("renamed.png")
@@ -96,7 +101,7 @@ def test_a_class_with_one_file_fails_before_any_image_is_read(tmp_path, ids, cou
         write_image(root / name, next(ids))
 
     with pytest.raises(DataError, match=r"class 'positive' has 1 distinct image"):
-        scan_images(DataConfig(root=str(root)), str(tmp_path / "cache"))
+        scan_images(data_config(root=str(root)), str(tmp_path / "cache"))
 
     assert counting_fs.opened(counted, root) == []
 
@@ -106,11 +111,11 @@ def test_the_index_lives_under_the_cache_and_nothing_is_written_to_the_data_root
     write_folders(root, ids)
     before = sorted(p for p in root.rglob("*"))
 
-    list_images_indexed(DataConfig(root=str(root)), str(cache))
+    list_images_indexed(data_config(root=str(root)), str(cache))
 
     assert sorted(p for p in root.rglob("*")) == before
     [index] = (cache / "_listings").glob("*.parquet")
-    assert str(index) == index_location(str(cache), DataConfig(root=str(root)))
+    assert str(index) == index_location(str(cache), data_config(root=str(root)))
     assert read_index(str(index))["location"].str.startswith(str(root)).all()
 
 
@@ -119,9 +124,9 @@ def test_one_folder_named_three_ways_has_one_index(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     cache = str(tmp_path / "cache")
     names = ["data", f"{tmp_path}/data/", f"file://{tmp_path}/data"]
-    assert len({index_location(cache, DataConfig(root=name)) for name in names}) == 1
-    assert index_location(cache, DataConfig(root="s3://b/x/")) == index_location(
-        cache, DataConfig(root="s3://b/x")
+    assert len({index_location(cache, data_config(root=name)) for name in names}) == 1
+    assert index_location(cache, data_config(root="s3://b/x/")) == index_location(
+        cache, data_config(root="s3://b/x")
     )
 
 
@@ -130,7 +135,7 @@ def test_manifest_listings_use_the_index_too(tmp_path, ids):
     manifest = tmp_path / "labels.csv"
     rows = [f"{path.relative_to(tmp_path)},{path.parent.name}" for path in paths]
     manifest.write_text("path,label\n" + "\n".join(rows) + "\n")
-    cfg, cache = DataConfig(manifest=str(manifest)), str(tmp_path / "cache")
+    cfg, cache = data_config(manifest=str(manifest)), str(tmp_path / "cache")
 
     cold = list_images_indexed(cfg, cache)
     write_image(paths[0], next(ids))
@@ -143,7 +148,7 @@ def test_manifest_listings_use_the_index_too(tmp_path, ids):
 def test_a_temporary_index_left_by_a_killed_writer_is_ignored(tmp_path, ids):
     root, cache = tmp_path / "data", str(tmp_path / "cache")
     write_folders(root, ids)
-    cfg = DataConfig(root=str(root))
+    cfg = data_config(root=str(root))
     list_images_indexed(cfg, cache)
     location = Path(index_location(cache, cfg))
     good = location.read_bytes()
@@ -159,7 +164,7 @@ def test_cache_gc_deletes_what_a_killed_index_writer_left(tmp_path, ids):
 
     root, cache = tmp_path / "data", str(tmp_path / "cache")
     write_folders(root, ids)
-    list_images_indexed(DataConfig(root=str(root)), cache)
+    list_images_indexed(data_config(root=str(root)), cache)
     leftover = tmp_path / "cache" / "_listings" / "_tmp-0123-x.parquet"
     leftover.write_bytes(b"half")
 
@@ -170,7 +175,7 @@ def test_cache_gc_deletes_what_a_killed_index_writer_left(tmp_path, ids):
 def test_an_unreadable_index_is_ignored_with_a_warning(tmp_path, ids, caplog):
     root, cache = tmp_path / "data", str(tmp_path / "cache")
     write_folders(root, ids)
-    cfg = DataConfig(root=str(root))
+    cfg = data_config(root=str(root))
     location = Path(index_location(cache, cfg))
     location.parent.mkdir(parents=True)
     location.write_bytes(b"PAR1 not really")
@@ -199,7 +204,7 @@ def test_a_warm_listing_takes_the_stored_splits_only_under_the_same_rule(tmp_pat
     root, cache = tmp_path / "data", str(tmp_path / "cache")
     paths = write_folders(root, ids, n_per_class=6)
     (root / "positive" / "copy.jpg").write_bytes(paths[0].read_bytes())  # a label conflict
-    cfg = DataConfig(root=str(root))
+    cfg = data_config(root=str(root))
     with warns_in_log(caplog, "identical bytes"):
         cold = list_images_indexed(cfg, cache)
 
@@ -211,7 +216,7 @@ def test_a_warm_listing_takes_the_stored_splits_only_under_the_same_rule(tmp_pat
     pd.testing.assert_frame_equal(warm.conflicts, cold.conflicts)
     assert warm.digest == cold.digest
 
-    reseeded = DataConfig(root=str(root), seed=cfg.seed + 1)
+    reseeded = data_config(root=str(root), seed=cfg.seed + 1)
     scan = scan_images(reseeded, cache)
     assert scan.stored is None  # another seed splits anew
     with warns_in_log(caplog, "identical bytes"):
@@ -227,7 +232,7 @@ def test_a_manifest_relabelling_unchanged_files_is_split_again(tmp_path, ids):
     manifest = tmp_path / "manifest.csv"
     rows = [(str(path), path.parent.name) for path in paths]
     pd.DataFrame(rows, columns=["path", "label"]).to_csv(manifest, index=False)
-    cfg = DataConfig(manifest=str(manifest))
+    cfg = data_config(manifest=str(manifest))
     list_images_indexed(cfg, cache)
     assert scan_images(cfg, cache).stored is not None
 
@@ -238,3 +243,99 @@ def test_a_manifest_relabelling_unchanged_files_is_split_again(tmp_path, ids):
     relabelled = scan.complete_here().images.set_index("path")
     assert relabelled.loc[rows[0][0], "class_name"] == rows[0][1]
     assert relabelled.loc[rows[0][0], "label"] == list(cfg.classes).index(rows[0][1])
+
+
+def assert_same_listing(warm, cold) -> None:
+    for name in ("images", "conflicts", "cross_split"):
+        pd.testing.assert_frame_equal(getattr(warm, name), getattr(cold, name), obj=name)
+    assert warm.digest == cold.digest
+
+
+def write_split_manifest(tmp_path: Path, ids, splits: list[str]) -> Path:
+    """A manifest of len(splits) images of distinct bytes, labels alternating, with the split
+    column `splits`, and two copies of the first image's bytes given val and test."""
+    root = tmp_path / "data"
+    paths = [write_image(root / f"img_{i:03d}.png", next(ids)) for i in range(len(splits))]
+    copies = [root / "copy_val.png", root / "copy_test.png"]
+    for copy in copies:
+        copy.write_bytes(paths[0].read_bytes())
+    labels = [("negative", "positive")[i % 2] for i in range(len(splits))]
+    frame = pd.DataFrame(
+        {
+            "path": [str(path) for path in [*paths, *copies]],
+            "label": [*labels, labels[0], labels[0]],
+            "split": [*splits, "val", "test"],
+            "group": [f"g{i % 7}" if i % 3 else "" for i in range(len(splits) + 2)],
+        }
+    )
+    manifest = tmp_path / "manifest.csv"
+    frame.to_csv(manifest, index=False)
+    return manifest
+
+
+def test_a_warm_listing_with_splits_and_groups_equals_a_cold_one(tmp_path, ids, caplog):
+    splits = ["train", ""] * 10
+    manifest = write_split_manifest(tmp_path, ids, splits)
+    cfg, cache = data_config(manifest=str(manifest)), str(tmp_path / "cache")
+    found = list_files(cfg)
+    with warns_in_log(caplog, "more than one split"):
+        cold = complete_listing(cfg, found, hash_files(found.sources()))
+    with warns_in_log(caplog, "more than one split"):
+        first = list_images_indexed(cfg, cache)
+
+    scan = scan_images(cfg, cache)
+    assert scan.stored is not None
+    with warns_in_log(caplog, "more than one split"):  # said on warm runs too
+        warm = scan.complete_here()
+
+    assert_same_listing(first, cold)
+    assert_same_listing(warm, cold)
+    assert len(cold.cross_split) == 3 and cold.cross_split["kept"].sum() == 1
+    assert set(cold.cross_split.loc[~cold.cross_split["kept"], "split"]) == {"val", "test"}
+    assert cold.images["group"].notna().any() and {"train", "val"} <= set(cold.images["split"])
+
+
+def test_a_changed_split_or_group_column_splits_again(tmp_path, ids, caplog):
+    manifest = write_split_manifest(tmp_path, ids, ["train", ""] * 10)
+    cfg, cache = data_config(manifest=str(manifest)), str(tmp_path / "cache")
+    with warns_in_log(caplog, "more than one split"):
+        list_images_indexed(cfg, cache)
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+
+    for row, column, value in ((3, "split", "test"), (5, "group", "another")):
+        frame.loc[row, column] = value
+        frame.to_csv(manifest, index=False)
+        scan = scan_images(cfg, cache)
+        assert scan.stored is None and scan.unknown().empty, column  # same files, new rule
+        with warns_in_log(caplog, "more than one split"):
+            listing = scan.complete_here()
+        with warns_in_log(caplog, "more than one split"):
+            assert_same_listing(listing, list_images(cfg))
+        assert listing.images.set_index("path").loc[frame.loc[row, "path"], column] == value
+
+
+def test_another_test_fraction_splits_again(tmp_path, ids):
+    root, cache = tmp_path / "data", str(tmp_path / "cache")
+    write_folders(root, ids, n_per_class=8)
+    list_images_indexed(data_config(root=str(root)), cache)
+
+    two_way = data_config(root=str(root), test_fraction=0.0)
+    scan = scan_images(two_way, cache)
+    assert scan.stored is None
+    listing = scan.complete_here()
+
+    assert set(listing.images["split"]) == {"train", "val"}
+    assert listing.digest == list_images(two_way).digest
+    assert scan_images(two_way, cache).stored is not None
+
+
+def test_the_index_keeps_test_splits(tmp_path, ids):
+    root, cache = tmp_path / "data", str(tmp_path / "cache")
+    write_folders(root, ids, n_per_class=20)
+    cfg = data_config(root=str(root), test_fraction=0.3)
+
+    cold = list_images_indexed(cfg, cache)
+    warm = list_images_indexed(cfg, cache)
+
+    assert "test" in set(cold.images["split"])
+    assert_same_listing(warm, cold)

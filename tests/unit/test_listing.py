@@ -13,7 +13,13 @@ import pytest
 from PIL import Image
 
 from emotr.config import DataConfig
-from emotr.data.listing import IMAGE_EXTENSIONS, DataError, assign_split, list_images
+from emotr.data.listing import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    assign_split,
+    list_images,
+    resolve_classes,
+)
 from tests.conftest import warns_in_log
 
 _FORMATS = {
@@ -26,6 +32,14 @@ _FORMATS = {
     ".tif": "TIFF",
     ".tiff": "TIFF",
 }
+
+
+CLASSES = ("negative", "positive")
+
+
+def data_config(**fields) -> DataConfig:
+    """A DataConfig naming the two classes these tests write, unless `fields` say otherwise."""
+    return DataConfig(**{"classes": CLASSES, **fields})
 
 
 @pytest.fixture
@@ -83,16 +97,17 @@ def test_walks_nested_folders_with_any_extension_case_and_skips_hidden_and_other
     (root / "positive" / "notes.txt").write_text("not an image")
     write_image(root / "other" / "f.png", next(ids))
 
-    images = list_images(DataConfig(root=str(root))).images
+    images = list_images(data_config(root=str(root))).images
 
-    assert list(images.columns) == ["path", "label", "class_name", "sha256", "split"]
+    assert list(images.columns) == ["path", "label", "class_name", "sha256", "split", "group"]
     assert images["path"].tolist() == sorted(str(path) for path in wanted)
     assert all(Path(path).is_absolute() for path in images["path"])
     for row in images.itertuples():
         assert row.label == wanted[Path(row.path)]
         assert row.class_name == ("negative", "positive")[row.label]
         assert row.sha256 == sha256_of(Path(row.path))
-    assert set(images["split"]) <= {"train", "val"}
+    assert set(images["split"]) <= {"train", "val", "test"}
+    assert images["group"].isna().all()
 
 
 def test_finds_every_listed_extension(tmp_path, ids):
@@ -101,7 +116,7 @@ def test_finds_every_listed_extension(tmp_path, ids):
         write_image(root / "negative" / f"img{ext}", next(ids))
         write_image(root / "positive" / f"IMG{ext.upper()}", next(ids))
 
-    images = list_images(DataConfig(root=str(root))).images
+    images = list_images(data_config(root=str(root))).images
 
     assert sorted(Path(path).suffix.lower() for path in images["path"]) == sorted(
         [*IMAGE_EXTENSIONS, *IMAGE_EXTENSIONS]
@@ -112,7 +127,7 @@ def test_relative_root_gives_absolute_paths(tmp_path, ids, monkeypatch):
     write_folders(tmp_path / "data", ids, n_per_class=2)
     monkeypatch.chdir(tmp_path)
 
-    images = list_images(DataConfig(root="data")).images
+    images = list_images(data_config(root="data")).images
 
     assert all(path.startswith(str(tmp_path / "data")) for path in images["path"])
 
@@ -120,8 +135,8 @@ def test_relative_root_gives_absolute_paths(tmp_path, ids, monkeypatch):
 def test_file_uri_root_lists_the_same_local_files(tmp_path, ids):
     write_folders(tmp_path, ids, n_per_class=2)
 
-    by_uri = list_images(DataConfig(root=f"file://{tmp_path}"))
-    by_path = list_images(DataConfig(root=str(tmp_path)))
+    by_uri = list_images(data_config(root=f"file://{tmp_path}"))
+    by_path = list_images(data_config(root=str(tmp_path)))
 
     pd.testing.assert_frame_equal(by_uri.images, by_path.images)
 
@@ -139,7 +154,7 @@ def test_csv_manifest_with_names_indices_relative_paths_and_extra_columns(tmp_pa
         "../images/d.png,1,camera\n"
     )
 
-    images = list_images(DataConfig(root="/nowhere", manifest=str(manifest))).images
+    images = list_images(data_config(root="/nowhere", manifest=str(manifest))).images
 
     assert dict(zip(images["path"], images["label"], strict=True)) == {
         str(a): 0,
@@ -158,7 +173,7 @@ def test_parquet_manifest(tmp_path, ids, labels):
         {"path": [f"img/{path.name}" for path in paths], "label": labels, "weight": 1.0}
     ).to_parquet(manifest)
 
-    images = list_images(DataConfig(manifest=str(manifest))).images
+    images = list_images(data_config(manifest=str(manifest))).images
 
     assert images["path"].tolist() == [str(path) for path in paths]
     assert images["label"].tolist() == [0, 0, 1, 1]
@@ -171,7 +186,7 @@ def test_manifest_unknown_label_names_row_value_and_classes(tmp_path, ids):
     manifest.write_text("path,label\na.png,negative\na.png,happy\n")
 
     with pytest.raises(DataError, match=r"row 2.*'happy'.*\['negative', 'positive'\]"):
-        list_images(DataConfig(manifest=str(manifest)))
+        list_images(data_config(manifest=str(manifest)))
 
 
 def test_manifest_out_of_range_index_is_an_unknown_label(tmp_path, ids):
@@ -180,7 +195,7 @@ def test_manifest_out_of_range_index_is_an_unknown_label(tmp_path, ids):
     pd.DataFrame({"path": ["a.png"], "label": [2]}).to_parquet(manifest)
 
     with pytest.raises(DataError, match=r"unknown label 2.*index 0\.\.1"):
-        list_images(DataConfig(manifest=str(manifest)))
+        list_images(data_config(manifest=str(manifest)))
 
 
 def test_manifest_missing_column(tmp_path):
@@ -188,7 +203,7 @@ def test_manifest_missing_column(tmp_path):
     manifest.write_text("file,label\na.png,0\n")
 
     with pytest.raises(DataError, match=r"lacks column\(s\) \['path'\]"):
-        list_images(DataConfig(manifest=str(manifest)))
+        list_images(data_config(manifest=str(manifest)))
 
 
 def test_manifest_missing_file_is_named(tmp_path, ids):
@@ -198,19 +213,19 @@ def test_manifest_missing_file_is_named(tmp_path, ids):
     manifest.write_text("path,label\na.png,0\nb.png,0\nc.png,1\ngone.png,1\n")
 
     with pytest.raises(DataError, match=f"not found.*{tmp_path / 'gone.png'}"):
-        list_images(DataConfig(manifest=str(manifest)))
+        list_images(data_config(manifest=str(manifest)))
 
 
 def test_missing_root(tmp_path):
     with pytest.raises(DataError, match=f"data root {tmp_path / 'nope'} does not exist"):
-        list_images(DataConfig(root=str(tmp_path / "nope")))
+        list_images(data_config(root=str(tmp_path / "nope")))
 
 
 def test_missing_class_folder_is_named(tmp_path, ids):
     write_image(tmp_path / "negative" / "a.png", next(ids))
 
     with pytest.raises(DataError, match=f"class folder {tmp_path / 'positive'} does not exist"):
-        list_images(DataConfig(root=str(tmp_path)))
+        list_images(data_config(root=str(tmp_path)))
 
 
 def test_class_folder_without_images_is_named(tmp_path, ids):
@@ -219,7 +234,7 @@ def test_class_folder_without_images_is_named(tmp_path, ids):
     (tmp_path / "positive" / "notes.txt").write_text("todo")
 
     with pytest.raises(DataError, match=f"no images in {tmp_path / 'positive'}: expected .*\\.jpg"):
-        list_images(DataConfig(root=str(tmp_path)))
+        list_images(data_config(root=str(tmp_path)))
 
 
 def test_class_with_one_image_cannot_be_split(tmp_path, ids):
@@ -228,7 +243,7 @@ def test_class_with_one_image_cannot_be_split(tmp_path, ids):
     write_image(tmp_path / "positive" / "c.png", next(ids))
 
     with pytest.raises(DataError, match=r"class 'positive' has 1 distinct image"):
-        list_images(DataConfig(root=str(tmp_path)))
+        list_images(data_config(root=str(tmp_path)))
 
 
 def test_same_bytes_under_two_labels_are_reported_and_dropped(tmp_path, ids, caplog):
@@ -238,7 +253,7 @@ def test_same_bytes_under_two_labels_are_reported_and_dropped(tmp_path, ids, cap
     right = write_image(tmp_path / "positive" / "copy" / "shared.png", shared)
 
     with warns_in_log(caplog, "identical bytes") as caught:
-        listing = list_images(DataConfig(root=str(tmp_path)))
+        listing = list_images(data_config(root=str(tmp_path)))
 
     message = caught[0]
     assert str(left) in message and str(right) in message
@@ -254,7 +269,7 @@ def test_duplicates_under_one_label_stay_together(tmp_path, ids):
     for name in ("dup1.png", "dup2.png", "sub/dup3.png"):
         write_image(tmp_path / "positive" / name, duplicate)
 
-    listing = list_images(DataConfig(root=str(tmp_path)))
+    listing = list_images(data_config(root=str(tmp_path)))
 
     rows = listing.images[listing.images["path"].str.contains("/dup")]
     assert len(rows) == 3 and rows["split"].nunique() == 1
@@ -263,19 +278,20 @@ def test_duplicates_under_one_label_stay_together(tmp_path, ids):
 
 def test_same_folder_twice_gives_the_same_listing(tmp_path, ids):
     write_folders(tmp_path, ids, n_per_class=4)
-    cfg = DataConfig(root=str(tmp_path))
+    cfg = data_config(root=str(tmp_path))
 
     first, second = list_images(cfg), list_images(cfg)
 
     pd.testing.assert_frame_equal(first.images, second.images)
     assert first.digest == second.digest
-    assert len(first.train()) + len(first.val()) == len(first.images) == 8
-    assert (first.val()["split"] == "val").all() and (first.train()["split"] == "train").all()
+    assert len(first.train()) + len(first.val()) + len(first.test()) == len(first.images) == 8
+    for name in ("train", "val", "test"):
+        assert (getattr(first, name)()["split"] == name).all()
 
 
 def test_digest_changes_when_an_image_is_added(tmp_path, ids):
     write_folders(tmp_path, ids, n_per_class=3)
-    cfg = DataConfig(root=str(tmp_path))
+    cfg = data_config(root=str(tmp_path))
     before = list_images(cfg).digest
 
     write_image(tmp_path / "positive" / "new.png", next(ids))
@@ -296,7 +312,7 @@ def test_split_is_deterministic_per_seed():
 
 def test_split_of_existing_images_is_stable_when_images_are_added(tmp_path, ids):
     write_folders(tmp_path, ids, n_per_class=10)
-    cfg = DataConfig(root=str(tmp_path), val_fraction=0.3)
+    cfg = data_config(root=str(tmp_path), val_fraction=0.3)
     before = split_by_path(cfg)
 
     for i in range(10):
@@ -345,3 +361,106 @@ def test_assign_split_rejects_a_class_of_identical_images():
     same = random_hashes(1, seed=6) * 3
     with pytest.raises(DataError, match="fewer than 2 distinct images"):
         assign_split([*same, *random_hashes(2, seed=7)], [0, 0, 0, 1, 1], 0.2, seed=0)
+
+
+def test_classes_null_are_the_roots_folders_sorted_without_hidden_ones(tmp_path, ids):
+    for name in ("Positive", "Negative", ".thumbs", "_listings"):
+        write_image(tmp_path / name / "a.png", next(ids))
+        write_image(tmp_path / name / "b.png", next(ids))
+    (tmp_path / "notes.txt").write_text("a file, not a class")
+
+    data = resolve_classes(DataConfig(root=str(tmp_path)))
+
+    assert data.classes == ("Negative", "Positive")
+    assert data.root == str(tmp_path) and data.test_fraction == DataConfig().test_fraction
+    assert list_images(data).images.groupby("class_name").size().to_dict() == {
+        "Negative": 2,
+        "Positive": 2,
+    }
+
+
+def test_given_classes_are_kept_as_they_are(tmp_path):
+    data = DataConfig(root=str(tmp_path / "nowhere"), classes=("b", "a"))
+    assert resolve_classes(data) is data  # no folder is listed: it need not even exist
+
+
+@pytest.mark.parametrize("folders", [[], ["only"], ["only", ".hidden", "_private"]])
+def test_fewer_than_two_class_folders_is_an_error_naming_the_fix(tmp_path, folders):
+    for name in folders:
+        (tmp_path / name).mkdir()
+    n_classes = len([name for name in folders if name[0] not in "._"])
+
+    with pytest.raises(DataError) as error:
+        resolve_classes(DataConfig(root=str(tmp_path)))
+
+    message = str(error.value)
+    assert f"data.root {tmp_path} has {n_classes} class folder(s)" in message
+    assert "set data.classes or add folders" in message
+
+
+def test_classes_null_on_a_missing_root_names_the_root(tmp_path):
+    with pytest.raises(DataError, match=f"data root {tmp_path / 'nope'} does not exist"):
+        resolve_classes(DataConfig(root=str(tmp_path / "nope")))
+
+
+def test_classes_null_with_a_manifest_are_its_label_names_sorted(tmp_path, ids):
+    paths = [write_image(tmp_path / f"{n}.png", next(ids)) for n in "abcdef"]
+    manifest = tmp_path / "m.csv"
+    labels = ["sad", " happy", "neutral", "happy", "sad", "neutral"]
+    rows = [f"{path.name},{label}" for path, label in zip(paths, labels, strict=True)]
+    manifest.write_text("path,label\n" + "\n".join(rows) + "\n")
+
+    data = resolve_classes(DataConfig(manifest=str(manifest)))
+
+    assert data.classes == ("happy", "neutral", "sad")
+    images = list_images(data).images
+    assert images["class_name"].tolist() == ["sad", "happy", "neutral", "happy", "sad", "neutral"]
+    assert images["label"].tolist() == [2, 0, 1, 0, 2, 1]
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 1, 0], ["0", "1", "1", "0"], ["cat", "1", "cat", "1"]])
+def test_classes_null_with_index_labels_asks_for_data_classes(tmp_path, labels):
+    manifest = tmp_path / "m.parquet"
+    pd.DataFrame({"path": list("abcd"), "label": labels}).to_parquet(manifest)
+
+    with pytest.raises(DataError, match=r"index labels \(.*1.*\).*set data.classes"):
+        resolve_classes(DataConfig(manifest=str(manifest)))
+
+
+def test_a_manifest_of_one_label_name_is_an_error(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\na.png,cat\nb.png,cat\n")
+
+    with pytest.raises(DataError, match=r"has 1 label name\(s\) \(cat\).*set data.classes"):
+        resolve_classes(DataConfig(manifest=str(manifest)))
+
+
+def test_listing_before_the_classes_are_resolved_says_so(tmp_path, ids):
+    write_folders(tmp_path, ids, n_per_class=2)
+
+    with pytest.raises(ValueError, match="resolve_classes"):
+        list_images(DataConfig(root=str(tmp_path)))
+
+
+def test_four_classes_are_listed_and_split_each(tmp_path, ids):
+    names = ("angry", "happy", "neutral", "sad")
+    for name in names:
+        for i in range(12):
+            write_image(tmp_path / name / f"{i}.png", next(ids))
+
+    listing = list_images(resolve_classes(DataConfig(root=str(tmp_path), test_fraction=0.0)))
+
+    images = listing.images
+    assert images.groupby("label")["class_name"].first().tolist() == list(names)
+    assert (images.groupby("class_name").size() == 12).all()
+    for name in names:
+        assert set(images.loc[images["class_name"] == name, "split"]) == {"train", "val"}
+
+
+def test_one_of_four_classes_with_one_image_is_named(tmp_path, ids):
+    for name in ("angry", "happy", "neutral", "sad"):
+        for i in range(1 if name == "neutral" else 3):
+            write_image(tmp_path / name / f"{i}.png", next(ids))
+
+    with pytest.raises(DataError, match=r"class 'neutral' has 1 distinct image"):
+        list_images(resolve_classes(DataConfig(root=str(tmp_path))))

@@ -23,6 +23,7 @@ def _frame(start: int, n: int) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "path": [f"/images/{i}.jpg" for i in range(start, start + n)],
+            "p_negative": [float("nan") if b else 0.75 for b in bad],
             "p_positive": [float("nan") if b else 0.25 for b in bad],
             "label": pd.Series([None if b else "negative" for b in bad], dtype=object),
             "error": pd.Series(["not an image" if b else None for b in bad], dtype=object),
@@ -75,11 +76,12 @@ def test_csv_output_has_one_header_and_an_empty_run_still_writes_it(tmp_path: Pa
     output = tmp_path / "rows.csv"
     write_predictions(iter([_frame(0, 3), _frame(3, 4)]), output)
     rows = pd.read_csv(output)
-    assert list(rows.columns) == ["path", "p_positive", "label", "error"] and len(rows) == 7
+    assert list(rows.columns) == ["path", "p_negative", "p_positive", "label", "error"]
+    assert len(rows) == 7
 
     empty = tmp_path / "empty.csv"
     assert write_predictions(iter([]), empty).n_images == 0
-    assert empty.read_text().strip() == "path,p_positive,label,error"
+    assert empty.read_text().strip() == "path,p_negative,p_positive,label,error"
 
 
 def test_output_format_is_checked_before_any_work(tmp_path: Path):

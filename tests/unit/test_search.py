@@ -86,7 +86,7 @@ def test_a_partial_cache_is_an_error_unless_allowed(tmp_path: Path, caplog):
 
 def test_feature_sets_check_their_shapes():
     x, y = np.zeros((4, 3), np.float32), np.array([0, 1, 0, 1])
-    with pytest.raises(EmotrError, match="both labels"):
+    with pytest.raises(EmotrError, match="two class indexes"):
         FeatureSet(x, np.zeros(4), x, y, "f", "s")
     with pytest.raises(EmotrError, match=r"must be \(n, d\)"):
         FeatureSet(x, y[:3], x, y, "f", "s")

@@ -16,7 +16,7 @@ from emotr.data.imageio import decode_image
 from emotr.deploy.serving import ImageScorer, ServingSpec
 from emotr.extract.backbone import FeatureExtractor, save_conv_base_weights
 from emotr.hyperparams import HeadParams
-from emotr.search.head import build_head, predict_scores
+from emotr.search.head import build_head, predict_proba
 
 BACKBONE = BackboneConfig(weights="none", input_size=(32, 32))
 
@@ -49,14 +49,14 @@ def test_rebuilt_model_scores_as_the_saved_head(scorer):
     pixels = decode_image(data, (32, 32), max_pixels=DecodeConfig().max_pixels)[None]
     # Same weights, same normalization statistics: the served probability is the head's.
     features = FeatureExtractor(BACKBONE)(pixels)
-    expected = predict_scores(head, features)[0]
+    expected = predict_proba(head, features)[0, 1]
     rows = built.score(pd.DataFrame({"image": [data]}))
-    assert rows["p_positive"][0] == pytest.approx(expected, abs=1e-5)
+    assert rows["p_yes"][0] == pytest.approx(expected, abs=1e-5)
     assert rows["label"][0] == ("yes" if expected >= 0.5 else "no")
     assert rows["error"][0] is None
     # Features given for a row (the feature cache's) are used as they are, not decoded again.
     from_cache = built.score(pd.DataFrame({"image": [b"unused"]}), known={0: features[0]})
-    assert from_cache["p_positive"][0] == pytest.approx(expected, abs=1e-6)
+    assert from_cache["p_yes"][0] == pytest.approx(expected, abs=1e-6)
 
 
 def test_every_row_gets_an_answer_and_bad_rows_a_reason(scorer, tmp_path: Path):
@@ -79,8 +79,8 @@ def test_every_row_gets_an_answer_and_bad_rows_a_reason(scorer, tmp_path: Path):
     rows = built.score(frame)
     assert len(rows) == 6
     assert rows["error"][:3].isna().all()
-    assert all(0.0 <= p <= 1.0 for p in rows["p_positive"][:3])
-    assert rows["p_positive"][3:].isna().all() and rows["label"][3:].isna().all()
+    assert all(0.0 <= p <= 1.0 for p in rows["p_yes"][:3])
+    assert rows["p_yes"][3:].isna().all() and rows["label"][3:].isna().all()
     assert rows["error"][3].startswith(("not an image", "truncated", "corrupt"))
     assert rows["error"][4].startswith("cannot read file")
     assert "give the image bytes or a path" in rows["error"][5]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from emotr.data.walk import IMAGE_EXTENSIONS, walk_root
+from emotr.data.walk import IMAGE_EXTENSIONS, class_folders, walk_root
 from emotr.errors import DataError
 
 CLASSES = ("negative", "positive")
@@ -105,3 +105,22 @@ def test_file_uri_root_lists_absolute_paths(tmp_path):
         str(tmp_path / "positive" / "b.jpg"),
     ]
     assert where == [str(tmp_path / name) for name in CLASSES]
+
+
+def test_class_folders_are_the_roots_subfolders_sorted_as_keras_sorts_them(tmp_path):
+    for name in ("sad", "Happy", "angry", ".git", "_listings", "neutral/nested"):
+        (tmp_path / name).mkdir(parents=True)
+    write(tmp_path / "labels.csv", "a file is no class")
+    (tmp_path / "linked").symlink_to(tmp_path / "sad", target_is_directory=True)
+
+    assert class_folders(str(tmp_path)) == ("Happy", "angry", "linked", "neutral", "sad")
+    assert class_folders(f"file://{tmp_path}") == class_folders(str(tmp_path))
+    assert class_folders(str(tmp_path / "neutral")) == ("nested",)
+
+
+def test_class_folders_of_a_missing_root_or_a_file_is_an_error_naming_it(tmp_path):
+    with pytest.raises(DataError, match=r"data root .*/nope does not exist.*data.classes null"):
+        class_folders(str(tmp_path / "nope"))
+    write(tmp_path / "file.jpg", "x")
+    with pytest.raises(DataError, match=r"data root .*/file.jpg is not a folder"):
+        class_folders(str(tmp_path / "file.jpg"))
