@@ -90,7 +90,7 @@ def _read_checked_table(manifest: str, filesystem: pafs.FileSystem, fs_path: str
 
 def _text(value: Any) -> str | None:
     """A cell as stripped text; None for an empty or missing one (CSV "", Parquet null or NaN)."""
-    if value is None or (isinstance(value, float | np.floating) and np.isnan(value)):
+    if value is None or (np.ndim(value) == 0 and pd.isna(value)):  # None, NaN, pd.NA, NaT
         return None
     if isinstance(value, float | np.floating) and float(value).is_integer():
         value = int(value)  # Parquet turns an int column with nulls into floats: 3.0 is "3"

@@ -74,17 +74,15 @@ def test_without_a_test_fraction_the_split_is_the_two_way_rule_exactly(val_fract
 def test_without_a_test_fraction_a_listings_digest_is_the_one_caches_already_hold(tmp_path):
     for label, name in enumerate(CLASSES):
         write_files(tmp_path / name, 30, start=30 * label)
-    images = list_images(DataConfig(root=str(tmp_path), classes=CLASSES, test_fraction=0.0)).images
 
+    listing = list_images(DataConfig(root=str(tmp_path), classes=CLASSES, test_fraction=0.0))
+
+    images = listing.images
     old = old_assign_split(images["sha256"], images["label"], 0.2, seed=0)
     rows = sorted(zip(images["sha256"], images["label"], old, strict=True))
     text = "\n".join(f"{sha256},{label},{split}" for sha256, label, split in rows)
-
     assert images["split"].tolist() == old.tolist()
-    assert (
-        list_images(DataConfig(root=str(tmp_path), classes=CLASSES, test_fraction=0.0)).digest
-        == hashlib.sha256(text.encode()).hexdigest()
-    )
+    assert listing.digest == hashlib.sha256(text.encode()).hexdigest()
 
 
 def test_three_way_shares_per_class_are_close_to_the_fractions():
@@ -307,3 +305,43 @@ def test_the_digest_changes_when_a_given_split_moves_an_image(tmp_path):
 
     assert given.images.set_index("path").loc[moved, "split"] == "test"
     assert given.digest != plain.digest
+
+
+def test_classes_without_a_test_image_are_named_only_when_a_test_split_is_asked_for(
+    tmp_path, caplog
+):
+    paths = write_files(tmp_path / "img", 42)
+    rows = {
+        "path": [str(p) for p in paths],
+        "label": ["negative"] * 40 + ["positive"] * 2,
+        "split": [""] * 40 + ["train", "val"],  # positive: nothing left for the rule
+    }
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+
+    with warns_in_log(caplog, r"no test image of class\(es\) positive") as caught:
+        listing = listed(manifest)
+    assert "negative" not in caught[0] and len(listing.test()) > 0
+    caplog.clear()
+    listed(manifest, test_fraction=0.0)
+    assert "no test image" not in caplog.text
+
+
+def test_a_parquet_manifest_takes_null_splits_and_numeric_groups(tmp_path):
+    paths = write_files(tmp_path, 30)
+    manifest = tmp_path / "m.parquet"
+    given = ["test", None, None] * 10
+    pd.DataFrame(
+        {
+            "path": [p.name for p in paths],
+            "label": [i % 2 for i in range(30)],
+            "split": given,
+            "group": pd.array([i % 5 if i % 4 else None for i in range(30)], dtype="Int64"),
+        }
+    ).to_parquet(manifest)
+
+    images = listed(manifest).images
+
+    assert images["split"][[i for i, g in enumerate(given) if g]].eq("test").all()
+    assert images["group"][1] == "1" and images["group"][4] is None  # text, or None (no NaN)
+    ruled = images[[g is None for g in given]].dropna(subset=["group"])
+    assert (ruled.groupby("group")["split"].nunique() == 1).all()
