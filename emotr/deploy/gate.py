@@ -25,7 +25,7 @@ class Comparison:
     high: float
     n_images: int
     n_resamples: int  # resamples holding two classes or more (the others have no AUC)
-    n_classes: int = 2
+    n_classes: int = 2  # > 2: the AUCs are macro one-vs-rest AUCs
 
     @property
     def delta(self) -> float:
@@ -50,16 +50,24 @@ def compare_auc(
     seed: int = 0,
     level: float = 0.95,
 ) -> Comparison:
-    """Paired bootstrap (percentile) interval of AUC(challenger) - AUC(champion); scores are
-    P(class 1) (n,) or (n, K) class probabilities."""
+    """Paired bootstrap (percentile) interval of AUC(challenger) - AUC(champion): the binary AUC
+    for two classes, the macro one-vs-rest AUC for more. Scores are the (n,) P(class 1) of a
+    sigmoid head or (n, K) class probabilities; labels are class indexes 0..K-1."""
     y_true = np.asarray(y_true)
     challenger, champion = as_probabilities(challenger), as_probabilities(champion)
     if not len(y_true) == len(challenger) == len(champion):
         raise ValueError(
             f"labels and scores differ in length: {len(y_true)}, {len(challenger)}, {len(champion)}"
         )
+    n_classes = challenger.shape[1]
+    if champion.shape[1] != n_classes:
+        raise ValueError(
+            f"the challenger scores {n_classes} classes and the champion {champion.shape[1]}: "
+            "their AUCs do not compare; compare models of the same classes"
+        )
     if len(np.unique(y_true)) < 2:
-        raise ValueError("AUC needs images of both classes; the comparison set has one class")
+        needed = "both classes" if n_classes == 2 else f"two or more of the {n_classes} classes"
+        raise ValueError(f"AUC needs images of {needed}; the comparison set has one class")
     rng = np.random.default_rng(seed)
     deltas = []
     for _ in range(n_resamples):
@@ -69,7 +77,7 @@ def compare_auc(
             continue
         deltas.append(macro_auc(y, challenger[rows]) - macro_auc(y, champion[rows]))
     if not deltas:
-        raise ValueError(f"no bootstrap resample of {len(y_true)} images held both classes")
+        raise ValueError(f"no bootstrap resample of {len(y_true)} images held two classes")
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(deltas, [tail, 100 - tail])
     return Comparison(
@@ -79,7 +87,7 @@ def compare_auc(
         high=float(high),
         n_images=len(y_true),
         n_resamples=len(deltas),
-        n_classes=challenger.shape[1],
+        n_classes=n_classes,
     )
 
 
