@@ -48,7 +48,7 @@ DEMO_MARKER = ".emotr-demo.json"
 # The demo set's class folders (data.classes null lists them back in this order: sorted).
 DEMO_CLASSES = ("negative", "positive")
 
-# numpy has no erf and scipy is not a declared dependency; math.erf over a grid is fast enough.
+# numpy has no erf; math.erf over a grid is fast enough (and keeps the demo images as they were).
 _erf = np.frompyfunc(math.erf, 1, 1)
 
 _SKIN_TONES = np.array(
