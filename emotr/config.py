@@ -46,6 +46,9 @@ class DataConfig(StrictModel):
     generate_demo: bool = False
     demo_n: int = Field(400, ge=2)
     demo_size: tuple[int, int] = (400, 500)
+    # A CSV of files to leave out of training, validation and test (a `path` and/or a `sha256`
+    # column, e.g. `emotr audit`'s suspects after a person reviewed them); the data is not touched.
+    exclude: str | None = None
 
     @field_validator("classes")
     @classmethod
@@ -231,6 +234,27 @@ class RegistryConfig(StrictModel):
     bootstrap_seed: int = 0
 
 
+class ExplainConfig(StrictModel):
+    # Images in each MLflow grid that `emotr run` logs on the challenger's run (worst errors,
+    # most confident correct images per class); 0 = no grids.
+    grid_size: int = Field(16, ge=0, le=64)
+    # Opacity of the heatmap over the image in overlays.
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class AuditConfig(StrictModel):
+    # Folds of the cross-validation that gives every train/val image an out-of-fold probability.
+    folds: int = Field(5, ge=2)
+    # Inverse L2 strength of the logistic regression trained on the standardised features.
+    c: float = Field(1.0, gt=0)
+    max_iter: int = Field(1000, ge=10)
+    # Cosine similarity of cached features from which two images count as near-duplicates.
+    near_duplicate_similarity: float = Field(0.98, gt=0.0, le=1.0)
+    # Suspected label issues shown in the gallery PNG.
+    gallery_size: int = Field(32, ge=0, le=256)
+    seed: int = 0
+
+
 class RayConfig(StrictModel):
     # null = start Ray in-process; "auto" = the cluster this machine belongs to; or ray://host:port.
     address: str | None = None
@@ -246,6 +270,8 @@ class Config(StrictModel):
     tune: TuneConfig = TuneConfig()
     mlflow: MlflowConfig = MlflowConfig()
     registry: RegistryConfig = RegistryConfig()
+    explain: ExplainConfig = ExplainConfig()
+    audit: AuditConfig = AuditConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
@@ -289,6 +315,7 @@ class Config(StrictModel):
 # value holds a failing path names it): the CLI's error messages and the doctor's path check.
 PATH_KEYS = (
     "data.manifest",
+    "data.exclude",
     "data.root",
     "cache.root",
     "mlflow.artifact_location",

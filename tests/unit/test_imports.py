@@ -23,6 +23,7 @@ ORDER = [
     "cli",
     "pipeline",
     "ops",
+    "insight",
     "deploy",
     "search",
     "extract",
