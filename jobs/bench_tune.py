@@ -7,6 +7,8 @@ in a trial with tune.cpus_per_trial=1): emotr's fit_head against a plain Keras `
 `validation_data` and `keras.metrics.AUC`. (b) Searches over the default search space with
 warm workers, at concurrency 1 and 2: trials/min and per-trial overhead (dispatch to logged, minus
 training) as a share of training time. (c) The same search with pruner=median against none.
+With `--k-classes K`: (d) instead, the binary search and a K-class one (softmax heads, macro
+AUC) on the same feature matrix.
 Features are synthetic (low-rank, non-negative like VGG16 GAP features, Bayes AUC about 0.85).
 All numbers of one section come from one process on one machine: compare ratios.
 """
@@ -62,6 +64,20 @@ def synthetic_features(n_train: int = 1304, n_val: int = 326, seed: int = 0) -> 
     return FeatureSet(x[:n_train], y[:n_train], x[n_train:], y[n_train:], "synthetic", "synthetic")
 
 
+def k_class_labels(features: FeatureSet, k: int, seed: int = 1) -> FeatureSet:
+    """The same features, labelled into k classes: the argmax of k noisy linear scores of x."""
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([features.x_train, features.x_val])
+    weights = rng.normal(size=(x.shape[1], k)) / np.sqrt(x.shape[1])
+    scores = (x - x.mean(axis=0)) @ weights
+    y = np.argmax(scores + rng.normal(scale=scores.std() * 0.75, size=scores.shape), axis=1)
+    y = y.astype(np.int32)
+    n_train = len(features.x_train)
+    return FeatureSet(
+        features.x_train, y[:n_train], features.x_val, y[n_train:], "synthetic-k", "synthetic-k"
+    )
+
+
 def bench_fit(features: FeatureSet, epochs: int) -> tuple[float, float, float]:
     """Seconds of fit_head and of a plain Keras fit for `epochs` epochs, and fit_head's val AUC."""
     import keras
@@ -96,9 +112,10 @@ def bench_fit(features: FeatureSet, epochs: int) -> tuple[float, float, float]:
     return result.train_seconds, time.perf_counter() - start, result.metrics["val_auc"]
 
 
-def bench_search(features, work: Path, label: str, args, **tune) -> list[str]:
+def bench_search(features, work: Path, label: str, args, n_classes: int = 2, **tune) -> list[str]:
     """One study; a table row of throughput and overhead."""
     overrides = [f"tune.{key}={value}" for key, value in tune.items()]
+    classes = ",".join(f"class{k}" for k in range(n_classes))
     tracking_uri = args.tracking_uri or f"sqlite:///{work / 'mlflow.db'}"
     cfg = load_config(
         [],
@@ -109,6 +126,7 @@ def bench_search(features, work: Path, label: str, args, **tune) -> list[str]:
             f"mlflow.tracking_uri={tracking_uri}",
             f"mlflow.artifact_location={work / 'mlartifacts'}",
             f"mlflow.experiment=bench-tune-{int(time.time())}",
+            f"data.classes=[{classes}]",
             *overrides,
         ],
     )
@@ -139,6 +157,22 @@ def run(args: argparse.Namespace, work: Path) -> tuple[tuple[float, float, float
     print(f"fit_head {fit[0]:.2f} s, plain Keras fit {fit[1]:.2f} s, val AUC {fit[2]:.3f}")
     # Warm-up: start the trial workers (TensorFlow import) so that the rows below are steady state.
     bench_search(features, work, "warm-up", args, n_trials=2, concurrency=2)
+    if args.k_classes:
+        k_features = k_class_labels(features, args.k_classes)
+        searches = [
+            ("c2 binary", features, 2),
+            (f"c2 {args.k_classes} classes", k_features, args.k_classes),
+            ("c2 binary", features, 2),
+            (f"c2 {args.k_classes} classes", k_features, args.k_classes),
+        ]
+        rows = []
+        for label, matrix, n_classes in searches:
+            row = bench_search(
+                matrix, work, label, args, n_classes, n_trials=args.trials, concurrency=2
+            )
+            rows.append(row)
+            print(" | ".join(row), flush=True)
+        return fit, rows
     searches = [
         ("c1", {"n_trials": args.trials, "concurrency": 1}),
         ("c2", {"n_trials": args.trials, "concurrency": 2}),
@@ -158,10 +192,17 @@ def markdown(args: argparse.Namespace, fit: tuple[float, float, float], rows: li
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     store = args.tracking_uri or "local SQLite"
+    k_flag = f" --k-classes {args.k_classes}" if args.k_classes else ""
+    k_note = (
+        f" The K-class rows label the same matrix into {args.k_classes} classes (argmax of noisy "
+        "linear scores): softmax heads, macro one-vs-rest AUC; rows alternate binary and K-class."
+        if args.k_classes
+        else ""
+    )
     return (
         f"\n### Head search, {datetime.date.today().isoformat()}\n\n"
         f"`python jobs/bench_tune.py --trials {args.trials} --prune-trials {args.prune_trials} "
-        f"--epochs {args.epochs}` on {machine} (load average at the end {load}), Ray "
+        f"--epochs {args.epochs}{k_flag}` on {machine} (load average at the end {load}), Ray "
         f"{ray.__version__}, MLflow store: {store}. Synthetic 1,304 + 326 x 512 features.\n\n"
         f"Head fit, tutorial recipe, {args.epochs} epochs, one TF thread: emotr `fit_head` "
         f"{fit[0]:.2f} s vs plain Keras `fit(validation_data=...)` {fit[1]:.2f} s "
@@ -169,7 +210,7 @@ def markdown(args: argparse.Namespace, fit: tuple[float, float, float], rows: li
         "Searches (default search space, early stopping patience 20, cpus_per_trial 1, warm "
         "workers): overhead = dispatch-to-logged time minus training; queue = dispatch to task "
         "start; worker extra = plots and model packing in the task; tell+log = Optuna and MLflow "
-        f"in the driver.\n\n{header}{body}"
+        f"in the driver.{k_note}\n\n{header}{body}"
     )
 
 
@@ -178,6 +219,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10, help="trials per throughput search")
     parser.add_argument("--prune-trials", type=int, default=16, help="trials per pruning search")
     parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument(
+        "--k-classes", type=int, default=0, help="compare a K-class search with the binary one"
+    )
     parser.add_argument("--tracking-uri", default=None, help="default: SQLite in a temp folder")
     parser.add_argument("--num-cpus", type=int, default=2, help="local Ray CPUs")
     add_output_arguments(parser)

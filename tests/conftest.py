@@ -199,3 +199,40 @@ def write_class_folders(
             Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
             paths.append(path)
     return paths
+
+
+def shuffled_label_candidate(cfg: Config, tracker, version, with_test: bool = True):
+    """A registry Candidate of a head trained on shuffled labels (a challenger no gate should
+    take), logged on a run of its own, on the images `version` was validated (and tested) on."""
+    from emotr import pipeline
+    from emotr.deploy.package import Candidate
+    from emotr.deploy.registry import load_evaluation_set, load_validation_set
+    from emotr.search.head import fit_head
+    from emotr.search.training_set import load_feature_set
+    from emotr.track import keras_model_bytes
+
+    listing = pipeline.prepare_listing(cfg)
+    features = load_feature_set(
+        cfg.cache.root, cfg.tune, listing, version.tags["feature_fingerprint"]
+    )
+    shuffled = np.random.default_rng(0).permutation(features.y_train)
+    fitted = fit_head(
+        cfg.tune.baseline, features.x_train, shuffled, features.x_val, features.y_val,
+        epochs=3, patience=3, classes=cfg.data.classes,
+    )  # fmt: skip
+    run_id = tracker.start_run("shuffled-labels")
+    tracker.log_dir_bytes(run_id, keras_model_bytes(fitted.model, features.x_val[:2]), "model")
+    tracker.end_run(run_id)
+    extra = {"test": load_evaluation_set(tracker, version)[0]} if with_test else {}
+    return Candidate(
+        run_id=run_id,
+        head=cfg.tune.baseline,
+        n_features=features.x_val.shape[1],
+        feature_fingerprint=features.fingerprint,
+        split_digest=features.split_digest,
+        study="shuffled",
+        trial=0,
+        val_auc=fitted.metrics["val_auc"],
+        validation=load_validation_set(tracker, version),
+        **extra,
+    )

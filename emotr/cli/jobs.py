@@ -163,7 +163,7 @@ def promote(
     data: Annotated[
         Path | None,
         typer.Option(
-            help="Compare on this ROOT folder or MANIFEST instead of the validation split."
+            help="Compare on this ROOT folder or MANIFEST instead of the challenger's test split."
         ),
     ] = None,
 ) -> None:
@@ -178,8 +178,8 @@ def promote(
             console.print(f"{name}@{champion} -> version {target.version}")
             return
         load_keras_quietly()  # the gate scores both versions' Keras heads
-        images = _comparison_images(cfg, data) if data is not None else None
         tracker = _tracker(cfg)
+        images = _comparison_images(cfg, tracker, data) if data is not None else None
         result = promote_challenger(cfg, tracker, min_delta=min_delta, force=force, images=images)
     verb = "promoted" if result.decision.promote else "not promoted"
     console.print(
@@ -190,14 +190,16 @@ def promote(
     console.print(f"{name}@{champion} -> version {result.champion_version}")
 
 
-def _comparison_images(cfg: Config, data: Path) -> pd.DataFrame:
-    """path, sha256, label of every image under a folder or in a manifest (for --data)."""
+def _comparison_images(cfg: Config, tracker: Tracker, data: Path) -> pd.DataFrame:
+    """path, sha256, label of every image under a folder or in a manifest (for --data), labelled
+    by the challenger's classes: label k is the class it answers as p_<class k>."""
     from emotr import pipeline
+    from emotr.deploy.registry import get_version, version_classes
 
+    challenger = get_version(tracker, cfg.registry.model_name, cfg.registry.challenger_alias)
     section = {"manifest": str(data)} if data.is_file() else {"root": str(data), "manifest": None}
-    other = cfg.model_copy(
-        update={"data": cfg.data.model_copy(update={**section, "generate_demo": False})}
-    )
+    section |= {"classes": version_classes(challenger), "generate_demo": False}
+    other = cfg.model_copy(update={"data": cfg.data.model_copy(update=section)})
     with guard(other):  # an error names the key of --data's config, not the file's
         listing = pipeline.prepare_listing(other)
     return listing.images[["path", "sha256", "label"]].reset_index(drop=True)

@@ -8,6 +8,7 @@ and registers it.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -121,6 +122,12 @@ def scorer_of(model: Any) -> Any:
         return getattr(model.unwrap_python_model(), "scorer", None)
     except MlflowException:  # another flavor (no python_model): not emotr's
         return None
+
+
+def version_classes(version: ModelVersion) -> tuple[str, ...]:
+    """The class names a version answers, in label order (its `classes` tag); versions
+    registered before K classes were negative, positive."""
+    return tuple(json.loads(version.tags.get("classes", '["negative", "positive"]')))
 
 
 def load_validation_set(tracker: Tracker, version: ModelVersion) -> pd.DataFrame:

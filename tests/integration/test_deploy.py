@@ -18,14 +18,11 @@ from mlflow.tracking import MlflowClient
 from PIL import Image, ImageOps
 
 from emotr import pipeline
-from emotr.deploy.package import Candidate, register_model
+from emotr.deploy.package import register_model
 from emotr.deploy.predict import load_predictor, open_cached_features
 from emotr.deploy.promote import promote_challenger
-from emotr.deploy.registry import load_validation_set
-from emotr.search.head import fit_head
-from emotr.search.training_set import load_feature_set
-from emotr.track import Tracker, keras_model_bytes
-from tests.conftest import smoke_config
+from emotr.track import Tracker
+from tests.conftest import shuffled_label_candidate, smoke_config
 from tests.run_cli import emotr
 from tests.services import BIN, free_port, serving
 
@@ -53,37 +50,12 @@ def deployed(tmp_path_factory, ray_local, mlflow_server):
     return cfg, tracker, listing, result, config_file
 
 
-def _worse_candidate(cfg, tracker, listing, first) -> Candidate:
-    """A head trained on shuffled labels, logged on a run of its own."""
-    version = MlflowClient(tracker.uri).get_model_version(MODEL, first.model_version)
-    features = load_feature_set(
-        cfg.cache.root, cfg.tune, listing, version.tags["feature_fingerprint"]
-    )
-    shuffled = np.random.default_rng(0).permutation(features.y_train)
-    params = cfg.tune.baseline
-    fitted = fit_head(
-        params, features.x_train, shuffled, features.x_val, features.y_val, epochs=3, patience=3
-    )
-    run_id = tracker.start_run("shuffled-labels")
-    tracker.log_dir_bytes(run_id, keras_model_bytes(fitted.model, features.x_val[:2]), "model")
-    tracker.end_run(run_id)
-    return Candidate(
-        run_id=run_id,
-        head=params,
-        n_features=features.x_val.shape[1],
-        feature_fingerprint=features.fingerprint,
-        split_digest=features.split_digest,
-        study="shuffled",
-        trial=0,
-        val_auc=fitted.metrics["val_auc"],
-        validation=load_validation_set(tracker, version),
-    )
-
-
 def test_gate_keeps_the_champion_force_promotes_version_rolls_back(deployed):
     cfg, tracker, listing, first, config_file = deployed
     client = MlflowClient(tracker.uri)
-    candidate = _worse_candidate(cfg, tracker, listing, first)
+    first_version = client.get_model_version(MODEL, first.model_version)
+    # Without a test split of its own the gate compares on the validation images (8, not 4).
+    candidate = shuffled_label_candidate(cfg, tracker, first_version, with_test=False)
     second = register_model(cfg, tracker, candidate)
     # A retried registration of the same run makes no second version.
     assert register_model(cfg, tracker, candidate).version == second.version

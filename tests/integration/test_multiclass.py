@@ -18,13 +18,17 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from emotr import pipeline
-from emotr.deploy.package import Candidate, register_model
+from emotr.deploy.package import register_model
 from emotr.deploy.promote import point_champion, promote_challenger
 from emotr.deploy.registry import fluent_store, load_evaluation_set, load_validation_set
-from emotr.search.head import fit_head
 from emotr.search.training_set import load_feature_set
-from emotr.track import Tracker, keras_model_bytes
-from tests.conftest import FOUR_CLASSES, smoke_config, write_class_folders
+from emotr.track import Tracker
+from tests.conftest import (
+    FOUR_CLASSES,
+    shuffled_label_candidate,
+    smoke_config,
+    write_class_folders,
+)
 from tests.run_cli import emotr
 from tests.services import BIN, free_port, serving
 
@@ -147,15 +151,21 @@ def test_mlflow_models_serve_answers_one_column_per_class(four, tmp_path: Path):
 
 
 def test_gate_moves_the_champion_on_macro_auc_and_refuses_shuffled_labels(four):
-    cfg, tracker, result, _ = four
+    cfg, tracker, result, config_file = four
     client = MlflowClient(tracker.uri)
     good = client.get_model_version(MODEL, result.model_version)
-    shuffled = register_model(cfg, tracker, _shuffled_candidate(cfg, tracker, good))
+    shuffled = register_model(cfg, tracker, shuffled_label_candidate(cfg, tracker, good))
     # A challenger trained on shuffled labels does not replace the good champion ...
     refused = promote_challenger(cfg, tracker)
     assert not refused.decision.promote and "macro AUC" in refused.decision.reason
     assert refused.split == "test"
     assert refused.comparison.n_images == len(load_evaluation_set(tracker, good)[0])
+    # --data: the whole folder set, labelled by the challenger's classes (p_<class> order).
+    done = emotr("promote", "-c", str(config_file), "--data", cfg.data.root)
+    assert done.returncode == 0, done.stderr
+    assert "not promoted" in done.stdout and "macro AUC" in done.stdout
+    tags = client.get_model_version(MODEL, shuffled.version).tags
+    assert tags["promotion.split"] == "given" and tags["promotion.n_images"] == "120"
     # ... and the good one, challenging the shuffled champion, takes its place.
     point_champion(cfg, tracker, str(shuffled.version))
     client.set_registered_model_alias(MODEL, cfg.registry.challenger_alias, good.version)
@@ -163,30 +173,3 @@ def test_gate_moves_the_champion_on_macro_auc_and_refuses_shuffled_labels(four):
     assert moved.decision.promote, moved.decision.reason
     assert moved.comparison.low > 0
     assert client.get_model_version_by_alias(MODEL, "champion").version == good.version
-
-
-def _shuffled_candidate(cfg, tracker, version) -> Candidate:
-    listing = pipeline.prepare_listing(cfg)
-    features = load_feature_set(
-        cfg.cache.root, cfg.tune, listing, version.tags["feature_fingerprint"]
-    )
-    shuffled = np.random.default_rng(0).permutation(features.y_train)
-    fitted = fit_head(
-        cfg.tune.baseline, features.x_train, shuffled, features.x_val, features.y_val,
-        epochs=3, patience=3, classes=cfg.data.classes,
-    )  # fmt: skip
-    run_id = tracker.start_run("shuffled-labels")
-    tracker.log_dir_bytes(run_id, keras_model_bytes(fitted.model, features.x_val[:2]), "model")
-    tracker.end_run(run_id)
-    return Candidate(
-        run_id=run_id,
-        head=cfg.tune.baseline,
-        n_features=features.x_val.shape[1],
-        feature_fingerprint=features.fingerprint,
-        split_digest=features.split_digest,
-        study="shuffled",
-        trial=0,
-        val_auc=fitted.metrics["val_auc"],
-        validation=load_validation_set(tracker, version),
-        test=load_evaluation_set(tracker, version)[0],
-    )
