@@ -160,10 +160,12 @@ def run(args: argparse.Namespace, work: Path) -> tuple[tuple[float, float, float
     if args.k_classes:
         k_features = k_class_labels(features, args.k_classes)
         searches = [
-            ("c2 binary", features, 2),
-            (f"c2 {args.k_classes} classes", k_features, args.k_classes),
-            ("c2 binary", features, 2),
-            (f"c2 {args.k_classes} classes", k_features, args.k_classes),
+            (f"c2 {name} run {repeat}", matrix, n_classes)
+            for repeat in (1, 2)  # alternating: load that changes meanwhile hits both
+            for name, matrix, n_classes in (
+                ("binary", features, 2),
+                (f"{args.k_classes} classes", k_features, args.k_classes),
+            )
         ]
         rows = []
         for label, matrix, n_classes in searches:
