@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
     from emotr.deploy.package import Candidate
+    from emotr.insight.audit import Audit
     from emotr.search.report import SearchResult
     from emotr.search.training_set import FeatureSet
     from emotr.track import Tracker
@@ -129,6 +130,8 @@ def log_listing(tracker: Tracker, run_id: str, cfg: Config, listing: Listing) ->
         tracker.log_table(run_id, listing.conflicts, "data/conflicts.csv")
     if len(listing.cross_split):
         tracker.log_table(run_id, listing.cross_split, "data/cross_split_duplicates.csv")
+    if len(listing.excluded):  # data.exclude: left out of every split
+        tracker.log_table(run_id, listing.excluded, "data/excluded.csv")
     splits = listing.images["split"].value_counts()
     tracker.log_metrics(
         run_id,
@@ -137,6 +140,7 @@ def log_listing(tracker: Tracker, run_id: str, cfg: Config, listing: Listing) ->
             **{f"n_{name}_images": int(splits.get(name, 0)) for name in ("train", "val", "test")},
             "n_conflict_files": len(listing.conflicts),
             "n_conflict_images": listing.conflicts["sha256"].nunique(),
+            "n_excluded_files": len(listing.excluded),
             # Copies of bytes that another split holds too, left out of their (later) split.
             "n_cross_split_duplicates": int((~listing.cross_split["kept"]).sum())
             if len(listing.cross_split)
@@ -227,6 +231,26 @@ def log_extract_summary(tracker: Tracker, run_id: str, summary: ExtractSummary) 
     tracker.log_table(run_id, summary.failures, "failures.csv")
 
 
+def audit(
+    cfg: Config,
+    tracker: Tracker,
+    listing: Listing,
+    before_backbone: Callable[[], None] | None = None,
+) -> tuple[str, Audit]:
+    """The label audit of the listing's train and val images on their cached features, as an
+    MLflow run named `audit`: its id and the audit. In-process, no Ray; `before_backbone` is
+    called before Keras loads (only the first audit of a cache runs the backbone)."""
+    from emotr.insight.audit import audit_listing
+    from emotr.insight.audit_report import log_audit
+
+    cfg = resolve_data(cfg)
+    with tracker.run("audit") as run_id:
+        log_listing(tracker, run_id, cfg, listing)
+        found = audit_listing(cfg, listing, before_backbone)
+        log_audit(tracker, run_id, found, cfg.decode, cfg.audit.gallery_size)
+    return run_id, found
+
+
 def tune(cfg: Config, tracker: Tracker, listing: Listing):
     """Search heads on the listing's cached features (an EmotrError names what is not cached)."""
     from emotr.search.study import check_storage
@@ -270,6 +294,7 @@ def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
     """Extract, tune and register the best head, all nested under one `pipeline` run; then the
     promotion gate (registry.auto_promote) decides whether it becomes the champion."""
     from emotr.deploy.package import register_model
+    from emotr.insight.grids import log_explain_grids
     from emotr.search.study import check_storage
     from emotr.search.tune import run_search
 
@@ -289,7 +314,10 @@ def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
         )
         features = with_activations(cfg, key, summary.listing, features)
         search = run_search(cfg, features, tracker, run_id)
-        version = register_model(cfg, tracker, _candidate(search, features, summary))
+        candidate = _candidate(search, features, summary)
+        version = register_model(cfg, tracker, candidate)
+        # Pictures of the challenger on its run (search.best_run_id); never fails the run.
+        log_explain_grids(cfg, tracker, version, candidate.validation)
         test = _score_test(cfg, tracker, run_id, version, summary)
         promotion = _run_gate(cfg, tracker)
         metrics = {"best_val_auc": search.best_value}

@@ -19,11 +19,13 @@ from rich.table import Table
 
 from emotr.cli.doctor import check_before_work, connect_ray, connect_ray_checking_tracking
 from emotr.cli.options import (
+    BatchOption,
     ConfigOption,
+    ModelOption,
     Overrides,
     OverridesThenInputs,
     load_command_config,
-    split_overrides,
+    load_inputs_config,
 )
 from emotr.cli.output import console, fail, guard, load_keras_quietly, native_stderr_held
 from emotr.config import Config
@@ -208,29 +210,18 @@ def _comparison_images(cfg: Config, tracker: Tracker, data: Path) -> pd.DataFram
 def predict(
     arguments: OverridesThenInputs,
     config: ConfigOption = DEFAULT_CONFIG,
-    model: Annotated[
-        str | None,
-        typer.Option(help="models:/NAME@ALIAS, models:/NAME/N, or a version or alias."),
-    ] = None,
+    model: ModelOption = None,
     output: Annotated[
         Path | None, typer.Option(help="Write every row to this .parquet or .csv file.")
     ] = None,
-    batch: Annotated[
-        int | None,
-        typer.Option(min=1, help="Images per VGG forward pass (default: extract.batch_size)."),
-    ] = None,
+    batch: BatchOption = None,
 ) -> None:
     """Classify images with a registered model (Ray Data job); a bad file is a row with its reason.
 
     Runs extraction's pipeline (decode tasks, extractor actors) with the model's own decode
     rules and backbone; images whose features are cached skip the backbone.
     """
-    overrides, inputs = split_overrides(arguments)
-    if batch:
-        overrides.append(f"extract.batch_size={batch}")
-    cfg = load_command_config(config, overrides)
-    if not inputs:
-        raise fail("no input given: name image files, folders or manifests after the overrides", 2)
+    cfg, inputs = load_inputs_config(config, arguments, batch)
     from emotr.deploy.predict import (
         check_output,
         list_inputs,

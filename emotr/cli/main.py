@@ -7,7 +7,7 @@ from functools import partial
 
 import typer
 
-from emotr.cli import cache, doctor, jobs
+from emotr.cli import audit, cache, doctor, explain, jobs
 from emotr.cli.options import GRAMMAR, PREDICT_OPTIONS_METAVAR, main_options
 
 app = typer.Typer(
@@ -26,6 +26,8 @@ command()(jobs.tune)
 command()(jobs.run)
 command()(jobs.promote)
 command(options_metavar=PREDICT_OPTIONS_METAVAR)(jobs.predict)
+command(options_metavar=PREDICT_OPTIONS_METAVAR)(explain.explain)
+command()(audit.audit)
 command()(doctor.doctor)
 
 cache_app = typer.Typer(help="Inspect, verify and export the feature cache.", no_args_is_help=True)

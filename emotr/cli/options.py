@@ -57,6 +57,15 @@ OverridesThenInputs = Annotated[
         show_default=False,
     ),
 ]
+# A registered model and the batch size, for the commands that run one (predict, explain).
+ModelOption = Annotated[
+    str | None,
+    typer.Option(help="models:/NAME@ALIAS, models:/NAME/N, or a version or alias."),
+]
+BatchOption = Annotated[
+    int | None,
+    typer.Option(min=1, help="Images per VGG forward pass (default: extract.batch_size)."),
+]
 
 
 def main_options(
@@ -92,6 +101,20 @@ def load_command_config(config: Path, overrides: list[str] | None) -> Config:
         return load_config([config], overrides or [])
     except ConfigError as error:
         raise fail(str(error) + _file_hint(overrides or []), code=2) from None
+
+
+def load_inputs_config(
+    config: Path, arguments: list[str], batch: int | None
+) -> tuple[Config, list[str]]:
+    """The config and the inputs of a command that takes overrides then inputs (predict,
+    explain); --batch is extract.batch_size. No input exits 2, saying what to name."""
+    overrides, inputs = split_overrides(arguments)
+    if batch:
+        overrides.append(f"extract.batch_size={batch}")
+    cfg = load_command_config(config, overrides)
+    if not inputs:
+        raise fail("no input given: name image files, folders or manifests after the overrides", 2)
+    return cfg, inputs
 
 
 def _log_handler() -> logging.Handler:

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from emotr.config import DataConfig
+from emotr.data.exclude import read_exclude
 from emotr.data.listing import (
     CONFLICT,
     DataError,
@@ -78,10 +79,14 @@ class StoredSplits:
 
 def split_rule(data: DataConfig, files: pd.DataFrame | None = None) -> str:
     """What a file's split depends on besides its bytes: classes, val and test fractions, seed,
-    and for a manifest a hash of its path, split and group columns (`files`: FileList.files)."""
+    and for a manifest a hash of its path, split and group columns (`files`: FileList.files);
+    with data.exclude, a hash of what it leaves out (the stored digest is of the rest)."""
     rule = [list(require_classes(data)), data.val_fraction, data.test_fraction, data.seed]
     if data.manifest and files is not None:
         rule.append(_manifest_columns_digest(files))
+    exclude = read_exclude(data)
+    if exclude is not None:
+        rule.append({"exclude": exclude.digest()})
     return json.dumps(rule)
 
 
@@ -179,9 +184,11 @@ def _with_splits(table: pa.Table, index: pd.DataFrame, listing: Listing, rule: s
     images, conflicts, dropped = listing.images, listing.conflicts, listing.cross_split
     dropped = dropped[~dropped["kept"].astype(bool)]
     columns = ["path", "label", "split"]
-    by_path = pd.concat(
-        [images[columns], dropped[columns], conflicts[columns[:2]].assign(split=CONFLICT)]
-    ).set_index("path")
+    # Excluded files keep the split the rule gave them: data.exclude is applied on every listing.
+    kept = [images[columns], dropped[columns]]
+    if len(listing.excluded):
+        kept.append(listing.excluded[columns])
+    by_path = pd.concat([*kept, conflicts[columns[:2]].assign(split=CONFLICT)]).set_index("path")
     rows = by_path.loc[index["location"].to_numpy()]
     for name, kind in SPLIT_COLUMNS.items():
         table = table.append_column(pa.field(name, kind), pa.array(rows[name].to_numpy(), kind))

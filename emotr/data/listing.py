@@ -6,7 +6,8 @@ Hashes come from the listing index (emotr.data.index), from the extraction's wor
 `hash_files` here; `complete_listing` then drops label conflicts, splits, and keeps bytes found in
 two splits out of the later one. Each image's split is decided by a keyed hash of its content (or
 of its manifest group), so it is the same on every machine, does not depend on listing order and
-does not move when other images are added or removed; a manifest's given split wins.
+does not move when other images are added or removed; a manifest's given split wins. Last, the
+files data.exclude names leave every split (emotr.data.exclude): no other file moves.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from emotr.config import DataConfig
+from emotr.data.exclude import apply_exclude, no_excluded
 from emotr.data.manifest import (
     Source,
     manifest_label_names,
@@ -53,13 +55,15 @@ class Listing:
 
     The frames have path, label, class_name, sha256 (object: Python strings); images also a split
     (train, val or test) and a group (the manifest's; None where absent); cross_split every copy
-    of bytes found in two splits, with its split and whether it was kept (the earliest split's).
+    of bytes found in two splits, with its split and whether it was kept (the earliest split's);
+    excluded the files data.exclude left out, with the split the rule gave them.
     """
 
     images: pd.DataFrame
     conflicts: pd.DataFrame
     digest: str
     cross_split: pd.DataFrame = field(default_factory=no_cross_split)
+    excluded: pd.DataFrame = field(default_factory=no_excluded)
 
     def train(self) -> pd.DataFrame:
         """The rows of the train split."""
@@ -269,8 +273,12 @@ def listing_from_splits(
 def _finish(
     images: pd.DataFrame, conflicts: pd.DataFrame, digest: str | None, data: DataConfig | None
 ) -> Listing:
-    """The Listing of split images: copies of bytes in an earlier split out, then the digest."""
+    """The Listing of split images: copies of bytes in an earlier split out, then the files
+    data.exclude names (after the split: leaving them out moves no other file), then the digest."""
     images, cross_split = drop_cross_split(images)
+    excluded = no_excluded()
+    if data is not None:
+        images, excluded = apply_exclude(images, data, require_classes(data))
     if data is not None and data.test_fraction > 0:
         warn_missing_test(images, require_classes(data))
     return Listing(
@@ -278,6 +286,7 @@ def _finish(
         conflicts=conflicts[_COLUMNS],
         digest=digest if digest is not None else _digest(images),
         cross_split=cross_split,
+        excluded=excluded,
     )
 
 

@@ -54,7 +54,9 @@ def build_head(
 
     HeadParams bounds n_layers by hyperparams.MAX_HEAD_LAYERS, the depth this builds. The hidden
     kernels start from params.kernel_init; the output layer keeps Keras' default (glorot_uniform),
-    as the tutorial's Dense(1, sigmoid) did.
+    as the tutorial's Dense(1, sigmoid) did. params.l2 penalises every kernel, the output layer's
+    too: a linear head (n_layers 0) is then ridge logistic regression, not an unregularised one
+    whose l2 changes nothing (and whose class activation maps are noise where it overfits).
     """
     inputs = keras.Input(shape=(n_features,), name="features")
     hidden = inputs
@@ -76,9 +78,13 @@ def build_head(
         )(hidden)
         hidden = keras.layers.Dropout(params.dropout, name=f"dropout_{index}")(hidden)
     if n_classes == BINARY:
-        outputs = keras.layers.Dense(1, activation="sigmoid", name="score")(hidden)
+        outputs = keras.layers.Dense(
+            1, activation="sigmoid", kernel_regularizer=regularizer, name="score"
+        )(hidden)
     else:
-        outputs = keras.layers.Dense(n_classes, activation="softmax", name="score")(hidden)
+        outputs = keras.layers.Dense(
+            n_classes, activation="softmax", kernel_regularizer=regularizer, name="score"
+        )(hidden)
     return keras.Model(inputs, outputs, name="head")
 
 

@@ -193,3 +193,81 @@ def test_mlflow_models_serve_answers_base64_images(deployed, tmp_path: Path):
     assert len(rows) == 3
     assert all(0.0 <= row["p_positive"] <= 1.0 and not row.get("error") for row in rows[:2])
     assert rows[2]["error"] and rows[2].get("p_positive") is None
+
+
+# `emotr explain` (issue 21) on the same registered version: added here to reuse its `emotr run`.
+
+
+def test_explain_writes_overlays_a_contact_sheet_and_the_rows_predict_gives(deployed, tmp_path):
+    from emotr.deploy.predict import open_predictor, predict_paths
+    from emotr.insight.overlay import display_size
+
+    cfg, tracker, _, first, config_file = deployed
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for index, image in enumerate(sorted(Path(cfg.data.root).rglob("*.jpg"))[:3]):
+        with Image.open(image) as opened:  # new bytes: both jobs decode them in their actors
+            ImageOps.mirror(opened).save(folder / f"face-{index}.jpg", quality=90)
+    (folder / "noise.jpg").write_bytes(np.random.default_rng(0).bytes(3000))
+    out = tmp_path / "explained"
+    uri = f"models:/{MODEL}/{first.model_version}"
+
+    done = emotr(
+        "explain", str(folder), "-c", str(config_file), "--model", first.model_version,
+        "--output", str(out), "--batch", "2", env=_wide_console(),
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    assert "4 images, 1 could not be read; wrote 3 overlays" in done.stdout
+    assert "explain: 4/4 images (100%), 1 failed" in done.stdout + done.stderr
+    rows = pd.read_csv(out / "explanations.csv")
+    assert list(rows.columns) == ["path", "p_negative", "p_positive", "label", "error", "overlay"]
+    assert rows["path"].tolist() == sorted(map(str, folder.iterdir()))
+    bad = rows[rows["path"].str.endswith("noise.jpg")].iloc[0]
+    assert "not an image" in bad["error"] or "corrupt image" in bad["error"]
+    assert np.isnan(bad["p_positive"]) and pd.isna(bad["overlay"])
+    good = rows[rows["error"].isna()]
+    assert good["overlay"].nunique() == 3
+    for row in good.itertuples(index=False):
+        with Image.open(out / row.overlay) as picture, Image.open(row.path) as original:
+            assert picture.format == "PNG"
+            # The whole picture at display size, not the backbone's 32x32 input.
+            assert picture.size[::-1] == display_size(original.height, original.width)
+    with Image.open(out / "contact_sheet.png") as contact:
+        assert contact.format == "PNG" and contact.width > 3 * 160
+
+    # The same version through `emotr predict`'s job (its in-process entry, on the shared Ray),
+    # in batches of the same size.
+    job = cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"batch_size": 2})})
+    predictor = open_predictor(job, tracker, uri)
+    predicted = pd.concat(predict_paths(job, predictor, rows["path"].tolist(), progress=False))
+    np.testing.assert_allclose(
+        good[["p_negative", "p_positive"]].to_numpy(),
+        predicted.loc[rows["error"].isna().to_numpy(), ["p_negative", "p_positive"]].to_numpy(),
+        atol=1e-5,
+    )
+    assert good["label"].tolist() == predicted["label"].dropna().tolist()
+
+
+def test_run_logged_the_explain_grids_on_the_challengers_run(deployed):
+    from emotr.deploy.registry import load_scorer, load_validation_set
+    from emotr.insight.grids import choose_images, validation_scores
+
+    cfg, tracker, _, first, _ = deployed
+    client = MlflowClient(tracker.uri)
+    version = client.get_model_version(MODEL, first.model_version)
+    logged = {item.path for item in client.list_artifacts(version.run_id, "explain")}
+
+    # Each grid that has images: the worst errors, the most confident correct ones per class.
+    scorer = load_scorer(tracker, version)
+    validation = load_validation_set(tracker, version)
+    proba = validation_scores(cfg, scorer, version, validation)
+    choices = choose_images(
+        proba, validation["label"].to_numpy(), scorer.spec.threshold, 16, scorer.spec.classes
+    )
+    expected = {choice.artifact for choice in choices if len(choice.rows)}
+    assert logged == expected and expected  # 8 images: each is an error or a correct one
+    for artifact in logged:
+        local = client.download_artifacts(version.run_id, artifact)
+        with Image.open(local) as grid:
+            assert grid.format == "PNG" and grid.height > 160

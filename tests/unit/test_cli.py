@@ -17,7 +17,7 @@ from tests.run_cli import emotr
 
 # Every command that reads a config: one grammar, `-c FILE` then section.key=value overrides.
 CONFIG_COMMANDS = [
-    ["extract"], ["tune"], ["run"], ["promote"], ["predict"], ["doctor"],
+    ["extract"], ["tune"], ["run"], ["promote"], ["predict"], ["explain"], ["audit"], ["doctor"],
     ["cache", "ls"], ["cache", "verify"], ["cache", "gc"], ["cache", "compact"],
     ["cache", "export"],
 ]  # fmt: skip
@@ -53,7 +53,9 @@ def test_data_root_with_an_empty_class_folder_names_that_folder(tmp_path: Path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("command", ["demo-data", "extract", "tune", "run", "promote", "predict"])
+@pytest.mark.parametrize(
+    "command", ["demo-data", "extract", "tune", "run", "promote", "predict", "explain", "audit"]
+)
 def test_every_subcommand_documents_itself(command):
     result = emotr(command, "--help")
     assert result.returncode == 0, result.stderr

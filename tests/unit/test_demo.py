@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from emotr.data.demo import (
     is_demo_root,
     render_face,
 )
+from emotr.data.demo_draw import render_face_with_box
 
 # (height, width): small to keep each test near a second, not square to catch a swapped size.
 SIZE = (48, 64)
@@ -83,6 +85,36 @@ def test_images_are_rgb_jpegs_of_the_requested_size_and_vary(tmp_path):
             means.append(np.asarray(image, dtype=np.float64).mean(axis=(0, 1)))
     assert len(means) == 12
     assert np.std(means, axis=0).min() > 5  # colour, light and clutter differ between images
+
+
+def test_the_images_of_a_seed_are_the_bytes_they_always_were(tmp_path):
+    # Recorded before the face box was added to the manifest: reporting the box (and moving the
+    # drawing into demo_draw) changed no byte of any image.
+    generate_demo_dataset(tmp_path, n=6, size=SIZE, seed=3)
+    digest = hashlib.sha256()
+    for name, data in image_bytes(tmp_path).items():
+        digest.update(name.encode() + data)
+    assert digest.hexdigest() == "6a8fe018a22999f7f00924a4f233683c0b4bf155743576d8c440c3ed06c66229"
+
+
+def test_the_manifest_says_where_each_face_is(tmp_path):
+    generate_demo_dataset(tmp_path, n=8, size=(120, 150))
+    for row in read_manifest(tmp_path):
+        x0, y0, x1, y1 = (float(row[f"face_{k}"]) for k in ("x0", "y0", "x1", "y1"))
+        assert 0.55 * 120 < y1 - y0 < 1.0 * 120 and 0.35 * 120 < x1 - x0 < 0.9 * 120
+        assert 0.3 * 150 < (x0 + x1) / 2 < 0.7 * 150 and 0.35 * 120 < (y0 + y1) / 2 < 0.63 * 120
+
+
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_the_mouth_lies_in_the_lower_half_of_the_face_box(seed):
+    # Same draws, opposite curvature: the pixels that change are the mouth's.
+    size = (200, 240)
+    smile, _, box = render_face_with_box(np.random.default_rng(seed), size, 0.6)
+    frown, _, same_box = render_face_with_box(np.random.default_rng(seed), size, -0.6)
+    assert box == same_box
+    rows, cols = np.nonzero(np.abs(np.asarray(smile, float) - np.asarray(frown, float)).max(2) > 40)
+    assert box.x0 < cols.mean() < box.x1
+    assert (box.y0 + box.y1) / 2 < rows.mean() < box.y1
 
 
 @pytest.mark.parametrize("magnitude", [0.5, 0.05])

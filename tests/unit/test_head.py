@@ -115,6 +115,23 @@ def test_without_early_stopping_every_epoch_trains_and_the_last_is_kept():
     np.testing.assert_allclose(scores, result.val_proba[:, 1], rtol=1e-5, atol=1e-6)
 
 
+def test_l2_reaches_a_linear_heads_only_kernel():
+    """n_layers 0: the output layer is the head, so l2 must penalise it (ridge, not a no-op)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 32)).astype(np.float32)
+    y = (x[:, 0] + rng.normal(size=64) > 0).astype(np.int32)
+    norms = {}
+    for l2 in (0.0, 0.3):
+        params = HeadParams(n_layers=0, l2=l2, learning_rate=1e-2, early_stopping=False)
+        model = fit_head(
+            params, x[:48], y[:48], x[48:], y[48:], epochs=40, patience=40, seed=0
+        ).model
+        score = model.get_layer("score")
+        assert (score.kernel_regularizer is None) == (l2 == 0)
+        norms[l2] = float(np.linalg.norm(score.get_weights()[0]))
+    assert norms[0.3] < 0.5 * norms[0.0]
+
+
 def test_the_recipe_head_is_the_notebooks():
     """GAP features -> Dense(512, relu, he_normal) -> Dropout(0.5) -> Dense(1, sigmoid)."""
     model = build_head(HeadParams(), n_features=512)
