@@ -199,10 +199,9 @@ def test_mlflow_models_serve_answers_base64_images(deployed, tmp_path: Path):
 
 
 def test_explain_writes_overlays_a_contact_sheet_and_the_rows_predict_gives(deployed, tmp_path):
-    from emotr.deploy.predict import open_predictor, predict_paths
     from emotr.insight.overlay import display_size
 
-    cfg, tracker, _, first, config_file = deployed
+    cfg, _, _, first, config_file = deployed
     folder = tmp_path / "faces"
     folder.mkdir()
     for index, image in enumerate(sorted(Path(cfg.data.root).rglob("*.jpg"))[:3]):
@@ -210,8 +209,6 @@ def test_explain_writes_overlays_a_contact_sheet_and_the_rows_predict_gives(depl
             ImageOps.mirror(opened).save(folder / f"face-{index}.jpg", quality=90)
     (folder / "noise.jpg").write_bytes(np.random.default_rng(0).bytes(3000))
     out = tmp_path / "explained"
-    uri = f"models:/{MODEL}/{first.model_version}"
-
     done = emotr(
         "explain", str(folder), "-c", str(config_file), "--model", first.model_version,
         "--output", str(out), "--batch", "2", env=_wide_console(),
@@ -236,11 +233,17 @@ def test_explain_writes_overlays_a_contact_sheet_and_the_rows_predict_gives(depl
     with Image.open(out / "contact_sheet.png") as contact:
         assert contact.format == "PNG" and contact.width > 3 * 160
 
-    # The same version through `emotr predict`'s job (its in-process entry, on the shared Ray),
-    # in batches of the same size.
-    job = cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"batch_size": 2})})
-    predictor = open_predictor(job, tracker, uri)
-    predicted = pd.concat(predict_paths(job, predictor, rows["path"].tolist(), progress=False))
+    # The same version through `emotr predict` (its own process and Ray, as a user runs it: a
+    # job in this session's shared Ray would leave its actor pool behind for later tests), in
+    # batches of the same size.
+    table = tmp_path / "predicted.csv"
+    done = emotr(
+        "predict", "-c", str(config_file), *rows["path"], "--model", first.model_version,
+        "--output", str(table), "--batch", "2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    predicted = pd.read_csv(table)
+    assert predicted["path"].tolist() == rows["path"].tolist()
     np.testing.assert_allclose(
         good[["p_negative", "p_positive"]].to_numpy(),
         predicted.loc[rows["error"].isna().to_numpy(), ["p_negative", "p_positive"]].to_numpy(),

@@ -92,6 +92,7 @@ def test_two_gpu_nodes_each_run_an_extractor(tmp_path):
 
 
 def extractor_processes(root: psutil.Process) -> list[psutil.Process]:
+    """The processes below root that run an extractor actor (by Ray's process title)."""
     found = []
     for process in root.children(recursive=True):
         try:
@@ -119,10 +120,17 @@ def test_killed_extractor_actor_still_ends_with_a_complete_cache(tmp_path, ray_l
         except BaseException as error:  # handed to the test thread
             outcome["error"] = error
 
+    # This extraction's actor, not an earlier test's that may still be ending in the shared Ray
+    # (an idle worker Ray reuses is titled IDLE, so it is not among these).
+    earlier = {process.pid for process in extractor_processes(psutil.Process())}
     thread = threading.Thread(target=extract)
     thread.start()
     wait_for("the first committed part", lambda: parts_in(cfg), 120)
-    [victim] = wait_for("the actor process", lambda: extractor_processes(psutil.Process()), 30)
+    [victim] = wait_for(
+        "the actor process",
+        lambda: [p for p in extractor_processes(psutil.Process()) if p.pid not in earlier],
+        30,
+    )
     victim.kill()
     thread.join(timeout=300)
     assert "error" not in outcome, outcome.get("error")
