@@ -129,7 +129,7 @@ def test_a_failed_baseline_is_reported_and_all_failed_is_one_clear_error(tmp_pat
 
 
 def test_a_live_trial_of_another_driver_is_not_marked_stale(tmp_path: Path, ray_local):
-    cfg = smoke_config(tmp_path, "tune.n_trials=3", "tune.epochs=3", "tune.trial_heartbeat_s=0.5")
+    cfg = smoke_config(tmp_path, "tune.n_trials=3", "tune.epochs=3", "tune.trial_heartbeat_s=2.0")
     tracker = Tracker(cfg.mlflow)
     other = open_study(cfg.tune)  # another driver: one trial it keeps alive, then tells
     trial = other.ask()
