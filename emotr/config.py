@@ -25,7 +25,7 @@ from emotr.hyperparams import (
     StrictModel,
     check_space,
 )
-from emotr.taps import DEFAULT_TAP, parse_tap, taps_of
+from emotr.taps import DEFAULT_TAP, MAX_VIEWS, parse_tap, taps_of
 
 
 class ConfigError(EmotrError, ValueError):
@@ -126,9 +126,13 @@ class ExtractConfig(StrictModel):
     compilation_cache_dir: str = "/tmp/emotr-jax-cache"
     # Feature taps computed in the one forward pass, each cached under its own fingerprint
     # (emotr.taps); gap5 is the tutorial's features and names the whole cache.
-    taps: tuple[str, ...] = (DEFAULT_TAP,)
+    # gap4 and its mirror image's: the default search's features (docs/benchmarks.md, issue 27).
+    taps: tuple[str, ...] = (DEFAULT_TAP, "gap4", "gap4_flip")
     # A pooled feature map stored per image (bfloat16) for fine-tuning the blocks above it.
     cache_activation: Literal["block3_pool", "block4_pool"] | None = None
+    # Augmented views (emotr.data.augment) cached per image for each unflipped tap, each view
+    # one more forward pass and a folder of its own: raising it extracts only the new views.
+    views: int = Field(0, ge=0, le=MAX_VIEWS)
 
     @field_validator("taps")
     @classmethod
@@ -151,7 +155,7 @@ class CacheConfig(StrictModel):
 
 # The most hidden (Dense, Dropout) layers emotr.search.head.build_head stacks.
 class TuneConfig(StrictModel):
-    n_trials: int = Field(30, ge=1)
+    n_trials: int = Field(20, ge=1)
     concurrency: int = Field(2, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0)
     study_name: str = "emotr"
@@ -174,6 +178,14 @@ class TuneConfig(StrictModel):
     trial_heartbeat_s: float = Field(30.0, gt=0)
     # Tune on the cached images alone when some listed images have no features (else an error).
     allow_partial_cache: bool = False
+    # > 1: a trial's value is its mean AUC over this many folds of train + val (by group or
+    # content hash), and its head is refitted on all of them; 0: the one validation split.
+    cv_folds: int = Field(5, ge=0, le=20)
+    # The plain peer as a fixed trial: standardised gap5, scikit-learn's LogisticRegressionCV.
+    peer: bool = True
+    # Greedy ensemble of up to this many of the best trials' heads, registered when its
+    # cross-validated AUC beats the best single head's (needs cv_folds > 1); 0 or 1 = off.
+    ensemble_size: int = Field(5, ge=0, le=20)
     # The tutorial's recipe, run as trial 0; trials take what the search space does not name.
     baseline: HeadParams = HeadParams()
     search_space: SearchSpace = Field(
@@ -190,6 +202,11 @@ class TuneConfig(StrictModel):
             # The searched trials' procedure; trial 0's values lie outside (the README says why).
             "kernel_init": {"type": "categorical", "choices": ["glorot_uniform"]},
             "early_stopping": {"type": "categorical", "choices": [True]},
+            # Block 4 beat block 5 on real photos and faces, its mirror-averaged form most.
+            "features": {
+                "type": "categorical",
+                "choices": ["gap4_flipavg", "gap4_flipavg+gap5", "gap4"],
+            },
         }
     )
 

@@ -52,6 +52,13 @@ class HeadParams(StrictModel):
     early_stopping: bool = False
     # The cached taps the head reads: e.g. gap5, gap4+gap5, gap5_flipavg (emotr.taps).
     features: str = DEFAULT_FEATURES
+    # adam: the Keras head trained by Adam (the tutorial's); logreg_cv: scikit-learn's
+    # LogisticRegressionCV on standardised features, its L2 chosen by an inner cross-validation
+    # of the training rows, its coefficients written into a linear Keras head (the plain peer).
+    solver: Literal["adam", "logreg_cv"] = "adam"
+    # Train on the cached augmented views (extract.views): one view per image per epoch, drawn
+    # anew each epoch, on the training rows only (validation reads the plain image).
+    train_views: bool = False
     # Deep fine-tuning (emotr.search.finetune): the blocks above extract.cache_activation train
     # with the head at learning_rate * finetune_lr_scale, up to finetune_epochs after its fit.
     finetune: bool = False
@@ -64,6 +71,16 @@ class HeadParams(StrictModel):
     def _valid_features(cls, value: str) -> str:
         parse_features(value)
         return value
+
+    @model_validator(mode="after")
+    def _solver_fits(self) -> HeadParams:
+        if self.solver == "logreg_cv" and (self.n_layers or self.finetune or self.train_views):
+            raise ValueError(
+                "solver logreg_cv fits a linear head on the plain features: it needs n_layers 0, "
+                f"finetune and train_views false, got n_layers {self.n_layers}, finetune "
+                f"{self.finetune}, train_views {self.train_views}"
+            )
+        return self
 
 
 def _check_range(low: float, high: float, log: bool) -> None:

@@ -8,7 +8,6 @@ MLflow, Keras) are imported by the verbs that use them, so that a warm `emotr ex
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,21 +28,17 @@ from emotr.data.demo import (
 )
 from emotr.data.index import Scan, scan_images
 from emotr.data.listing import Listing, resolve_classes
+from emotr.data.listing_report import log_listing
 from emotr.extract.driver import ExtractSummary, TooManyFailures, extract_features, plan_extraction
 from emotr.extract.fingerprint import cache_key
-from emotr.hyperparams import HeadParams
 from emotr.search.finetune_set import load_finetune_set, may_finetune
 from emotr.search.training_set import load_feature_set
 from emotr.storage import is_uri
-from emotr.taps import features_dim
 
 if TYPE_CHECKING:
     import pandas as pd
-    from mlflow.entities.model_registry import ModelVersion
 
-    from emotr.deploy.package import Candidate
     from emotr.insight.audit import Audit
-    from emotr.search.report import SearchResult
     from emotr.search.training_set import FeatureSet
     from emotr.track import Tracker
 
@@ -65,6 +60,10 @@ class RunResult:
     promotion: str | None = None  # the gate's decision and why; None with auto_promote off
     # The registered version on the test split (TestScore.describe), or why there is none.
     test: str = ""
+    peer: str = ""  # the plain peer's validation number (FixedTrial.text), "" without one
+    test_peer: str = ""  # the peer on the same test images, "" without one
+    chosen: str = ""  # what was registered: "trial 7" or "ensemble of trials 7, 3, 12"
+    best_val_auc_std: float | None = None  # spread of the best trial's fold AUCs
 
 
 def resolve_data(cfg: Config) -> Config:
@@ -119,36 +118,6 @@ def ensure_demo_data(cfg: Config) -> None:
         root,
         summary.bayes_accuracy,
         summary.bayes_auc,
-    )
-
-
-def log_listing(tracker: Tracker, run_id: str, cfg: Config, listing: Listing) -> None:
-    """Record the resolved config and the listing with its split on a run."""
-    tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
-    tracker.log_table(run_id, listing.images, "data/listing.csv")
-    if len(listing.conflicts):  # every path, where the console warning names a few
-        tracker.log_table(run_id, listing.conflicts, "data/conflicts.csv")
-    if len(listing.cross_split):
-        tracker.log_table(run_id, listing.cross_split, "data/cross_split_duplicates.csv")
-    if len(listing.excluded):  # data.exclude: left out of every split
-        tracker.log_table(run_id, listing.excluded, "data/excluded.csv")
-    splits = listing.images["split"].value_counts()
-    tracker.log_metrics(
-        run_id,
-        {
-            "n_listed_images": len(listing.images),
-            **{f"n_{name}_images": int(splits.get(name, 0)) for name in ("train", "val", "test")},
-            "n_conflict_files": len(listing.conflicts),
-            "n_conflict_images": listing.conflicts["sha256"].nunique(),
-            "n_excluded_files": len(listing.excluded),
-            # Copies of bytes that another split holds too, left out of their (later) split.
-            "n_cross_split_duplicates": int((~listing.cross_split["kept"]).sum())
-            if len(listing.cross_split)
-            else 0,
-        },
-    )
-    tracker.set_tags(
-        run_id, {"split_digest": listing.digest, "classes": json.dumps(list(cfg.data.classes))}
     )
 
 
@@ -238,17 +207,10 @@ def audit(
     before_backbone: Callable[[], None] | None = None,
 ) -> tuple[str, Audit]:
     """The label audit of the listing's train and val images on their cached features, as an
-    MLflow run named `audit`: its id and the audit. In-process, no Ray; `before_backbone` is
-    called before Keras loads (only the first audit of a cache runs the backbone)."""
-    from emotr.insight.audit import audit_listing
-    from emotr.insight.audit_report import log_audit
+    MLflow run named `audit`: its id and the audit (emotr.insight.audit_report.run_audit)."""
+    from emotr.insight.audit_report import run_audit
 
-    cfg = resolve_data(cfg)
-    with tracker.run("audit") as run_id:
-        log_listing(tracker, run_id, cfg, listing)
-        found = audit_listing(cfg, listing, before_backbone)
-        log_audit(tracker, run_id, found, cfg.decode, cfg.audit.gallery_size)
-    return run_id, found
+    return run_audit(resolve_data(cfg), tracker, listing, before_backbone)
 
 
 def tune(cfg: Config, tracker: Tracker, listing: Listing):
@@ -259,7 +221,9 @@ def tune(cfg: Config, tracker: Tracker, listing: Listing):
     check_storage(cfg.tune)
     cfg = resolve_data(cfg)
     key = cache_key(cfg.cache, cfg.backbone, cfg.decode)
-    features = load_feature_set(cfg.cache.root, cfg.tune, listing, key.fingerprint)
+    features = load_feature_set(
+        cfg.cache.root, cfg.tune, listing, key.fingerprint, n_views=cfg.extract.views
+    )
     return run_search(cfg, with_activations(cfg, key, listing, features), tracker)
 
 
@@ -293,6 +257,13 @@ def activation_cache(cfg: Config) -> ActivationCache:
 def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
     """Extract, tune and register the best head, all nested under one `pipeline` run; then the
     promotion gate (registry.auto_promote) decides whether it becomes the champion."""
+    from emotr.deploy.candidates import describe_members
+    from emotr.deploy.challenger import (
+        choose_candidate,
+        run_gate,
+        score_fixed_trials,
+        score_registered,
+    )
     from emotr.deploy.package import register_model
     from emotr.insight.grids import log_explain_grids
     from emotr.search.study import check_storage
@@ -311,20 +282,27 @@ def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
             summary.listing,
             summary.fingerprint,
             failed=summary.failures["sha256"],
+            n_views=cfg.extract.views,
         )
         features = with_activations(cfg, key, summary.listing, features)
         search = run_search(cfg, features, tracker, run_id)
-        candidate = _candidate(search, features, summary)
+        validation = _usable(summary.listing.val(), summary)
+        test_images = _usable(summary.listing.test(), summary)
+        candidate = choose_candidate(cfg, tracker, search, features, validation, test_images)
         version = register_model(cfg, tracker, candidate)
         # Pictures of the challenger on its run (search.best_run_id); never fails the run.
         log_explain_grids(cfg, tracker, version, candidate.validation)
-        test = _score_test(cfg, tracker, run_id, version, summary)
-        promotion = _run_gate(cfg, tracker)
-        metrics = {"best_val_auc": search.best_value}
+        test = score_registered(cfg, tracker, run_id, version, test_images)
+        test_peer = score_fixed_trials(cfg, tracker, run_id, search, test_images, features)
+        promotion = run_gate(cfg, tracker)
+        metrics = {"best_val_auc": search.best_value, "registered_val_auc": candidate.val_auc}
+        if search.best_value_std is not None:
+            metrics["best_val_auc_std"] = search.best_value_std
         if search.baseline_value is not None:  # a failed baseline is a tag of the tune run
             metrics["baseline_val_auc"] = search.baseline_value
         tracker.log_metrics(run_id, metrics)
-        tracker.set_tags(run_id, {"model_version": version.version})
+        tags = {"model_version": version.version, "registered": describe_members(candidate)}
+        tracker.set_tags(run_id, tags)
         if promotion is not None:
             tracker.set_tags(run_id, {"promotion": promotion})
     return RunResult(
@@ -338,70 +316,15 @@ def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
         n_failed=summary.n_failed,
         promotion=promotion,
         test=test,
+        peer=search.peer.text() if search.peer is not None else "",
+        test_peer=test_peer,
+        chosen=describe_members(candidate),
+        best_val_auc_std=search.best_value_std,
     )
-
-
-def _score_test(
-    cfg: Config, tracker: Tracker, run_id: str, version: ModelVersion, summary: ExtractSummary
-) -> str:
-    """Score the registered version on the test split, log the numbers on the pipeline run and
-    as tags of the version; what to print (or why there is no test number)."""
-    from emotr.deploy.evaluate import score_test_split, tag_test_score
-
-    test = _usable(summary.listing.test(), summary)
-    if not len(test):
-        tracker.set_tags(run_id, {"test": "none: data.test_fraction is 0"})
-        return (
-            "no test split (data.test_fraction=0): the validation AUC above was selected on the "
-            "same images it reports, so it is optimistic"
-        )
-    score = score_test_split(cfg, tracker, version, test)
-    if score is None:
-        tracker.set_tags(run_id, {"test": "no AUC: the test split holds one class"})
-        return "no test AUC: the test split's images hold one class (raise data.test_fraction)"
-    tracker.log_metrics(run_id, score.metrics)
-    tag_test_score(tracker, version, score)
-    return score.describe()
 
 
 def _usable(images: pd.DataFrame, summary: ExtractSummary) -> pd.DataFrame:
     """path, sha256, label of the images whose features the extraction has (not failed)."""
-    images = images[~images["sha256"].isin(summary.failures["sha256"])]
-    return images[["path", "sha256", "label"]].reset_index(drop=True)
+    from emotr.deploy.candidates import usable_images
 
-
-def _run_gate(cfg: Config, tracker: Tracker) -> str | None:
-    """The promotion gate ending `emotr run` (registry.auto_promote): its decision and why.
-
-    A gate that cannot compare (no images both versions score, one class) leaves the champion
-    where it is and says so; the registered version stays the challenger.
-    """
-    from emotr.deploy.promote import PromotionError, promote_challenger
-
-    if not cfg.registry.auto_promote:
-        return None
-    try:
-        return promote_challenger(cfg, tracker).decision.reason
-    except PromotionError as error:
-        return f"not promoted, the gate could not compare: {error}"
-
-
-def _candidate(search: SearchResult, features: FeatureSet, summary: ExtractSummary) -> Candidate:
-    """The search's best trial as a registry.Candidate, with the images it was validated on."""
-    from emotr.deploy.package import Candidate
-
-    assert summary.listing is not None and search.best_run_id is not None
-    head = HeadParams.model_validate(search.best_params)
-    return Candidate(
-        run_id=search.best_run_id,
-        head=head,
-        # The width of the head's own input: its features choice may combine taps.
-        n_features=features.x_val.shape[1] if head.finetune else features_dim(head.features),
-        feature_fingerprint=features.fingerprint,
-        split_digest=features.split_digest,
-        study=search.study_name,
-        trial=search.best_trial_number,
-        val_auc=search.best_value,
-        validation=_usable(summary.listing.val(), summary),
-        test=_usable(summary.listing.test(), summary),
-    )
+    return usable_images(images, summary.failures["sha256"])

@@ -9,6 +9,9 @@ A `features` choice joins terms with `+` (concatenated, in that order); a term i
 `<tap>_flipavg`: the mean of the tap and of its `_flip` (test-time augmentation).
 Examples: `gap5`, `gap4+gap5`, `gap5_flipavg`, `gap5+gap5_flip`.
 
+An augmented view (extract.views) of an unflipped tap is the output `<tap>_view<k>`, k = 1, 2, ...:
+the tap of the image's k-th augmented view (emotr.data.augment), cached in a folder of its own.
+
 A cached activation (extract.cache_activation) is a whole pooled feature map, e.g. `block4_pool`:
 (H/16, W/16, 512) per image, stored as bfloat16 for fine-tuning the blocks above it.
 """
@@ -36,6 +39,8 @@ ACTIVATIONS = ("block3_pool", "block4_pool")
 # Halvings of the input by the max pools up to and including that block.
 _ACTIVATION_HALVINGS = {"block3_pool": 3, "block4_pool": 4}
 _TAP = re.compile(r"^(gap|gmp)([345])(_flip)?$")
+_VIEW = re.compile(r"^(.+)_view([1-9][0-9]*)$")
+MAX_VIEWS = 64
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,55 @@ def parse_tap(name: str) -> Tap:
 def tap_dim(name: str) -> int:
     """Length of a tap's feature vector."""
     return parse_tap(name).dim
+
+
+def view_output(tap: str, k: int) -> str:
+    """The output name of view `k` (1, 2, ...) of an unflipped tap, e.g. `gap5_view3`."""
+    if parse_tap(tap).flip:
+        raise ValueError(f"views are of unflipped taps (a view flips itself), got {tap!r}")
+    if not 1 <= k <= MAX_VIEWS:
+        raise ValueError(f"view numbers run from 1 to {MAX_VIEWS}, got {k}")
+    return f"{tap}_view{k}"
+
+
+def parse_view_output(name: str) -> tuple[str, int] | None:
+    """(tap, k) of a view output such as `gap5_view3`; None for any other output name."""
+    match = _VIEW.match(name)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def view_taps(taps: Sequence[str]) -> tuple[str, ...]:
+    """The taps of `taps` that have augmented views: the unflipped ones (a view flips itself)."""
+    return tuple(tap for tap in taps if tap not in ACTIVATIONS and not parse_tap(tap).flip)
+
+
+def view_outputs(taps: Sequence[str], n_views: int) -> tuple[str, ...]:
+    """The outputs extract.views adds: views 1..n_views of each unflipped tap of `taps`."""
+    return tuple(view_output(tap, k) for k in range(1, n_views + 1) for tap in view_taps(taps))
+
+
+def views_of(outputs: Sequence[str]) -> dict[int, tuple[str, ...]]:
+    """View number -> the taps whose view it is, of the view outputs among `outputs`."""
+    views: dict[int, list[str]] = {}
+    for name in outputs:
+        if (view := parse_view_output(name)) is not None:
+            views.setdefault(view[1], []).append(view[0])
+    return {k: tuple(taps) for k, taps in sorted(views.items())}
+
+
+def conv_passes(outputs: Sequence[str]) -> int:
+    """Passes of the conv base per image that computing `outputs` takes: one for the plain
+    outputs, one more for their mirror image (a `_flip` tap), one per augmented view."""
+    views = views_of(outputs)
+    plain = [name for name in outputs if parse_view_output(name) is None]
+    flips = any(name not in ACTIVATIONS and parse_tap(name).flip for name in plain)
+    return (1 if plain else 0) + (1 if flips else 0) + len(views)
+
+
+def output_tap(name: str) -> str:
+    """The tap an output computes: a tap's own name, or the tap of a view output."""
+    view = parse_view_output(name)
+    return view[0] if view else name
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 The inputs (the extractor's identity and the decode rules: emotr.extract.fingerprint gathers
 them from the config) are hashed as canonical JSON, so a changed setting writes to a new folder
 and never mixes features. A tap other than gap5 has a folder of its own, fingerprinted by gap5's
-inputs plus the tap's name and width; an activation likewise (emotr.cache.activations).
+inputs plus the tap's name and width; an activation likewise (emotr.cache.activations), and each
+augmented view of a tap (emotr.cache.views): the tap's name and width, the view's number and the
+augmentation's description.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from emotr.taps import DEFAULT_TAP, parse_features, tap_dim
+from emotr.data.augment import AUGMENTATION
+from emotr.taps import DEFAULT_TAP, parse_features, tap_dim, view_output
 
 CACHE_FORMAT = "1"
 
@@ -52,6 +55,22 @@ def tap_inputs(inputs: Mapping[str, str], tap: str) -> dict[str, str]:
     if tap == DEFAULT_TAP:  # the cache as it always was: its fingerprint does not change
         return dict(inputs)
     return {**inputs, "tap": tap, "feature_dim": str(tap_dim(tap))}
+
+
+def view_inputs(inputs: Mapping[str, str], tap: str, k: int) -> dict[str, str]:
+    """The inputs of the folder of view `k` of a tap, from those of gap5's (the cache's identity).
+
+    The augmentation's description (emotr.data.augment.AUGMENTATION: its version and settings)
+    is hashed too: views made another way never land in the same folder.
+    """
+    view_output(tap, k)  # ValueError for a flipped tap or a view number out of range
+    return {
+        **inputs,
+        "tap": tap,
+        "feature_dim": str(tap_dim(tap)),
+        "view": str(k),
+        "augmentation": AUGMENTATION,
+    }
 
 
 def features_folder(fingerprint: str, inputs: Mapping[str, str], features: str) -> str | None:

@@ -49,8 +49,10 @@ class CacheInfo:
 
     @property
     def holds(self) -> str:
-        """What its rows hold: a feature tap (gap5, gap4, ...) or an activation (block4_pool)."""
-        return self.inputs.get("activation") or self.inputs.get("tap", "gap5")
+        """What its rows hold: a feature tap (gap5, gap4, ...), a tap's augmented view
+        (gap5_view3) or an activation (block4_pool)."""
+        holds = self.inputs.get("activation") or self.inputs.get("tap", "gap5")
+        return f"{holds}_view{self.inputs['view']}" if "view" in self.inputs else holds
 
 
 def list_caches(root: str) -> list[CacheInfo]:

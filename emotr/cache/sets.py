@@ -1,9 +1,11 @@
-"""The caches one extraction pass fills: each configured tap's features and the activation.
+"""The caches one extraction pass fills: each configured tap's features, the activation and the
+augmented views of the unflipped taps (`<tap>_view<k>`, emotr.cache.views).
 
 An image is complete when every one of them holds it; the pass extracts the incomplete ones
 once, computing only the outputs some of them lack, and commits each output's new rows to its
 own cache (rows already there are skipped: a new tap on a warm cache costs one pass, and the
-outputs cached already are not rewritten).
+outputs cached already are not rewritten). A view missing is one more forward pass of the image
+(its augmented pixels), the views already cached are not computed.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import pyarrow.compute as pc
 from emotr.cache.activations import open_activation_cache
 from emotr.cache.fingerprint import CacheKey
 from emotr.cache.store import FeatureCache, open_tap
-from emotr.taps import DEFAULT_TAP
+from emotr.cache.views import open_view
+from emotr.taps import DEFAULT_TAP, view_output, view_taps
 
 
 class CacheSet:
-    """Output name (tap or activation) -> its cache; gap5's names the set."""
+    """Output name (tap, view or activation) -> its cache; gap5's names the set."""
 
     def __init__(self, caches: Mapping[str, FeatureCache]):
         self.caches = dict(caches)
@@ -73,12 +76,17 @@ def open_cache_set(
     taps: Sequence[str],
     activation: str | None,
     input_size: Sequence[int],
+    n_views: int = 0,
 ) -> CacheSet:
-    """The caches of `taps` (extract.taps) and of `activation` (extract.cache_activation, or
-    None) beside the features of `key`."""
+    """The caches of `taps` (extract.taps), of `activation` (extract.cache_activation, or
+    None) and of views 1..n_views of the unflipped taps (extract.views) beside the features
+    of `key`."""
     caches: dict[str, FeatureCache] = {
         tap: open_tap(key.root, key.fingerprint, dict(key.inputs), tap) for tap in taps
     }
+    for k in range(1, n_views + 1):
+        for tap in view_taps(taps):
+            caches[view_output(tap, k)] = open_view(key.root, key.fingerprint, key.inputs, tap, k)
     if activation is not None:
         caches[activation] = open_activation_cache(key, activation, input_size)
     return CacheSet(caches)

@@ -34,6 +34,7 @@ from emotr.config_io import DEFAULT_CONFIG
 if TYPE_CHECKING:
     import pandas as pd
 
+    from emotr.pipeline import RunResult
     from emotr.track import Tracker
 
 Prepared = TypeVar("Prepared")  # what a job's work starts from: a Listing or a Scan
@@ -97,10 +98,26 @@ def tune(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> 
     with guard(cfg):
         listing = _start_job(cfg, pipeline.prepare_listing)
         result = pipeline.tune(cfg, _tracker(cfg), listing)
+    spread = f" +- {result.best_value_std:.4f}" if result.best_value_std is not None else ""
+    peer = f"; the plain peer {result.peer.text()}" if result.peer is not None else ""
     console.print(
-        f"best val AUC {result.best_value:.4f} (trial {result.best_trial_number}); "
-        f"tutorial recipe {result.baseline_text()}"
+        f"best val AUC {result.best_value:.4f}{spread} (trial {result.best_trial_number}); "
+        f"tutorial recipe {result.baseline_text()}{peer}"
     )
+
+
+def validation_line(cfg: Config, result: RunResult) -> str:
+    """The best trial, the tutorial's recipe and the plain peer on the search's objective."""
+    spread = f" +- {result.best_val_auc_std:.4f}" if result.best_val_auc_std is not None else ""
+    if cfg.tune.cv_folds > 1:
+        objective = f"{cfg.tune.cv_folds}-fold cross-validated AUC over train + val"
+    else:
+        objective = "validation AUC (the split the best was chosen on: optimistic)"
+    line = (
+        f"[bold]{objective}: best {result.best_val_auc:.4f}{spread}[/] (trial "
+        f"{result.best_trial_number}); the tutorial's recipe {result.baseline}"
+    )
+    return line + (f"; the plain peer {result.peer}" if result.peer else "")
 
 
 def run(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> None:
@@ -112,11 +129,11 @@ def run(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> N
         scan = _start_job(cfg, pipeline.prepare_scan)
         load_keras_quietly()  # registration and the gate build Keras models on the driver
         result = pipeline.run(cfg, _tracker(cfg), scan)
-    console.print(
-        f"\n[bold]best validation AUC {result.best_val_auc:.4f}[/] (trial "
-        f"{result.best_trial_number}, chosen on it; the tutorial's recipe: {result.baseline})"
-    )
-    console.print(f"[bold]{result.test}[/]", highlight=False, soft_wrap=True)
+    console.print(f"\n{validation_line(cfg, result)}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]registered: {result.chosen}[/]", highlight=False)
+    console.print(f"[bold]{result.test}[/] (registered model)", highlight=False, soft_wrap=True)
+    if result.test_peer:
+        console.print(f"{result.test_peer} (plain peer)", highlight=False, soft_wrap=True)
     console.print(
         f"registered model [bold]{result.model_name}[/] version {result.model_version} "
         f"(alias {cfg.registry.challenger_alias})"

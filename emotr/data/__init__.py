@@ -1,5 +1,6 @@
 """The images a job sees: folders and manifests listed, hashed, split, decoded; the demo set.
 
-May import emotr's leaves (config, errors, storage) and nothing else of emotr: every other
-room builds on the listing and the decode rules defined here.
+May import emotr's leaves (config, config_io, errors, storage; track's Tracker as a type, for
+the listing's record on a run) and nothing else of emotr: every other room builds on the
+listing and the decode rules defined here.
 """

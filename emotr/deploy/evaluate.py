@@ -17,7 +17,7 @@ import pandas as pd
 
 from emotr.config import Config
 from emotr.deploy.promote import score_images
-from emotr.deploy.registry import tag_version
+from emotr.deploy.registry import fluent_store, tag_version
 from emotr.search.metrics import bootstrap_auc, evaluate
 from emotr.track import Tracker
 
@@ -53,7 +53,36 @@ def score_test_split(
 ) -> TestScore | None:
     """Score `version` on the test `images` (path, sha256, label); None when they cannot give an
     AUC (fewer than two classes among the images it could score), with a warning."""
-    proba = score_images(cfg, tracker, version, images)
+    return numbers_of(cfg, images, score_images(cfg, tracker, version, images))
+
+
+def score_trial_on_test(
+    cfg: Config,
+    tracker: Tracker,
+    run_id: str,
+    features: str,
+    fingerprint: str,
+    images: pd.DataFrame,
+) -> TestScore | None:
+    """A trial's head (its run's `model`) on the test `images`, from their cached features: the
+    peer's and the recipe's test numbers beside the registered version's, on the same images."""
+    import mlflow.keras  # a trial's logged Keras head; imported by the caller's `emotr run` only
+
+    from emotr.search.head import predict_proba
+    from emotr.search.training_set import tap_caches
+    from emotr.taps import combine_features, taps_of
+
+    with fluent_store(tracker):
+        head = mlflow.keras.load_model(f"runs:/{run_id}/model")
+    keys = images["sha256"].tolist()
+    caches = tap_caches(cfg.cache.root, fingerprint, taps_of(features))
+    x = combine_features(features, {tap: cache.load(keys) for tap, cache in caches.items()})
+    return numbers_of(cfg, images, predict_proba(head, x))
+
+
+def numbers_of(cfg: Config, images: pd.DataFrame, proba: np.ndarray) -> TestScore | None:
+    """The TestScore of (n, K) probabilities of the `images` (NaN rows: not scorable); None when
+    they cannot give an AUC."""
     usable = np.isfinite(proba).all(axis=1)
     labels = images["label"].to_numpy()[usable]
     if len(np.unique(labels)) < 2:

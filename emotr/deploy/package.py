@@ -1,5 +1,6 @@
 """The deployable model: a trial's head and the backbone packed as one image-in pyfunc model,
-logged on the trial's run and registered with its lineage as version tags.
+logged on the trial's run and registered with its lineage as version tags. An ensemble
+(Candidate.members) packs several trials' heads behind one backbone, logged on a run of its own.
 
 It is logged from code (emotr/deploy/serving_model.py) with native Keras `.weights.h5` files and
 a JSON spec as artifacts, so loading it unpickles nothing.
@@ -40,7 +41,9 @@ from emotr.deploy.serving import (
     BACKBONE_WEIGHTS_ARTIFACT,
     HEAD_WEIGHTS_ARTIFACT,
     SPEC_ARTIFACT,
+    HeadSpec,
     ServingSpec,
+    member_weights_artifact,
     output_columns,
     probability_columns,
 )
@@ -54,10 +57,25 @@ _MODEL_NAME_IN_RUN = "deployable"
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """A trained head to register: its run, how to rebuild it and the data it was chosen on."""
+class Member:
+    """One head of an ensemble: the trial run that logged it as `model`, how to rebuild it."""
 
     run_id: str  # holds the head as `model` (keras_model_bytes)
+    head: HeadParams
+    n_features: int
+    trial: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A trained head to register: its run, how to rebuild it and the data it was chosen on.
+
+    An ensemble has `members` (two or more): run_id is then the run the ensemble's model is
+    logged on (not a trial's), head, n_features and trial are its first member's, and val_auc
+    the ensemble's own.
+    """
+
+    run_id: str  # holds the head as `model` (keras_model_bytes); an ensemble: its own run
     head: HeadParams
     n_features: int
     feature_fingerprint: str
@@ -70,6 +88,7 @@ class Candidate:
     test: pd.DataFrame = dataclasses.field(
         default_factory=lambda: pd.DataFrame(columns=["path", "sha256", "label"])
     )
+    members: tuple[Member, ...] = ()
 
 
 def register_model(cfg: Config, tracker: Tracker, candidate: Candidate) -> ModelVersion:
@@ -92,15 +111,21 @@ def register_model(cfg: Config, tracker: Tracker, candidate: Candidate) -> Model
     return client.get_model_version(name, version.version)
 
 
-def _register_new(cfg: Config, tracker: Tracker, candidate: Candidate) -> ModelVersion:
-    spec = ServingSpec(
+def serving_spec(cfg: Config, candidate: Candidate) -> ServingSpec:
+    """The spec.json of the candidate's deployable model."""
+    return ServingSpec(
         backbone=cfg.backbone.model_copy(update={"weights": _weights_identity(cfg)}),
         decode=cfg.decode,
         head=candidate.head,
         n_features=candidate.n_features,
         classes=tuple(cfg.data.classes),
         activation=cfg.extract.cache_activation if candidate.head.finetune else None,
+        members=tuple(HeadSpec(head=m.head, n_features=m.n_features) for m in candidate.members),
     )
+
+
+def _register_new(cfg: Config, tracker: Tracker, candidate: Candidate) -> ModelVersion:
+    spec = serving_spec(cfg, candidate)
     tracker.log_table(candidate.run_id, candidate.validation, VALIDATION_ARTIFACT)
     if len(candidate.test):
         tracker.log_table(candidate.run_id, candidate.test, TEST_ARTIFACT)
@@ -122,7 +147,7 @@ def _register_new(cfg: Config, tracker: Tracker, candidate: Candidate) -> ModelV
         cfg.registry.model_name,
         version.version,
         description=(
-            f"trial {candidate.trial} of study {candidate.study} (run {candidate.run_id}), "
+            f"{_chosen(candidate)} of study {candidate.study} (run {candidate.run_id}), "
             f"val AUC {candidate.val_auc:.4f}; input: `image` bytes (base64 over REST) or "
             f"`path`; output: {', '.join(output_columns(spec.classes))}"
         ),
@@ -130,17 +155,33 @@ def _register_new(cfg: Config, tracker: Tracker, candidate: Candidate) -> ModelV
     return version
 
 
+def _chosen(candidate: Candidate) -> str:
+    """'trial 7', or 'ensemble of trials 7, 3, 12' (its members' heads averaged)."""
+    if not candidate.members:
+        return f"trial {candidate.trial}"
+    return f"ensemble of trials {', '.join(str(m.trial) for m in candidate.members)}"
+
+
 def _write_artifacts(cfg: Config, candidate: Candidate, spec: Any, folder: Path) -> dict[str, str]:
-    """spec.json and the backbone's and head's native Keras weight files, by artifact name."""
+    """spec.json and the backbone's and heads' native Keras weight files, by artifact name: the
+    head's (head_weights), or each ensemble member's (head_weights_<i>, from its trial's run)."""
     paths = {
         SPEC_ARTIFACT: folder / "spec.json",
         BACKBONE_WEIGHTS_ARTIFACT: folder / "backbone.weights.h5",
-        HEAD_WEIGHTS_ARTIFACT: folder / "head.weights.h5",
     }
-    paths[SPEC_ARTIFACT].write_text(spec.model_dump_json(indent=2))
+    heads = {HEAD_WEIGHTS_ARTIFACT: ("head", candidate.run_id)}
+    if candidate.members:
+        heads = {
+            member_weights_artifact(i): (f"head_{i}", m.run_id)
+            for i, m in enumerate(candidate.members)
+        }
+    # A single head's spec leaves `members` out: emotr before ensembles still loads it.
+    excluded = None if candidate.members else {"members"}
+    paths[SPEC_ARTIFACT].write_text(spec.model_dump_json(indent=2, exclude=excluded))
     save_conv_base_weights(cfg.backbone, paths[BACKBONE_WEIGHTS_ARTIFACT])
-    head = mlflow.keras.load_model(f"runs:/{candidate.run_id}/model")
-    head.save_weights(str(paths[HEAD_WEIGHTS_ARTIFACT]))
+    for name, (stem, run_id) in heads.items():
+        paths[name] = folder / f"{stem}.weights.h5"
+        mlflow.keras.load_model(f"runs:/{run_id}/model").save_weights(str(paths[name]))
     return {key: str(path) for key, path in paths.items()}
 
 
@@ -194,7 +235,13 @@ def _version_tags(
     }
     if len(candidate.test):
         tags[TEST_SET_TAG] = f"runs:/{candidate.run_id}/{TEST_ARTIFACT}"
-    if spec.activation is None:
+    if candidate.members:
+        # No feature_fingerprint: no one cache folder holds what its heads read, so predict
+        # and the gate decode the images (one VGG pass gives every member's taps).
+        tags["ensemble_trials"] = json.dumps([m.trial for m in candidate.members])
+        tags["ensemble_runs"] = json.dumps([m.run_id for m in candidate.members])
+        tags["features"] = json.dumps([m.head.features for m in candidate.members])
+    elif spec.activation is None:
         tags["features"] = spec.head.features
         # The folder of exactly the head's features (gap5's is the cache's own fingerprint):
         # predict and the gate score cached rows from it. A combination of taps has no such

@@ -1,5 +1,9 @@
 """The deployable classifier's compute: image bytes or paths -> decode -> VGG -> head -> rows.
 
+An ensemble (ServingSpec.members) runs several heads behind one VGG pass: the extractor emits the
+union of the members' taps, each member combines its own `features` from them, and the answer is
+the mean of the members' class probabilities.
+
 `ImageScorer` is built from native Keras weight files and a JSON spec by emotr's own builders
 (`backbone.build_extractor`, `head.build_head`): loading a model version unpickles nothing. The
 MLflow wrapper that serves it is emotr/deploy/serving_model.py; this module knows nothing of
@@ -17,12 +21,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from emotr.config import BackboneConfig, DecodeConfig
 from emotr.data.imageio import DecodeError, decode_image, failure_reason
 from emotr.hyperparams import HeadParams
 from emotr.storage import read_bytes
+from emotr.taps import combine_features, parse_tap, taps_of
 
 # Input columns: one of them per row. `image` is binary (base64 strings over REST, decoded by
 # MLflow's scoring server); `path` is a local path or a URI emotr.storage can read.
@@ -33,10 +38,24 @@ PROBABILITY_PREFIX = "p_"
 # The artifacts of a logged deployable model, by name (emotr.deploy.package writes them).
 SPEC_ARTIFACT = "spec"
 BACKBONE_WEIGHTS_ARTIFACT = "backbone_weights"
-HEAD_WEIGHTS_ARTIFACT = "head_weights"
+HEAD_WEIGHTS_ARTIFACT = "head_weights"  # an ensemble's: member_weights_artifact(i) each
 # Images per VGG16 forward pass when serving: small, as a request is often one image and every
 # batch is padded to this size.
 SERVING_BATCH = 8
+
+
+def member_weights_artifact(index: int) -> str:
+    """The artifact name of an ensemble member's head weights: head_weights_<index>."""
+    return f"{HEAD_WEIGHTS_ARTIFACT}_{index}"
+
+
+class HeadSpec(BaseModel):
+    """One head of an ensemble: its hyperparameters (features included) and input length."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    head: HeadParams
+    n_features: int
 
 
 class ServingSpec(BaseModel):
@@ -53,6 +72,30 @@ class ServingSpec(BaseModel):
     # A fine-tuned model (head.finetune) starts from this activation, e.g. block4_pool: the head
     # weights file then holds the fine-tuned blocks above it too (emotr.search.finetune).
     activation: str | None = None
+    # An ensemble: these heads, their class probabilities averaged (head and n_features are then
+    # the first member's). Empty: the one head above (every version registered before issue 27).
+    members: tuple[HeadSpec, ...] = ()
+
+    @model_validator(mode="after")
+    def _members_fit(self) -> ServingSpec:
+        if not self.members:
+            return self
+        if self.activation is not None or any(m.head.finetune for m in self.members):
+            raise ValueError(
+                "an ensemble's members read cached feature taps: fine-tuned heads "
+                "(activation, head.finetune) cannot be members"
+            )
+        first = self.members[0]
+        if (self.head, self.n_features) != (first.head, first.n_features):
+            raise ValueError("an ensemble's head and n_features must be its first member's")
+        return self
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        """The feature taps the model reads from one VGG pass, each once, in order of first use
+        (an ensemble: over its members in order)."""
+        heads = [m.head for m in self.members] or [self.head]
+        return tuple(dict.fromkeys(tap for head in heads for tap in taps_of(head.features)))
 
 
 def output_columns(classes: Sequence[str]) -> list[str]:
@@ -66,36 +109,90 @@ def probability_columns(classes: Sequence[str]) -> list[str]:
 
 
 class ImageScorer:
-    """Loads the backbone and head once; `score(frame)` -> p_<class>..., label, error per row."""
+    """Loads the backbone and head(s) once; `score(frame)` -> p_<class>..., label, error per row.
 
-    def __init__(self, spec: ServingSpec, backbone_weights: str | Path, head_weights: str | Path):
+    head_weights: the head's weights file; for an ensemble, one file per member, in order.
+    """
+
+    def __init__(
+        self,
+        spec: ServingSpec,
+        backbone_weights: str | Path,
+        head_weights: str | Path | Sequence[str | Path],
+    ):
         # The models' graphs import Keras: only a loaded scorer pays for it, never `emotr
         # predict`'s argument checks nor a reader of the spec.
-        from emotr.extract.backbone import features_extractor
+        from emotr.extract.backbone import FeatureExtractor, features_extractor
         from emotr.search.finetune_model import serving_parts
-        from emotr.search.head import build_head
 
         self.spec = spec
         backbone = spec.backbone.model_copy(update={"weights": str(backbone_weights)})
+        if spec.members:
+            files = [head_weights] if isinstance(head_weights, str | Path) else list(head_weights)
+            if len(files) != len(spec.members):
+                raise ValueError(
+                    f"an ensemble of {len(spec.members)} heads needs as many weight files, "
+                    f"got {len(files)}"
+                )
+            # One VGG pass for every member: the union of their taps (a call gives them side
+            # by side, in spec.taps order; score_features splits them again).
+            self.extractor = FeatureExtractor(backbone, SERVING_BATCH, outputs=spec.taps)
+            self.heads = [
+                _loaded_head(m.head, m.n_features, len(spec.classes), path)
+                for m, path in zip(spec.members, files, strict=True)
+            ]
+            return
         if spec.activation is not None:  # `features` are then activations
             self.extractor, self.head = serving_parts(
                 spec.head, backbone, spec.activation, SERVING_BATCH, len(spec.classes)
             )
+            self.head.load_weights(str(head_weights))
         else:
             # The taps the head was trained on, combined as in training (emotr.taps).
             self.extractor = features_extractor(backbone, spec.head.features, SERVING_BATCH)
-            # Normalization needs data to build; the loaded weights replace what it adapts to.
-            placeholder = np.zeros((2, spec.n_features), dtype=np.float32)
-            self.head = build_head(spec.head, spec.n_features, placeholder, len(spec.classes))
-        self.head.load_weights(str(head_weights))
+            self.head = _loaded_head(spec.head, spec.n_features, len(spec.classes), head_weights)
+        self.heads = [self.head]
 
-    def score_features(self, features: np.ndarray) -> np.ndarray:
-        """(n, K) class probabilities of cached features (the gate skips decoding with these)."""
+    def score_features(self, features: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
+        """(n, K) class probabilities of features: what `extractor` gives (the gate and predict
+        give cached features of a single head's fingerprint). An ensemble takes its taps, by
+        name or side by side in spec.taps order, and averages its members' probabilities."""
         from emotr.search.head import predict_proba
 
-        if len(features) == 0:
+        if not self.spec.members:
+            if isinstance(features, Mapping):
+                raise TypeError("a single-head model scores one feature matrix, not named taps")
+            if len(features) == 0:
+                return np.zeros((0, len(self.spec.classes)), dtype=np.float64)
+            return predict_proba(self.head, np.asarray(features, dtype=np.float32))
+        taps = self._named_taps(features)
+        n_rows = len(next(iter(taps.values())))
+        if n_rows == 0:
             return np.zeros((0, len(self.spec.classes)), dtype=np.float64)
-        return predict_proba(self.head, np.asarray(features, dtype=np.float32))
+        probabilities = [
+            predict_proba(head, combine_features(member.head.features, taps))
+            for member, head in zip(self.spec.members, self.heads, strict=True)
+        ]
+        return np.mean(probabilities, axis=0)
+
+    def _named_taps(self, features: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """An ensemble's taps by name, from a mapping or from the taps side by side."""
+        wanted = self.spec.taps
+        if isinstance(features, Mapping):
+            missing = [tap for tap in wanted if tap not in features]
+            if missing:
+                raise ValueError(f"the ensemble reads taps {list(wanted)}; missing {missing}")
+            return {tap: features[tap] for tap in wanted}
+        matrix = np.asarray(features, dtype=np.float32)
+        dims = [parse_tap(tap).dim for tap in wanted]
+        if matrix.ndim != 2 or matrix.shape[1] != sum(dims):
+            raise ValueError(
+                f"an ensemble scores its taps {'+'.join(wanted)} side by side ({sum(dims)} "
+                f"columns), got shape {matrix.shape}: one cached feature matrix of a single "
+                "fingerprint is not its input; give the taps by name, or images"
+            )
+        columns = np.split(matrix, np.cumsum(dims)[:-1], axis=1)
+        return dict(zip(wanted, columns, strict=True))
 
     def score(
         self, frame: pd.DataFrame, known: Mapping[int, np.ndarray] | None = None
@@ -136,6 +233,17 @@ class ImageScorer:
             background=tuple(decode.background),
             resize=decode.resize,
         )
+
+
+def _loaded_head(params: HeadParams, n_features: int, n_classes: int, weights: str | Path) -> Any:
+    """A head built by emotr.search.head.build_head with the weights of a `.weights.h5` file."""
+    from emotr.search.head import build_head
+
+    # Normalization needs data to build; the loaded weights replace what it adapts to.
+    placeholder = np.zeros((2, n_features), dtype=np.float32)
+    head = build_head(params, n_features, placeholder, n_classes)
+    head.load_weights(str(weights))
+    return head
 
 
 def prediction_frame(

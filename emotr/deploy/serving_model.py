@@ -19,21 +19,24 @@ from emotr.deploy.serving import (
     SPEC_ARTIFACT,
     ImageScorer,
     ServingSpec,
+    member_weights_artifact,
 )
 
 
 class EmotrImageModel(mlflow.pyfunc.PythonModel):
-    """pyfunc: DataFrame with `image` (bytes) or `path` -> p_positive, label, error."""
+    """pyfunc: DataFrame with `image` (bytes) or `path` -> p_<class>..., label, error."""
 
     scorer: ImageScorer
 
     def load_context(self, context) -> None:
-        """Rebuild the backbone and head from the native Keras weight files."""
+        """Rebuild the backbone and head(s) from the native Keras weight files."""
         artifacts = context.artifacts
         spec = ServingSpec.model_validate_json(Path(artifacts[SPEC_ARTIFACT]).read_text())
-        self.scorer = ImageScorer(
-            spec, artifacts[BACKBONE_WEIGHTS_ARTIFACT], artifacts[HEAD_WEIGHTS_ARTIFACT]
-        )
+        if spec.members:  # an ensemble: one weights file per member head
+            heads = [artifacts[member_weights_artifact(i)] for i in range(len(spec.members))]
+        else:
+            heads = artifacts[HEAD_WEIGHTS_ARTIFACT]
+        self.scorer = ImageScorer(spec, artifacts[BACKBONE_WEIGHTS_ARTIFACT], heads)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """One row per image; a bad image is a row with its reason in `error`."""

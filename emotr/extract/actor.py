@@ -24,7 +24,7 @@ from emotr.extract.runtime import (
     node_cpus,
     use_environment,
 )
-from emotr.taps import ACTIVATIONS, DEFAULT_TAP
+from emotr.taps import ACTIVATIONS, DEFAULT_TAP, parse_view_output
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class Extractor:
     `extract_outputs` (emotr.extract.backbone.FeatureExtractor) gives each by name, any other
     callable gives gap5's features. gap5 comes out as the `features` column, any other output
     as `out_<name>`; activations travel as bfloat16 bits (uint16), half the bytes of float32.
+    View outputs (`gap5_view3`) are made here, in the actor, from the decoded pixels and the
+    batch's sha256 column (see emotr.data.augment for why not in the decode task).
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class Extractor:
         check_backend(backend, node)  # before Keras is imported: that would fail less clearly
         use_environment(environment or {}, node)
         self.outputs = outputs or {DEFAULT_TAP: (dim,)}
+        self.views = any(parse_view_output(name) for name in self.outputs)
         self.worker = f"{node}:{os.getpid()}"
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
@@ -96,7 +99,7 @@ class Extractor:
             if warm_up:
                 # Compile now, once: two first calls at the same time would both compile.
                 # (Without them the first batch compiles, and a warm-up would cost one batch.)
-                self._run(np.zeros((1, *input_shape), np.uint8))
+                self._run(np.zeros((1, *input_shape), np.uint8), np.array(["0" * 64]))
                 phase("first compile")
             self.worker += f":{keras.backend.backend()}"
             log.info(
@@ -116,9 +119,10 @@ class Extractor:
             raise self._load_error
         ok = batch["ok"].astype(bool)
         if ok.all():  # no copy of the pixels (77 MB for 128 images at 400x500)
-            values = self._run(np.asarray(batch["pixels"], np.uint8))
+            values = self._run(np.asarray(batch["pixels"], np.uint8), batch["sha256"])
         else:
-            good = self._run(np.asarray(batch["pixels"][ok], np.uint8)) if ok.any() else {}
+            pixels, keys = np.asarray(batch["pixels"][ok], np.uint8), batch["sha256"][ok]
+            good = self._run(pixels, keys) if ok.any() else {}
             values = {}
             for name, shape in self.outputs.items():
                 # Shaped like the model's output where there is one (a model may give more
@@ -139,8 +143,10 @@ class Extractor:
             "worker": np.full(len(ok), self.worker, dtype=object),
         }
 
-    def _run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        if hasattr(self.model, "extract_outputs"):
+    def _run(self, pixels: np.ndarray, sha256s: np.ndarray) -> dict[str, np.ndarray]:
+        if hasattr(self.model, "extract_outputs") and self.views:
+            values = self.model.extract_outputs(pixels, sha256s=[str(key) for key in sha256s])
+        elif hasattr(self.model, "extract_outputs"):
             values = self.model.extract_outputs(pixels)
         elif set(self.outputs) == {DEFAULT_TAP}:
             values = {DEFAULT_TAP: self.model(pixels)}

@@ -21,14 +21,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from emotr.config import BackboneConfig
+from emotr.data.augment import augmented_views
 from emotr.extract.weights import build_conv_base
 from emotr.taps import (
     ACTIVATIONS,
     DEFAULT_TAP,
     activation_shape,
     combine_features,
+    output_tap,
     parse_tap,
+    parse_view_output,
     taps_of,
+    view_output,
+    views_of,
 )
 
 if TYPE_CHECKING:
@@ -39,18 +44,19 @@ _IMAGENET_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 _IN_FLIGHT = 2
 
 
-def build_extractor(cfg: BackboneConfig, outputs: Sequence[str] = (DEFAULT_TAP,)) -> keras.Model:
+def build_extractor(
+    cfg: BackboneConfig, outputs: Sequence[str] = (DEFAULT_TAP,), conv_base=None
+) -> keras.Model:
     """(B, H, W, 3) uint8 RGB -> (B, 512) float32 features, (H, W) = cfg.input_size.
 
     Other `outputs` (feature taps and activations, emotr.taps) make a model with one output
     per name, all from one pass of the conv base (two with a `_flip` tap: the image and its
-    mirror image); activations come out as float32 maps.
+    mirror image); activations come out as float32 maps. `conv_base`: one load_conv_base(cfg)
+    gave, to share its weights between models (default: a new one).
     """
     import keras
 
-    conv_base = build_conv_base(cfg)
-    if cfg.precision == "bfloat16":
-        conv_base = _with_dtype_policy(conv_base, "mixed_bfloat16")
+    conv_base = conv_base or load_conv_base(cfg)
     pixels = keras.Input((*cfg.input_size, 3), dtype="uint8", name="pixels")
     inputs = preprocess(pixels, cfg.preprocess)
     if tuple(outputs) != (DEFAULT_TAP,):
@@ -62,6 +68,14 @@ def build_extractor(cfg: BackboneConfig, outputs: Sequence[str] = (DEFAULT_TAP,)
     model = keras.Model(pixels, features, name=f"emotr_{cfg.name}_extractor")
     model.trainable = False
     return model
+
+
+def load_conv_base(cfg: BackboneConfig) -> keras.Model:
+    """The conv base with its weights, under backbone.precision's dtype policy."""
+    conv_base = build_conv_base(cfg)
+    if cfg.precision == "bfloat16":
+        return _with_dtype_policy(conv_base, "mixed_bfloat16")
+    return conv_base
 
 
 def preprocess(pixels, mode: str):
@@ -115,10 +129,10 @@ def _tapped_model(conv_base, pixels, inputs, outputs: Sequence[str], name: str) 
 
 
 def output_shape(cfg: BackboneConfig, output: str) -> tuple[int, ...]:
-    """Shape of one image's value of a tap ((dim,)) or activation ((h, w, c))."""
+    """Shape of one image's value of a tap or view ((dim,)) or activation ((h, w, c))."""
     if output in ACTIVATIONS:
         return activation_shape(output, cfg.input_size)
-    return (parse_tap(output).dim,)
+    return (parse_tap(output_tap(output)).dim,)
 
 
 def save_conv_base_weights(cfg: BackboneConfig, path: str | Path) -> None:
@@ -133,7 +147,9 @@ class FeatureExtractor:
     """Loads the model once; call with a uint8 batch (B, H, W, 3) -> float32 (B, 512).
 
     With other `outputs` (taps, activations), `extract_outputs` gives each by name and a call
-    gives the taps' features side by side.
+    gives the taps' features side by side. View outputs (`gap5_view3`, extract.views) are the
+    taps of augmented views (emotr.data.augment): one more pass per view, of a second model
+    that holds only the taps with views and shares the conv base's weights.
 
     Larger inputs run in chunks of `batch_size`, and a short last chunk is padded to it: every
     new batch shape recompiles the whole VGG on JAX, about a second on 2 cores. TensorFlow
@@ -146,10 +162,17 @@ class FeatureExtractor:
     ):
         self.cfg = cfg
         self.outputs = tuple(outputs)
-        self.model = build_extractor(cfg, self.outputs)
+        self.views = views_of(self.outputs)
+        self._plain = tuple(name for name in self.outputs if parse_view_output(name) is None)
+        self._view_taps = tuple(dict.fromkeys(tap for taps in self.views.values() for tap in taps))
+        conv_base = load_conv_base(cfg)
+        self.model = build_extractor(cfg, self._plain, conv_base) if self._plain else None
         self.input_shape = (*cfg.input_size, 3)
         self.batch_size = batch_size
-        self._forward = _forward_function(self.model)
+        self._forward = _forward_function(self.model) if self.model else None
+        if self._view_taps:
+            view_model = build_extractor(cfg, self._view_taps, conv_base)
+            self._view_forward = _forward_function(view_model)
         import keras  # loaded by build_extractor
 
         self._any_batch_size = keras.backend.backend() == "tensorflow"
@@ -164,35 +187,47 @@ class FeatureExtractor:
             )
         return taps[0] if len(taps) == 1 else np.concatenate(taps, axis=1)
 
-    def extract_outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """Each output of one batch by name: float32 (B, dim) taps, float32 (B, h, w, c) maps."""
+    def extract_outputs(
+        self, pixels: np.ndarray, sha256s: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Each output of one batch by name: float32 (B, dim) taps, float32 (B, h, w, c) maps.
+
+        `sha256s`, the images' content hashes, seed their augmented views: needed only when
+        the outputs hold views.
+        """
         pixels = np.asarray(pixels)
         if pixels.dtype != np.uint8 or pixels.shape[1:] != self.input_shape:
             raise ValueError(
                 f"expected uint8 pixels of shape (B, {', '.join(map(str, self.input_shape))}), "
                 f"got {pixels.dtype} {pixels.shape}; decode with emotr.data.imageio.decode_image"
             )
-        # On JAX, _forward returns before the device is done: chunk k+1 is copied to the device
+        values = self._passes(self._forward, self._plain, pixels) if self._plain else {}
+        if self.views and sha256s is None:
+            raise ValueError(f"views {list(self.views)} are seeded by the images' sha256s")
+        for k, taps in self.views.items():
+            view = augmented_views(pixels, list(sha256s or ()), k)
+            tapped = self._passes(self._view_forward, self._view_taps, view)
+            values.update({view_output(tap, k): tapped[tap] for tap in taps})
+        return values
+
+    def _passes(self, forward, names: tuple[str, ...], pixels: np.ndarray):
+        """One model's outputs (`names`) of a batch, in chunks of batch_size."""
+        # On JAX, forward returns before the device is done: chunk k+1 is copied to the device
         # while chunk k computes. At most _IN_FLIGHT chunks wait, to bound device memory.
         pending: collections.deque = collections.deque()
         chunks = []
         for start in range(0, len(pixels), self.batch_size):
             chunk = pixels[start : start + self.batch_size]
-            pending.append((self._forward(self._padded(chunk)), len(chunk)))
+            pending.append((forward(self._padded(chunk)), len(chunk)))
             if len(pending) > _IN_FLIGHT:
-                chunks.append(self._named(*pending.popleft()))
-        chunks += [self._named(*item) for item in pending]
+                chunks.append(_named(*pending.popleft(), names))
+        chunks += [_named(*item, names) for item in pending]
         if not chunks:
             return {
                 name: np.zeros((0, *output_shape(self.cfg, name)), dtype=np.float32)
-                for name in self.outputs
+                for name in names
             }
-        return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in self.outputs}
-
-    def _named(self, values, n_rows: int) -> dict[str, np.ndarray]:
-        if isinstance(values, dict):
-            return {name: _to_numpy(values[name], n_rows) for name in self.outputs}
-        return {self.outputs[0]: _to_numpy(values, n_rows)}
+        return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in names}
 
     def _padded(self, chunk: np.ndarray) -> np.ndarray:
         short = self._any_batch_size and len(chunk) <= self.batch_size // 2
@@ -201,6 +236,12 @@ class FeatureExtractor:
         padded = np.zeros((self.batch_size, *self.input_shape), dtype=np.uint8)
         padded[: len(chunk)] = chunk
         return padded
+
+
+def _named(values, n_rows: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    if isinstance(values, dict):
+        return {name: _to_numpy(values[name], n_rows) for name in names}
+    return {names[0]: _to_numpy(values, n_rows)}
 
 
 class OnExtractor:

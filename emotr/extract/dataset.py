@@ -180,8 +180,10 @@ class _ProgressLog:
         every_s: float = _PROGRESS_EVERY_S,
         n_steps: int = _PROGRESS_STEPS,
         label: str = "extract",
+        n_passes: int = 1,
     ):
         self.total, self.every_s, self.n_steps, self.label = total, every_s, n_steps, label
+        self.n_passes = n_passes
         self.start = self.last = time.monotonic()
         self.next_step = 1
 
@@ -193,14 +195,18 @@ class _ProgressLog:
         if n_done * self.n_steps < self.next_step * self.total and now - self.last < self.every_s:
             return
         elapsed = now - self.start
+        rate = n_done / elapsed if elapsed > 0 else 0.0
+        # Views and _flip taps run the conv base again per image: images/s alone would hide it.
+        passes = f" ({self.n_passes} passes each, {rate * self.n_passes:.1f}/s)"
         log.info(
-            "%s: %d/%d images (%d%%), %d failed, %.1f images/s",
+            "%s: %d/%d images (%d%%), %d failed, %.1f images/s%s",
             self.label,
             n_done,
             self.total,
             100 * n_done // self.total,
             n_failed,
-            n_done / elapsed if elapsed > 0 else 0.0,
+            rate,
+            passes if self.n_passes > 1 else "",
         )
         self.last = now
         self.next_step = n_done * self.n_steps // self.total + 1
@@ -214,18 +220,19 @@ class _RayProgressNotice(logging.Filter):
 
 
 def stream_batches(
-    dataset, n_rows: int, progress: bool, label: str = "extract"
+    dataset, n_rows: int, progress: bool, label: str = "extract", n_passes: int = 1
 ) -> Iterator[dict[str, np.ndarray]]:
     """The output batches of a `build_dataset` dataset, with progress shown as extraction does.
 
     In a terminal Ray Data draws its live progress bars; otherwise (a log file, CI, a pipe)
-    its bars are off and a short `label:` line is logged every 30 s or 10 % of `n_rows`.
+    its bars are off and a short `label:` line is logged every 30 s or 10 % of `n_rows`, with
+    the passes of the conv base per image when there are several (`n_passes`).
     """
     live = progress and sys.stdout.isatty()
     dataset.context.enable_progress_bars = live
     # Rich, like the CLI's own display (Ray Data's tqdm bars print a notice that asks for it).
     dataset.context.enable_rich_progress_bars, dataset.context.use_ray_tqdm = live, False
-    lines = _ProgressLog(n_rows, label=label) if progress and not live else None
+    lines = _ProgressLog(n_rows, label=label, n_passes=n_passes) if progress and not live else None
     # Start every actor before dispatching: work is shared by all of them, and a pool the
     # cluster cannot place fails with a timeout instead of hanging.
     dataset.context.wait_for_min_actors_s = _ACTOR_START_TIMEOUT_S

@@ -37,7 +37,7 @@ from emotr.extract.backbone import FeatureExtractor, output_shape
 from emotr.extract.dataset import build_dataset, plan_actors, stream_batches
 from emotr.extract.fingerprint import cache_key
 from emotr.extract.weights import check_weights
-from emotr.taps import DEFAULT_TAP
+from emotr.taps import DEFAULT_TAP, conv_passes
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,15 @@ class ExtractSummary:
     startup_seconds: float = 0.0
     # The completed listing: every hash known, including those the workers learned.
     listing: Listing | None = None
+    # What this run computed (taps, views such as gap5_view3, the activation; none when all
+    # was cached) and the passes of the conv base that took per extracted image.
+    outputs: tuple[str, ...] = ()
+    n_passes: int = 0
+
+    @property
+    def passes_per_second(self) -> float:
+        """Passes of the conv base per second: images/s times the passes per image."""
+        return self.images_per_second * self.n_passes
 
 
 class TooManyFailures(EmotrError, RuntimeError):
@@ -93,12 +102,14 @@ class _Committer:
         self.learned: dict[str, str] = {}  # path -> sha256 of every file read, good or bad
         self.workers: Counter[str] = Counter()
         self.n_seen = 0  # rows handed over, good or failed (a retried row may come twice)
+        self.found_cached: set[str] = set()  # paths read, hashed and found cached: not decoded
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         ok = batch["ok"].astype(bool)
         failed = ~ok & ~batch["cached"].astype(bool)
         self.n_seen += len(ok)
         self.workers.update(str(worker) for worker in batch["worker"])
+        self.found_cached.update(str(path) for path in batch["path"][batch["cached"].astype(bool)])
         self.learned.update(
             (str(path), str(key)) for path, key in zip(batch["path"], batch["sha256"], strict=True)
         )
@@ -127,10 +138,12 @@ class _Committer:
         self.n_pending -= n_rows
 
 
-def _consume(dataset, committer: _Committer, n_todo: int, progress: bool) -> float | None:
+def _consume(
+    dataset, committer: _Committer, n_todo: int, progress: bool, n_passes: int = 1
+) -> float | None:
     """Commit the dataset's output; returns when (perf_counter) the first rows arrived."""
     first_rows_at = None
-    batches = stream_batches(dataset, n_todo, progress)
+    batches = stream_batches(dataset, n_todo, progress, n_passes=n_passes)
     try:
         for batch in batches:
             first_rows_at = first_rows_at or time.perf_counter()
@@ -145,14 +158,19 @@ def plan_extraction(
     cfg: Config, listing: Listing | Scan, key: CacheKey | None = None
 ) -> tuple[CacheSet, pa.Array, pd.DataFrame]:
     """The caches, the hashes all of them hold, and what to extract: path, sha256 ("" = read
-    to know). Each configured tap and the activation has its cache; an image one of them lacks
-    is extracted (once, for all it lacks). `key`: the job's cache key, if computed already.
+    to know). Each configured tap, each view of one (extract.views) and the activation has its
+    cache; an image one of them lacks is extracted (once, for all it lacks). `key`: the job's
+    cache key, if computed already.
 
     Nothing to extract (an empty frame) means a run would start neither Ray nor a model.
     """
     key = key or cache_key(cfg.cache, cfg.backbone, cfg.decode)
     cache = open_cache_set(
-        key, cfg.extract.taps, cfg.extract.cache_activation, cfg.backbone.input_size
+        key,
+        cfg.extract.taps,
+        cfg.extract.cache_activation,
+        cfg.backbone.input_size,
+        cfg.extract.views,
     )
     cached = cache.complete_hashes()
     known = listing.images[["path", "sha256"]] if isinstance(listing, Listing) else listing.known()
@@ -190,7 +208,7 @@ def extract_features(
     unknown = todo[todo["sha256"] == ""]
     outputs = cache.missing_outputs(set(todo["sha256"]) - {""}, unknown=len(unknown) > 0)
     committer = _Committer(cache, cfg.extract.commit_every, tuple(outputs))
-    plan, startup = None, 0.0
+    plan, startup, n_passes = None, 0.0, conv_passes(outputs)
     if len(todo):
         if connect is not None:
             connect()
@@ -201,9 +219,9 @@ def extract_features(
             )
         plan = plan_actors(cfg.extract)
         log.info(
-            "extracting %s of %d images with %d actors into %s",
-            "+".join(outputs),
-            len(todo),
+            "%s (passes of the conv base per image: %d) with %d actors into %s",
+            _work_line(outputs, len(todo) - len(unknown), len(unknown)),
+            n_passes,
             plan.n_actors,
             fingerprint,
         )
@@ -214,6 +232,7 @@ def extract_features(
             committer,
             len(todo),
             progress,
+            n_passes,
         )
         # Until the first features reached the driver: actor start, imports, model load, tracing.
         startup = first_rows_at - start if first_rows_at else 0.0
@@ -223,6 +242,10 @@ def extract_features(
         listing, cached_before, committer, fingerprint, time.perf_counter() - start
     )
     summary.n_actors, summary.startup_seconds = (plan.n_actors if plan else 0), startup
+    if plan is not None:
+        summary.outputs, summary.n_passes = tuple(outputs), n_passes
+    if plan is not None:
+        log.info("%s", _done_line(outputs, summary, len(unknown), len(committer.found_cached)))
     if summary.n_failed > cfg.extract.max_failure_fraction * summary.n_unique:
         raise TooManyFailures(summary, cfg.extract.max_failure_fraction)
     if summary.n_failed:
@@ -235,6 +258,32 @@ def extract_features(
             first["reason"],
         )
     return summary
+
+
+def _work_line(outputs: list[str], n_new: int, n_unknown: int) -> str:
+    """What the run is about to do. Files of unknown hash are read and hashed first; only those
+    whose bytes the cache lacks go on to the backbone, so their count is known only at the end."""
+    what = "+".join(outputs)
+    if not n_unknown:
+        return f"extracting {what} of {n_new} images"
+    new = f"{n_new} new images and of " if n_new else ""
+    return (
+        f"reading {n_unknown} files of unknown hash (the cached ones are skipped, not decoded), "
+        f"extracting {what} of {new}those the cache lacks"
+    )
+
+
+def _done_line(
+    outputs: list[str], summary: ExtractSummary, n_unknown: int, n_found_cached: int
+) -> str:
+    """What the run did: the images that really went through the backbone."""
+    line = (
+        f"extracted {'+'.join(outputs)} of {summary.n_extracted} images "
+        f"({summary.n_failed} failed) in {summary.wall_seconds:.1f} s"
+    )
+    if n_unknown:
+        line += f"; {n_found_cached} of the {n_unknown} files of unknown hash were cached already"
+    return line
 
 
 def _shapes(cfg: Config, outputs: list[str]) -> dict[str, tuple[int, ...]]:

@@ -1,4 +1,5 @@
-"""What an audit leaves on its MLflow run: the CSVs with every path, the metrics, the gallery PNG.
+"""The audit as an MLflow run named `audit` (`run_audit`, what `emotr audit` runs) and what it
+leaves there: the listing, the CSVs with every path, the metrics, the gallery PNG.
 
 The gallery shows the top suspected label issues as thumbnails, each with its given and
 suggested label and the self-confidence, so a person can review them in the MLflow UI before
@@ -9,15 +10,18 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from emotr.config import DecodeConfig
+from emotr.config import Config, DecodeConfig
 from emotr.data.imageio import DecodeError, decode_image
-from emotr.insight.audit import Audit
+from emotr.data.listing import Listing
+from emotr.data.listing_report import log_listing
+from emotr.insight.audit import Audit, audit_listing
 from emotr.search.plots import to_png
 from emotr.storage import read_bytes
 
@@ -35,6 +39,23 @@ ARTIFACTS = {
 GALLERY = "audit/label_issues_gallery.png"
 _THUMBNAIL = (128, 128)
 _COLUMNS = 8
+
+
+def run_audit(
+    cfg: Config,
+    tracker: Tracker,
+    listing: Listing,
+    before_backbone: Callable[[], None] | None = None,
+) -> tuple[str, Audit]:
+    """The label audit of the listing's train and val images on their cached features, as an
+    MLflow run named `audit`: its id and the audit. In-process, no Ray; `before_backbone` is
+    called before Keras loads (only the first audit of a cache runs the backbone). cfg's
+    data.classes must be resolved (pipeline.resolve_data)."""
+    with tracker.run("audit") as run_id:
+        log_listing(tracker, run_id, cfg, listing)
+        found = audit_listing(cfg, listing, before_backbone)
+        log_audit(tracker, run_id, found, cfg.decode, cfg.audit.gallery_size)
+    return run_id, found
 
 
 def log_audit(

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from emotr.errors import EmotrError
 from emotr.extract.backbone import FeatureExtractor
 from emotr.search.metrics import as_probabilities, predicted_labels
 from emotr.taps import combine_features, parse_features, parse_tap, taps_of
@@ -42,6 +43,10 @@ from emotr.taps import combine_features, parse_features, parse_tap, taps_of
 PROBA_OUTPUT = "proba"
 MAP_OUTPUT = "cam"
 _TOP_BLOCK = 5
+
+
+class CamError(EmotrError, ValueError):
+    """A model whose class activation maps emotr cannot draw; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,12 @@ class Explanation:
 
 def map_grid(spec: Any) -> tuple[int, int]:
     """(gh, gw) of a model's raw maps: the grid of the finest block its features pool."""
+    if getattr(spec, "members", ()):
+        # The maps follow one head's gradient; an average of heads on different taps has none.
+        raise CamError(
+            f"an ensemble of {len(spec.members)} heads has no class activation map: explain "
+            "the version of one of its trials instead"
+        )
     blocks = (
         [_TOP_BLOCK]
         if spec.activation

@@ -128,12 +128,32 @@ def sample_weights(params: HeadParams, y_train: np.ndarray) -> np.ndarray:
 
 
 def _train_dataset(
-    params: HeadParams, x_train: np.ndarray, y_train: np.ndarray, seed: int
+    params: HeadParams,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    seed: int,
+    x_views: np.ndarray | None = None,
 ) -> tf.data.Dataset:
-    data = (x_train, y_train.astype(np.float32), sample_weights(params, y_train))
+    """Shuffled batches of (features, label, weight); with x_views (n, K, d) each row's features
+    are, anew each epoch, the plain image's or one of its K augmented views' (drawn uniformly)."""
+    weights = sample_weights(params, y_train)
+    if x_views is None:
+        data = (x_train, y_train.astype(np.float32), weights)
+        dataset = tf.data.Dataset.from_tensor_slices(data)
+    else:
+        stacked = np.concatenate([x_train[:, None, :], x_views.astype(np.float32)], axis=1)
+        n_choices = stacked.shape[1]
+        dataset = tf.data.Dataset.from_tensor_slices(
+            (stacked, y_train.astype(np.float32), weights)
+        ).map(
+            lambda views, label, weight: (
+                tf.gather(views, tf.random.uniform([], 0, n_choices, tf.int32, seed=seed)),
+                label,
+                weight,
+            )
+        )
     return (
-        tf.data.Dataset.from_tensor_slices(data)
-        .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
+        dataset.shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
         .batch(params.batch_size)
         .prefetch(tf.data.AUTOTUNE)
     )
@@ -151,6 +171,7 @@ def fit_head(
     seed: int = 0,
     on_epoch_end: Callable[[int, dict], bool | None] | None = None,
     classes: Sequence[str] = ("negative", "positive"),
+    x_views: np.ndarray | None = None,
 ) -> HeadResult:
     """Train a head on labels 0..len(classes)-1 and score it: with params.early_stopping,
     stopping after `patience` epochs without a better val AUC, the best epoch's weights restored;
@@ -159,9 +180,16 @@ def fit_head(
 
     on_epoch_end(epoch, logs) is called after every epoch (1-based) with the train and validation
     numbers; returning True stops training after that epoch (used for pruning).
+    x_views (n_train, K, d): augmented views of the training rows, one drawn per row and epoch
+    when params.train_views (validation reads the plain rows).
     """
     if len(np.unique(y_val)) < 2 or len(np.unique(y_train)) < 2:
         raise ValueError("train and validation labels must both hold two classes or more")
+    if params.train_views and x_views is None:
+        raise ValueError(
+            "train_views needs cached augmented views: set extract.views (e.g. 4) and run "
+            "`emotr extract`, or leave train_views out of the search"
+        )
     keras.utils.set_random_seed(seed)
     x_train = np.asarray(x_train, dtype=np.float32)
     x_val = np.asarray(x_val, dtype=np.float32)
@@ -187,7 +215,7 @@ def fit_head(
         )
     started = time.perf_counter()
     fitted = model.fit(
-        _train_dataset(params, x_train, y_train, seed),
+        _train_dataset(params, x_train, y_train, seed, x_views if params.train_views else None),
         epochs=epochs,
         shuffle=False,
         verbose=0,

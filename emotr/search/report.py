@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -22,7 +22,9 @@ from emotr.config_io import to_yaml
 from emotr.search.study import (
     ERROR_ATTR,
     FAILURE_ATTR,
+    FIXED_ATTR,
     LEASE_ATTR,
+    PEER_ATTR,
     count_trials,
     find_study_runs,
     n_counted,
@@ -37,8 +39,9 @@ log = logging.getLogger(__name__)
 # The numbers of the restored epoch, logged per trial and, prefixed best_, on the `tune` run.
 FINAL_METRICS = ("val_auc", "val_accuracy", "val_balanced_accuracy", "val_precision")
 FINAL_METRICS += ("val_recall", "val_f1", "val_log_loss", "best_epoch", "train_seconds")
+FINAL_METRICS += ("val_auc_std", "val_auc_oof", "n_folds")
 # Driver bookkeeping in the trials' user attributes; the full head params get their own columns.
-_HIDDEN_ATTRS = ("enqueued_params", "head_params", "val_auc_curve", LEASE_ATTR)
+_HIDDEN_ATTRS = ("enqueued_params", "head_params", "val_auc_curve", LEASE_ATTR, FIXED_ATTR)
 
 
 def objective_name(n_classes: int) -> str:
@@ -63,6 +66,24 @@ class FailedTrial:
         return f"trial {self.number} (MLflow run {self.run_id}): {error}"
 
 
+@dataclass(frozen=True)
+class FixedTrial:
+    """A fixed trial of every search (the plain peer): its number, run and value, or why not."""
+
+    number: int
+    run_id: str | None
+    value: float | None  # None when it did not complete
+    value_std: float | None = None
+    failure: str | None = None
+
+    def text(self) -> str:
+        """Its value with the fold spread, or what happened to it."""
+        if self.value is None:
+            return self.failure or "did not complete"
+        spread = f" +- {self.value_std:.4f}" if self.value_std is not None else ""
+        return f"{self.value:.4f}{spread} (trial {self.number})"
+
+
 @dataclass
 class SearchResult:
     """What a search produced; `trials` has one row per trial of the study (all runs of it)."""
@@ -82,6 +103,19 @@ class SearchResult:
     trials: pd.DataFrame
     parent_run_id: str
     wall_seconds: float
+    peer: FixedTrial | None = None  # the plain peer (tune.peer), when it ran
+    # The best trial's spread of fold AUCs (cross-validated searches), else None.
+    best_value_std: float | None = None
+    # Out-of-fold (probabilities, folds) by trial number, of the trials this driver ran.
+    oof: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+
+    def complete_run_of(self, mark: str) -> str | None:
+        """The MLflow run of the complete trial marked `mark` (baseline, peer), or None."""
+        column = f"user_attrs_{mark}"
+        if column not in self.trials:
+            return None
+        rows = self.trials[self.trials[column].eq(True) & self.trials["state"].eq("COMPLETE")]
+        return str(rows["run_id"].iloc[0]) if len(rows) and rows["run_id"].iloc[0] else None
 
     def baseline_text(self) -> str:
         """The baseline's val AUC, or that it failed and where to look."""
@@ -134,6 +168,23 @@ def _baseline(trials: list[FrozenTrial]) -> tuple[float | None, FailedTrial | No
     return None, (failed[-1] if failed else None)
 
 
+def _peer(trials: list[FrozenTrial], runs: dict[int, Any], tracker: Tracker) -> FixedTrial | None:
+    """The peer trial (its completed run, else its last attempt), or None without one."""
+    peers = [trial for trial in trials if trial.user_attrs.get(PEER_ATTR)]
+    if not peers:
+        return None
+    complete = [trial for trial in peers if trial.state == TrialState.COMPLETE]
+    trial = complete[0] if complete else peers[-1]
+    run = runs.get(trial.number)
+    run_id = run.info.run_id if run is not None else None
+    if not complete:
+        failed = _failed([trial])
+        failure = f"failed: {failed[0].describe()}" if failed else trial.state.name.lower()
+        return FixedTrial(trial.number, run_id, None, failure=failure)
+    std = tracker.client.get_run(run_id).data.metrics.get("val_auc_std") if run_id else None
+    return FixedTrial(trial.number, run_id, trial.value, std)
+
+
 def summarize_search(
     cfg: Config,
     study: optuna.Study,
@@ -162,6 +213,9 @@ def summarize_search(
             {f"best_{key}": best_metrics[key] for key in FINAL_METRICS if key in best_metrics}
         )
         tracker.set_tags(parent_id, {"best_run_id": best_run_id, "best_trial_number": best.number})
+    peer = _peer(trials, runs, tracker)
+    if peer is not None and peer.value is not None:
+        summary["peer_val_auc"] = peer.value
     if baseline_value is not None:
         summary["baseline_val_auc"] = baseline_value
     elif baseline_failure is not None:
@@ -188,6 +242,8 @@ def summarize_search(
         trials=frame,
         parent_run_id=parent_id,
         wall_seconds=time.perf_counter() - started,
+        peer=peer,
+        best_value_std=summary.get("best_val_auc_std"),
     )
 
 

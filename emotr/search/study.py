@@ -45,6 +45,19 @@ TIMEOUT_PREFIX = "timeout: "
 LEASE_ATTR = "heartbeat"
 FAILURE_ATTR = "failure"
 ERROR_ATTR = "error"
+# The peer trial's mark, and the full head params of a fixed trial (suggest_params uses them).
+PEER_ATTR = "peer"
+FIXED_ATTR = "fixed_params"
+PEER_UPDATE = {
+    "n_layers": 0,
+    "standardize": True,
+    "solver": "logreg_cv",
+    "features": "gap5",
+    "class_weight": False,
+    "early_stopping": False,
+    "train_views": False,
+    "finetune": False,
+}
 # A lease this many renewal intervals old belongs to a dead driver.
 STALE_HEARTBEATS = 3
 
@@ -136,7 +149,8 @@ def suggest_params(trial: optuna.Trial, tune: TuneConfig) -> HeadParams:
     early_stopping=false against the searched trials' one-choice entries.
     """
     enqueued = trial.user_attrs.get("enqueued_params", {})
-    params = tune.baseline.model_dump()
+    # A fixed trial (the peer) brings every head param; the others start from the baseline.
+    params = dict(trial.user_attrs.get(FIXED_ATTR) or tune.baseline.model_dump())
     for name, space in tune.search_space.items():
         if name in enqueued and not _inside(space, enqueued[name]):
             params[name] = enqueued[name]
@@ -167,6 +181,25 @@ def enqueue_baseline(study: optuna.Study, tune: TuneConfig) -> None:
         if trial.user_attrs.get("baseline") and trial.user_attrs.get("enqueued_params") == params:
             return
     _enqueue(study, params, baseline=True)
+
+
+def peer_params(tune: TuneConfig) -> HeadParams:
+    """The plain peer: standardised gap5 (the tutorial's features) and a linear head fitted by
+    scikit-learn's LogisticRegressionCV (emotr.search.logreg), its L2 chosen by inner CV."""
+    return tune.baseline.model_copy(update=PEER_UPDATE)
+
+
+def enqueue_peer(study: optuna.Study, tune: TuneConfig) -> None:
+    """Enqueue the plain peer as a fixed trial (tune.peer), unless the study holds it already."""
+    if not tune.peer:
+        return
+    peer = peer_params(tune)
+    params = {name: getattr(peer, name) for name in tune.search_space}
+    fixed = peer.model_dump()
+    for trial in study.get_trials(deepcopy=False):
+        if trial.user_attrs.get(PEER_ATTR) and trial.user_attrs.get(FIXED_ATTR) == fixed:
+            return
+    _enqueue(study, params, **{PEER_ATTR: True, FIXED_ATTR: fixed})
 
 
 def _enqueue(study: optuna.Study, params: dict[str, Any], **attrs: Any) -> None:
@@ -240,7 +273,8 @@ def fail_or_requeue(
     """Fail a lost trial; enqueue its params again unless it ran out of retries."""
     retries = trial.user_attrs.get("lost_retries", 0)
     if retries < max_retries:
-        keep = {key: trial.user_attrs[key] for key in ("baseline",) if key in trial.user_attrs}
+        kept = ("baseline", PEER_ATTR, FIXED_ATTR)
+        keep = {key: trial.user_attrs[key] for key in kept if key in trial.user_attrs}
         params = {**trial.user_attrs.get("enqueued_params", {}), **trial.params}
         _enqueue(study, params, **keep, lost_retries=retries + 1, retry_of=trial.number)
     fail_trial(study, trial, "lost", error)

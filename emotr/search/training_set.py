@@ -16,10 +16,18 @@ import numpy as np
 import pandas as pd
 
 from emotr.cache.store import FeatureCache, open_tap, read_inputs
+from emotr.cache.views import load_views
 from emotr.config import TuneConfig
 from emotr.data.listing import Listing
 from emotr.errors import EmotrError
-from emotr.taps import DEFAULT_FEATURES, DEFAULT_TAP, combine_features, taps_of
+from emotr.taps import (
+    DEFAULT_FEATURES,
+    DEFAULT_TAP,
+    FLIP_SUFFIX,
+    combine_features,
+    parse_features,
+    taps_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +52,27 @@ class FeatureSet:
     # The images of the rows: what other caches (emotr.cache.activations) are read by.
     sha256_train: tuple[str, ...] = ()
     sha256_val: tuple[str, ...] = ()
+    # Augmented views (extract.views) of each unflipped tap, (n, K, dim) by tap; and of the
+    # features choice `select` made, (n, K, features_dim), for heads with train_views.
+    views_train: dict[str, np.ndarray] = field(default_factory=dict)
+    views_val: dict[str, np.ndarray] = field(default_factory=dict)
+    x_views_train: np.ndarray | None = None
+    x_views_val: np.ndarray | None = None
+    # What must not straddle cross-validation folds: the manifest's group, else the sha256.
+    units_train: tuple[str, ...] = ()
+    units_val: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_shapes(self)
 
     def select(self, features: str) -> FeatureSet:
         """These rows with x = the matrices of a `features` choice (e.g. gap4+gap5)."""
-        if features == DEFAULT_FEATURES:
-            return self
+        views = {
+            "x_views_train": view_features(features, self.views_train),
+            "x_views_val": view_features(features, self.views_val),
+        }
+        if features == DEFAULT_FEATURES:  # x is gap5 already (a set built without taps too)
+            return dataclasses.replace(self, **views) if self.views_train else self
         missing = [tap for tap in taps_of(features) if tap not in self.taps_train]
         if missing:
             raise FeatureError(
@@ -63,12 +84,43 @@ class FeatureSet:
             self,
             x_train=combine_features(features, self.taps_train),
             x_val=combine_features(features, self.taps_val),
+            **views,
         )
+
+    def pooled_views(self) -> np.ndarray | None:
+        """The selected choice's views of train then val rows, or None without views."""
+        if self.x_views_train is None or self.x_views_val is None:
+            return None
+        return np.concatenate([self.x_views_train, self.x_views_val])
+
+    def pooled(self) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+        """x, y and units of train then val rows, which cross-validation folds (search.folds)."""
+        units = (self.units_train or self.sha256_train) + (self.units_val or self.sha256_val)
+        if len(units) != len(self.y_train) + len(self.y_val):  # built without hashes (tests)
+            units = tuple(str(i) for i in range(len(self.y_train) + len(self.y_val)))
+        x = np.concatenate([self.x_train, self.x_val])
+        return x, np.concatenate([self.y_train, self.y_val]), units
 
     @property
     def identity(self) -> dict[str, str]:
         """The cache and split these features come from, as the study and its runs record them."""
         return {"feature_fingerprint": self.fingerprint, "split_digest": self.split_digest}
+
+
+def view_features(features: str, views: dict[str, np.ndarray]) -> np.ndarray | None:
+    """(n, K, features_dim) of a features choice from its taps' views, or None when not every
+    tap it reads has views. A view is already randomly mirrored, so a `_flipavg` term reads the
+    view of its tap alone (emotr.data.augment)."""
+    terms = parse_features(features)
+    if not views or any(term.tap not in views for term in terms):
+        return None
+    n_views = next(iter(views.values())).shape[1]
+    per_view = []
+    for k in range(n_views):
+        taps = {term.tap: views[term.tap][:, k] for term in terms}
+        taps |= {tap + FLIP_SUFFIX: value for tap, value in taps.items()}
+        per_view.append(combine_features(features, taps))
+    return np.stack(per_view, axis=1)
 
 
 def check_shapes(features: FeatureSet) -> None:
@@ -88,7 +140,12 @@ def check_shapes(features: FeatureSet) -> None:
 
 
 def load_feature_set(
-    root: str, tune: TuneConfig, listing: Listing, fingerprint: str, failed: Collection[str] = ()
+    root: str,
+    tune: TuneConfig,
+    listing: Listing,
+    fingerprint: str,
+    failed: Collection[str] = (),
+    n_views: int = 0,
 ) -> FeatureSet:
     """Cached features and labels of the listing's train and val images, from the folder
     `fingerprint` under the cache `root` (and its taps' folders that `tune` reads).
@@ -97,6 +154,8 @@ def load_feature_set(
         failed: sha256 of images the extraction that just ran could not decode; they are left out
             with a warning. Any other listed image missing from the cache is an error (run
             `emotr extract` first) unless tune.allow_partial_cache is set.
+        n_views: extract.views; the views of the searched taps are loaded when a trial may
+            train on them (train_views in tune.baseline or the search space).
     """
     caches = tap_caches(root, fingerprint, searched_taps(tune))
     # An image counts as cached when every tap the search may read holds it.
@@ -118,7 +177,16 @@ def load_feature_set(
             )
         keys = rows["sha256"].tolist()
         taps = {tap: cache.load(keys) for tap, cache in caches.items()}
-        parts[split] = (taps, rows["label"].to_numpy(np.int32), tuple(keys))
+        groups = rows["group"] if "group" in rows else rows["sha256"]
+        units = tuple(groups.where(groups.notna(), rows["sha256"]).astype(str))
+        parts[split] = (taps, rows["label"].to_numpy(np.int32), tuple(keys), units)
+    views = {split: {} for split in parts}
+    if n_views and True in tune.searched("train_views"):
+        unflipped = [tap for tap in caches if not tap.endswith(FLIP_SUFFIX)]
+        for split, part in parts.items():
+            views[split] = {
+                tap: load_views(root, fingerprint, tap, n_views, part[2]) for tap in unflipped
+            }
     return FeatureSet(
         x_train=parts["train"][0][DEFAULT_TAP],
         y_train=parts["train"][1],
@@ -130,6 +198,10 @@ def load_feature_set(
         taps_val=parts["val"][0],
         sha256_train=parts["train"][2],
         sha256_val=parts["val"][2],
+        units_train=parts["train"][3],
+        units_val=parts["val"][3],
+        views_train=views["train"],
+        views_val=views["val"],
     )
 
 

@@ -49,6 +49,9 @@ class TrialJob:
     # MedianPruner compares only after this many complete trials and epochs.
     pruner_startup_trials: int
     pruner_warmup_epochs: int
+    # > 1: the value is the mean AUC of this many folds over train + val and the head is refitted
+    # on all of them (emotr.search.folds); 0 or 1: one validation split, as before.
+    cv_folds: int = 0
 
 
 def submit_trial(
@@ -86,7 +89,7 @@ def _worker_env(cpus: float) -> dict[str, Any]:
 class TrialOutcome:
     """What a trial task hands back to the driver, which logs it and tells Optuna."""
 
-    history: dict[str, list[float]]  # per-epoch curves, by Keras name
+    history: dict[str, list[float]]  # per-epoch curves, by Keras name (the first fold's)
     metrics: dict[str, float]  # the restored epoch's validation numbers and train_seconds
     pruned: bool
     plots: dict[str, bytes]  # PNG by artifact path
@@ -94,6 +97,10 @@ class TrialOutcome:
     started: float  # time.time() in the worker
     finished: float
     cpu_seconds: float
+    # Cross-validated trials: (n, K) out-of-fold probabilities of train + val rows (in
+    # FeatureSet.pooled order) and each row's fold; what ensemble selection averages.
+    oof_proba: np.ndarray | None = None
+    folds: np.ndarray | None = None
 
     @property
     def n_epochs(self) -> int:
@@ -107,47 +114,24 @@ class TrialOutcome:
 
 
 def train_trial(features: FeatureSet, job: TrialJob) -> TrialOutcome:
-    """Fit one head, render its plots, pack its MLflow model."""
-    # Imported on the worker: the driver, which imports this module, never loads TensorFlow.
-    from emotr.search.head import fit_head
-
+    """Fit one head (cross-validated and refitted with job.cv_folds > 1), render its plots, pack
+    its MLflow model."""
     started, cpu_started = time.time(), time.process_time()
-    if job.params.finetune:
-        from emotr.search.finetune import fit_finetune
-
-        result = fit_finetune(
-            job.params,
-            features,
-            epochs=job.epochs,
-            patience=job.patience,
-            seed=job.seed,
-            on_epoch_end=_pruning_check(job),
-            classes=job.classes,
-        )
-    else:
-        features = features.select(job.params.features)  # the taps this trial's head reads
-        result = fit_head(
-            job.params,
-            features.x_train,
-            features.y_train,
-            features.x_val,
-            features.y_val,
-            epochs=job.epochs,
-            patience=job.patience,
-            seed=job.seed,
-            on_epoch_end=_pruning_check(job),
-            classes=job.classes,
-        )
+    result, crossed = _fit(features, job)
+    curves = crossed.first_fold if crossed is not None else result
     pngs = {
         "plots/roc_curve.png": plots.roc_figure(result.roc, job.classes, result.metrics["val_auc"]),
         "plots/confusion_matrix.png": plots.confusion_figure(result.confusion, job.classes),
         "plots/learning_curves.png": plots.learning_curves_figure(
-            result.history, _restored_epoch(job.params, result.metrics)
+            curves.history, _restored_epoch(job.params, curves.metrics)
         ),
     }
     # A pruned head is never deployed: skip saving it.
     # A fine-tuned model takes activations (FineTuneSet.a_val), a head features.
-    example = features.a_val[:5] if job.params.finetune else features.x_val[:5]
+    if job.params.finetune:
+        example = features.a_val[:5]
+    else:
+        example = features.select(job.params.features).x_val[:5]
     example = np.asarray(example, dtype=np.float32)
     model = None if result.stopped_by_callback else keras_model_bytes(result.model, example)
     return TrialOutcome(
@@ -159,7 +143,40 @@ def train_trial(features: FeatureSet, job: TrialJob) -> TrialOutcome:
         started=started,
         finished=time.time(),
         cpu_seconds=time.process_time() - cpu_started,
+        oof_proba=None if crossed is None else crossed.oof_proba,
+        folds=None if crossed is None else crossed.folds,
     )
+
+
+def _fit(features: FeatureSet, job: TrialJob) -> tuple[Any, Any]:
+    """(HeadResult, CrossValidated or None): fine-tuning, cross-validation, or one split."""
+    # Imported on the worker: the driver, which imports this module, never loads TensorFlow.
+    from emotr.search.folds import CrossValidated, assign_folds, cross_validate, fit_any
+
+    fit_args = {
+        "epochs": job.epochs,
+        "patience": job.patience,
+        "seed": job.seed,
+        "on_epoch_end": _pruning_check(job),
+        "classes": job.classes,
+    }
+    if job.params.finetune:
+        from emotr.search.finetune import fit_finetune
+
+        return fit_finetune(job.params, features, **fit_args), None
+    features = features.select(job.params.features)  # the taps this trial's head reads
+    if job.cv_folds <= 1:
+        split = (features.x_train, features.y_train, features.x_val, features.y_val)
+        if job.params.train_views:
+            fit_args["x_views"] = features.x_views_train
+        return fit_any(job.params, *split, **fit_args), None
+    x, y, units = features.pooled()
+    folds = assign_folds(y, units, job.cv_folds, job.seed)
+    views = features.pooled_views() if job.params.train_views else None
+    result = cross_validate(job.params, x, y, folds, fit_any, views=views, **fit_args)
+    if isinstance(result, CrossValidated):
+        return result.refit, result
+    return result, None  # pruned in its first fold
 
 
 def _restored_epoch(params: HeadParams, metrics: dict[str, float]) -> int | None:

@@ -13,12 +13,14 @@ stale (their driver died), and cancels trials running past tune.trial_timeout_s.
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import ray
 from optuna.trial import TrialState
@@ -27,6 +29,7 @@ from rich.live import Live
 
 from emotr.config import Config
 from emotr.errors import EmotrError
+from emotr.search.ensemble import OOF_ARTIFACT
 from emotr.search.report import (
     SearchResult,
     search_failure,
@@ -43,6 +46,7 @@ from emotr.search.study import (
     check_features,
     complete_curves,
     enqueue_baseline,
+    enqueue_peer,
     fail_or_requeue,
     fail_trial,
     find_study_runs,
@@ -56,6 +60,12 @@ from emotr.search.top_trials import top_table
 from emotr.search.training_set import FeatureSet
 from emotr.search.trial import TrialJob, TrialOutcome, submit_trial, task_failure
 from emotr.track import MLFLOW_PARENT_RUN_ID, Tracker
+
+
+def _npz(proba: np.ndarray, folds: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, proba=proba, folds=folds)
+    return buffer.getvalue()
 
 
 class SearchError(EmotrError, RuntimeError):
@@ -82,6 +92,7 @@ def run_search(
     check_features(study, features.identity)
     recover_trials(study, tracker, cfg.tune)
     enqueue_baseline(study, cfg.tune)
+    enqueue_peer(study, cfg.tune)
     existing_parents, runs = find_study_runs(tracker, cfg.tune.study_name)
     parent_id = _open_parent(tracker, existing_parents, cfg, features, parent_run_id)
     search = _Search(cfg, study, tracker, features, runs, parent_id)
@@ -104,6 +115,7 @@ def run_search(
     result = summarize_search(cfg, study, tracker, parent_id, search.timings, started)
     failure = search_failure(result, cfg.tune)
     tracker.end_run(parent_id, "FAILED" if failure else "FINISHED", failure)
+    result.oof = search.oof
     if progress:
         console.print(top_table(result))
     if failure:
@@ -170,6 +182,8 @@ class _Search:
         self.running: dict[ray.ObjectRef, _Running] = {}
         self.next_beat = time.time() + self.tune.trial_heartbeat_s
         self.timings: dict[int, dict[str, float]] = {}
+        # Out-of-fold probabilities and folds of the cross-validated trials this driver ran.
+        self.oof: dict[int, tuple[Any, Any]] = {}
         self.live: Live | None = None
 
     def run(self) -> None:
@@ -257,6 +271,7 @@ class _Search:
             prune_against=None if self.tune.pruner == "none" else complete_curves(self.study),
             pruner_startup_trials=self.tune.pruner_startup_trials,
             pruner_warmup_epochs=self.tune.pruner_warmup_epochs,
+            cv_folds=0 if params.finetune else self.tune.cv_folds,
         )
         ref = submit_trial(self.features_ref, job, trial.number, self.tune.cpus_per_trial)
         self.running[ref] = _Running(trial, run_id)
@@ -307,6 +322,8 @@ class _Search:
         if self.tune.pruner != "none":
             # One write for the whole curve (trial.report per epoch cost ~3 ms each in SQLite).
             trial.set_user_attr("val_auc_curve", curve)
+        if outcome.oof_proba is not None:
+            self.oof[trial.number] = (outcome.oof_proba, outcome.folds)
         if outcome.pruned:
             trial.report(curve[-1], len(curve))  # a pruned trial's value is its last report
             self.study.tell(trial.number, state=TrialState.PRUNED)
@@ -332,6 +349,8 @@ class _Search:
             self.tracker.log_bytes(run_id, png, name)
         if outcome.model is not None:
             self.tracker.log_dir_bytes(run_id, outcome.model, "model")
+        if outcome.oof_proba is not None:  # what a resumed search's ensemble selection reads
+            self.tracker.log_bytes(run_id, _npz(outcome.oof_proba, outcome.folds), OOF_ARTIFACT)
         self.tracker.set_tags(run_id, {STATE_TAG: state})
         self.tracker.end_run(run_id)
 

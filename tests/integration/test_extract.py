@@ -148,6 +148,39 @@ def test_rerun_extracts_only_new_images_and_a_new_input_size_gets_its_own_folder
     assert verify_cache(cfg.cache.root) == []
 
 
+def test_a_new_manifest_over_cached_images_says_only_the_new_ones_are_extracted(
+    tmp_path, ray_local, caplog
+):
+    cfg = demo_config(tmp_path, n=8)
+    assert extract_features(cfg, list_images(cfg.data), progress=False).n_extracted == 8
+    # A manifest the listing index has never seen: every file's hash is unknown until read.
+    generate_demo_dataset(tmp_path / "extra", n=2, size=(64, 80), seed=7)
+    paths = sorted(Path(cfg.data.root).rglob("*.jpg")) + sorted((tmp_path / "extra").rglob("*.jpg"))
+    manifest = tmp_path / "new.csv"
+    labels = [path.parent.name for path in paths]
+    pd.DataFrame({"path": map(str, paths), "label": labels}).to_csv(manifest, index=False)
+    cfg = pipeline.resolve_data(demo_config(tmp_path, f"data.manifest={manifest}", n=8))
+    scan = pipeline.prepare_scan(cfg)
+    assert len(scan.unknown()) == 10
+
+    with caplog.at_level(logging.INFO, logger="emotr.extract.driver"):
+        summary = extract_features(cfg, scan, progress=False)
+
+    assert (summary.n_images, summary.n_cached, summary.n_extracted) == (10, 8, 2)
+    said = [r.getMessage() for r in caplog.records if r.name == "emotr.extract.driver"]
+    assert not any("of 10 images" in line for line in said), said
+    assert any(
+        line.startswith("reading 10 files of unknown hash (the cached ones are skipped")
+        and "extracting gap5 of those the cache lacks" in line
+        for line in said
+    ), said
+    assert any(
+        line.startswith("extracted gap5 of 2 images (0 failed)")
+        and line.endswith("8 of the 10 files of unknown hash were cached already")
+        for line in said
+    ), said
+
+
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     body = kind + data
     return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))

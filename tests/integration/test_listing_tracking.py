@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from emotr import pipeline
+from emotr.data.listing_report import log_listing
 from emotr.track import Tracker
 from tests.conftest import smoke_config, warns_in_log
 
@@ -41,7 +42,7 @@ def test_files_under_two_labels_are_an_artifact_with_every_path_and_a_metric(
         listing = pipeline.prepare_listing(cfg)
     tracker = Tracker(cfg.mlflow)
     with tracker.run("listing") as run_id:
-        pipeline.log_listing(tracker, run_id, cfg, listing)
+        log_listing(tracker, run_id, cfg, listing)
 
     client = MlflowClient(mlflow_server)
     local = client.download_artifacts(run_id, "data/conflicts.csv", str(tmp_path / "out"))
