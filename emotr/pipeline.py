@@ -298,6 +298,10 @@ def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
         metrics = {"best_val_auc": search.best_value, "registered_val_auc": candidate.val_auc}
         if search.best_value_std is not None:
             metrics["best_val_auc_std"] = search.best_value_std
+        # The registered model's fold spread: the best trial's, or the ensemble run's own.
+        spread = tracker.client.get_run(candidate.run_id).data.metrics.get("val_auc_std")
+        if spread is not None:
+            metrics["registered_val_auc_std"] = spread
         if search.baseline_value is not None:  # a failed baseline is a tag of the tune run
             metrics["baseline_val_auc"] = search.baseline_value
         tracker.log_metrics(run_id, metrics)

@@ -71,44 +71,52 @@ def row(name: str, label: str, metrics: dict, tags: dict, wall_s: float) -> str:
         return f"{metrics[key]:.3f}" if key in metrics else "-"
 
     test, peer = metrics.get("test_auc"), metrics.get("peer_test_auc")
-    val = metrics.get("best_val_auc")
+    # The registered model's own validation number (an ensemble's, else the best trial's).
+    val = metrics.get("registered_val_auc", metrics.get("best_val_auc"))
     gap = f"{val - test:+.3f}" if val is not None and test is not None else "-"
     lift = f"{test - peer:+.3f}" if test is not None and peer is not None else "-"
     interval = f"{number('test_auc')} [{number('test_auc_low')}, {number('test_auc_high')}]"
+    val_text = f"{val:.3f}" if val is not None else "-"
+    if "registered_val_auc_std" in metrics:
+        val_text += f" +- {metrics['registered_val_auc_std']:.3f}"
     return (
         f"| {name} | {label} | {tags.get('registered', '-')} | {interval} | "
         f"{number('test_accuracy')} | {number('peer_test_auc')} | {number('recipe_test_auc')} | "
-        f"{lift} | {number('best_val_auc')} +- {number('best_val_auc_std')} | {gap} | "
+        f"{lift} | {val_text} | {gap} | "
         f"{wall_s:.0f} | {os.getloadavg()[0]:.1f} |"
     )
 
 
-def previous_defaults_file(folder: Path) -> str:
-    """A YAML file whose search space is the default one without `features` (the old default)."""
+def previous_defaults_file(config: str, folder: Path) -> str:
+    """The set's YAML with the default search space less `features` (the old default): one
+    file, as `emotr run` takes one -c."""
     space = load_config([], []).tune.model_dump(mode="json")["search_space"]
     space.pop("features", None)
+    merged = yaml.safe_load(Path(config).read_text()) or {}
+    merged.setdefault("tune", {})["search_space"] = space
     path = folder / "previous.yaml"
-    path.write_text(yaml.safe_dump({"tune": {"search_space": space}}))
+    path.write_text(yaml.safe_dump(merged))
     return str(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", action="append", required=True, help="the set's YAML")
+    parser.add_argument("-c", "--config", required=True, help="the set's YAML")
     parser.add_argument("--name", required=True, help="the set's name in the table")
     parser.add_argument("--source", default="", help="where the set came from (repo@commit)")
     parser.add_argument("--previous", action="store_true", help="also the previous defaults")
+    parser.add_argument("--skip-new", action="store_true", help="the previous defaults alone")
     parser.add_argument("overrides", nargs="*", help="a.b=value for both runs")
     add_output_arguments(parser)
     args = parser.parse_args()
     stamp = time.strftime("%Y%m%d%H%M%S")
     rows = []
-    runs = [("issue 27", [], [])]
+    runs = [] if args.skip_new else [("issue 27", args.config, [])]
     with tempfile.TemporaryDirectory(prefix="bench-real-") as folder:
         if args.previous:
-            runs.append(("previous", [previous_defaults_file(Path(folder))], PREVIOUS))
-        for label, extra_files, extra in runs:
-            files = [*args.config, *extra_files]
+            runs.append(("previous", previous_defaults_file(args.config, Path(folder)), PREVIOUS))
+        for label, config, extra in runs:
+            files = [config]
             tag = label.replace(" ", "")
             overrides = [
                 *extra,

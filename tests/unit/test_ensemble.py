@@ -13,6 +13,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from emotr.config import BackboneConfig, DecodeConfig
+from emotr.data.imageio import decode_image
 from emotr.deploy.serving import HeadSpec, ImageScorer, ServingSpec
 from emotr.extract.backbone import FeatureExtractor, save_conv_base_weights
 from emotr.hyperparams import HeadParams
@@ -38,15 +39,28 @@ def _spec(head: HeadParams, n_features: int, members: tuple[HeadSpec, ...] = ())
     )
 
 
+def _jpeg(color: tuple[int, int, int], seed: int) -> bytes:
+    noise = np.random.default_rng(seed).normal(0, 40, (30, 40, 3))
+    pixels = np.clip(np.array(color) + noise, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+# Tinted noisy photos: random VGG weights still tell them apart.
+IMAGES = [_jpeg((40 * k % 256, 90 + 20 * k, 220 - 25 * k), k) for k in range(8)]
+
+
 @pytest.fixture(scope="module")
 def scorers(tmp_path_factory):
     """The ensemble of the two heads and each head's own single-head scorer, from files."""
     folder = tmp_path_factory.mktemp("ensemble")
     backbone = folder / "backbone.weights.h5"
     save_conv_base_weights(BACKBONE, backbone)
-    # Standardised on features of real pixels: heads that answer neither 0 nor 1 everywhere.
+    # Standardised on the features of images like the test's: heads that answer neither 0 nor 1.
     keras.utils.set_random_seed(0)
-    pixels = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    limit = DecodeConfig().max_pixels
+    pixels = np.stack([decode_image(data, (32, 32), max_pixels=limit) for data in IMAGES])
     taps = FeatureExtractor(BACKBONE, outputs=("gap4", "gap5")).extract_outputs(pixels)
     files = []
     for index, (params, width) in enumerate(((GAP5, 512), (GAP45, 1024))):
@@ -62,17 +76,9 @@ def scorers(tmp_path_factory):
     return ensemble, singles
 
 
-def _jpeg(color: tuple[int, int, int], seed: int) -> bytes:
-    noise = np.random.default_rng(seed).normal(0, 40, (30, 40, 3))
-    pixels = np.clip(np.array(color) + noise, 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
 def test_ensemble_answers_the_mean_of_its_heads(scorers):
     ensemble, singles = scorers
-    images = [_jpeg((200, 40, 10), 1), _jpeg((10, 90, 220), 2), b"\xff\xd8\xff cut short"]
+    images = [IMAGES[1], IMAGES[6], b"\xff\xd8\xff cut short"]
     frame = pd.DataFrame({"image": images})
 
     rows = ensemble.score(frame)
