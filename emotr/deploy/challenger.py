@@ -68,6 +68,8 @@ def score_fixed_trials(
     if not len(test):
         return ""
     fixed = {"peer": search.complete_run_of("peer"), "recipe": search.complete_run_of("baseline")}
+    if cfg.tune.baseline.finetune:  # its head takes activations, not cached features
+        fixed["recipe"] = None
     lines = {}
     for name, trial_run in fixed.items():
         if trial_run is None:

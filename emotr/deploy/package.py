@@ -31,6 +31,7 @@ import emotr
 from emotr.config import Config
 from emotr.deploy.registry import (
     FEATURE_FINGERPRINT_TAG,
+    TAPS_FINGERPRINT_TAG,
     TEST_ARTIFACT,
     TEST_SET_TAG,
     VALIDATION_ARTIFACT,
@@ -241,6 +242,9 @@ def _version_tags(
         tags["ensemble_trials"] = json.dumps([m.trial for m in candidate.members])
         tags["ensemble_runs"] = json.dumps([m.run_id for m in candidate.members])
         tags["features"] = json.dumps([m.head.features for m in candidate.members])
+        # gap5's folder, beside which every member's taps are cached: the gate and the test
+        # score read them there instead of decoding (emotr.deploy.promote.score_images).
+        tags[TAPS_FINGERPRINT_TAG] = candidate.feature_fingerprint
     elif spec.activation is None:
         tags["features"] = spec.head.features
         # The folder of exactly the head's features (gap5's is the cache's own fingerprint):

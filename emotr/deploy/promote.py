@@ -10,6 +10,7 @@ for both, so the comparison stays paired.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ import pandas as pd
 from emotr.config import Config
 from emotr.deploy.gate import Comparison, Decision, compare_auc, decide
 from emotr.deploy.registry import (
+    TAPS_FINGERPRINT_TAG,
     find_version,
     get_version,
     load_evaluation_set,
@@ -29,6 +31,7 @@ from emotr.deploy.registry import (
 )
 from emotr.deploy.serving import probability_columns
 from emotr.errors import EmotrError
+from emotr.search.training_set import tap_caches
 from emotr.track import Tracker
 
 if TYPE_CHECKING:
@@ -138,6 +141,8 @@ def score_images(
     file)."""
     scorer = load_scorer(tracker, version)
     features = _cached_features(cfg, version, images["sha256"].tolist())
+    if features is None and TAPS_FINGERPRINT_TAG in version.tags:
+        features = _cached_taps(cfg, version, scorer.spec.taps, images["sha256"].tolist())
     if features is not None:
         return scorer.score_features(features)
     log.info("version %s: features not in the cache, decoding the images", version.version)
@@ -159,6 +164,18 @@ def _cached_features(cfg: Config, version: ModelVersion, sha256s: list[str]) -> 
     try:
         return cached.cache.load(sha256s)
     except (EmotrError, OSError, ValueError):  # an unreadable cache: decode instead
+        return None
+
+
+def _cached_taps(
+    cfg: Config, version: ModelVersion, taps: Sequence[str], sha256s: list[str]
+) -> dict[str, np.ndarray] | None:
+    """An ensemble's taps of the images by name, from the cache beside its gap5 folder, if it
+    holds them all (else None: decode)."""
+    try:
+        caches = tap_caches(cfg.cache.root, version.tags[TAPS_FINGERPRINT_TAG], taps)
+        return {tap: cache.load(sha256s) for tap, cache in caches.items()}
+    except (EmotrError, OSError, ValueError, KeyError):  # absent or unreadable: decode instead
         return None
 
 

@@ -34,6 +34,8 @@ TEST_SET_TAG = "test_set"
 # The version tag naming the cache folder of exactly the features its head reads (absent for
 # a combination of taps and for fine-tuned models: those decode the images instead).
 FEATURE_FINGERPRINT_TAG = "feature_fingerprint"
+# An ensemble version: gap5's cache folder, beside which its members' taps are cached.
+TAPS_FINGERPRINT_TAG = "taps_fingerprint"
 
 
 class RegistryError(EmotrError, RuntimeError):

@@ -244,7 +244,6 @@ def extract_features(
     summary.n_actors, summary.startup_seconds = (plan.n_actors if plan else 0), startup
     if plan is not None:
         summary.outputs, summary.n_passes = tuple(outputs), n_passes
-    if plan is not None:
         log.info("%s", _done_line(outputs, summary, len(unknown), len(committer.found_cached)))
     if summary.n_failed > cfg.extract.max_failure_fraction * summary.n_unique:
         raise TooManyFailures(summary, cfg.extract.max_failure_fraction)

@@ -74,6 +74,9 @@ def log_explain_grids(
     """
     if cfg.explain.grid_size == 0 or not len(validation):
         return []
+    if "ensemble_trials" in version.tags:  # several heads average: no one map explains them
+        log.info("explain grids: none for an ensemble; `emotr explain` a member trial's version")
+        return []
     try:
         return _log_grids(cfg, tracker, version, validation.reset_index(drop=True))
     except Exception as error:  # a picture must not fail the run that registered the model

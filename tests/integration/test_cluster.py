@@ -210,7 +210,12 @@ def test_a_submitted_job_runs_on_the_cluster_and_a_second_one_resumes(
 
     s3 = s3_server.filesystem()
     parts = cache_parts(s3, bucket)
-    assert parts and sum(parts.values()) == N_IMAGES
+    rows_by_folder: dict[str, int] = {}
+    for path, rows in parts.items():
+        folder = path.rsplit("/", 2)[-2]
+        rows_by_folder[folder] = rows_by_folder.get(folder, 0) + rows
+    # One folder per default tap (gap5, gap4, gap4_flip), every image once in each.
+    assert len(rows_by_folder) == 3 and set(rows_by_folder.values()) == {N_IMAGES}
     artifacts = s3.get_file_info(pafs.FileSelector(f"{bucket[5:]}/mlartifacts", recursive=True))
     assert any(info.base_name == "config.yaml" for info in artifacts)  # via the server, in S3
 

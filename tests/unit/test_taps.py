@@ -56,9 +56,9 @@ def test_config_checks_taps_and_the_choices_that_read_them():
         ],
     )
     assert cfg.extract.taps == ("gap5", "gap4", "gap5_flip")
-    assert (
-        load_config().extract.taps == ("gap5",) and load_config().tune.baseline.features == "gap5"
-    )
+    defaults = load_config()
+    assert defaults.extract.taps == ("gap5", "gap4", "gap4_flip")
+    assert defaults.tune.baseline.features == "gap5"  # trial 0, the tutorial's
     with pytest.raises(ConfigError, match=r"extract.taps: must include gap5"):
         load_config([], ["extract.taps=[gap4]"])
     with pytest.raises(ConfigError, match=r"extract.taps: unknown feature tap 'gap9'"):
@@ -81,7 +81,7 @@ def test_config_checks_taps_and_the_choices_that_read_them():
     ],
 )
 def test_the_default_fingerprint_is_what_it_was_before_taps(overrides, before):
-    cfg = load_config([], [*overrides, "extract.taps=[gap5,gap4]"])
+    cfg = load_config([], [*overrides, "extract.taps=[gap5,gap4,gap4_flip]"])
     fingerprint, _ = compute_fingerprint(cfg.backbone, cfg.decode)
     assert fingerprint == before
     assert features_fingerprint(cfg.backbone, cfg.decode, "gap5") == before
