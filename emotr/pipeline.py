@@ -257,14 +257,13 @@ def activation_cache(cfg: Config) -> ActivationCache:
 def run(cfg: Config, tracker: Tracker, listing: Listing | Scan) -> RunResult:
     """Extract, tune and register the best head, all nested under one `pipeline` run; then the
     promotion gate (registry.auto_promote) decides whether it becomes the champion."""
-    from emotr.deploy.candidates import describe_members
     from emotr.deploy.challenger import (
         choose_candidate,
         run_gate,
         score_fixed_trials,
         score_registered,
     )
-    from emotr.deploy.package import register_model
+    from emotr.deploy.package import describe_members, register_model
     from emotr.insight.grids import log_explain_grids
     from emotr.search.study import check_storage
     from emotr.search.tune import run_search

@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from emotr.config import Config
 from emotr.deploy.package import Candidate, Member
 from emotr.hyperparams import HeadParams
-from emotr.search.ensemble import OOF_ARTIFACT, EnsembleChoice, select_ensemble
+from emotr.search.ensemble import OOF_ARTIFACT, POOL_SIZE, EnsembleChoice, select_ensemble
 from emotr.search.report import SearchResult
 from emotr.search.study import ROLE_TAG, STUDY_TAG
 from emotr.search.training_set import FeatureSet
@@ -114,7 +114,7 @@ def _out_of_fold(
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """(probabilities, folds) by trial: this driver's in memory, the others' from their runs."""
     oof = dict(search.oof)
-    best = sorted(values, key=values.get, reverse=True)[:12]
+    best = sorted(values, key=values.get, reverse=True)[:POOL_SIZE]
     for number in best:
         if number in oof or not isinstance(runs.get(number), str):
             continue
@@ -149,10 +149,3 @@ def _ensemble_run(tracker: Tracker, search: SearchResult, choice: EnsembleChoice
     )
     tracker.end_run(run_id)
     return run_id
-
-
-def describe_members(candidate: Candidate) -> str:
-    """'trial 7' or 'ensemble of trials 7, 3, 12'."""
-    if not candidate.members:
-        return f"trial {candidate.trial}"
-    return "ensemble of trials " + ", ".join(str(member.trial) for member in candidate.members)

@@ -148,7 +148,7 @@ def _register_new(cfg: Config, tracker: Tracker, candidate: Candidate) -> ModelV
         cfg.registry.model_name,
         version.version,
         description=(
-            f"{_chosen(candidate)} of study {candidate.study} (run {candidate.run_id}), "
+            f"{describe_members(candidate)} of study {candidate.study} (run {candidate.run_id}), "
             f"val AUC {candidate.val_auc:.4f}; input: `image` bytes (base64 over REST) or "
             f"`path`; output: {', '.join(output_columns(spec.classes))}"
         ),
@@ -156,7 +156,7 @@ def _register_new(cfg: Config, tracker: Tracker, candidate: Candidate) -> ModelV
     return version
 
 
-def _chosen(candidate: Candidate) -> str:
+def describe_members(candidate: Candidate) -> str:
     """'trial 7', or 'ensemble of trials 7, 3, 12' (its members' heads averaged)."""
     if not candidate.members:
         return f"trial {candidate.trial}"
