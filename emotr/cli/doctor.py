@@ -8,6 +8,7 @@ run them, so that `emotr --help` answers at once.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,14 @@ from typing import TYPE_CHECKING
 from rich.text import Text
 
 from emotr.cli.options import ConfigOption, Overrides, load_command_config
-from emotr.cli.output import console, errors, fail, settings
+from emotr.cli.output import (
+    console,
+    errors,
+    fail,
+    hold_native_stderr,
+    quiet_ray_data_console,
+    settings,
+)
 from emotr.config import Config
 from emotr.config_io import DEFAULT_CONFIG
 
@@ -61,18 +69,24 @@ def ray_where(cfg: Config) -> str:
 
 
 def init_ray(cfg: Config) -> None:
-    """Start or join the Ray that `ray_where` names."""
+    """Start or join the Ray that `ray_where` names; its start-up and Ray Data's INFO lines
+    and its core worker's native lines stay off the console (--debug shows them)."""
     import ray
 
+    hold_native_stderr()
+    # Ray's INFO lines: "Started a local Ray instance", "Generated new authentication token".
+    level = logging.INFO if settings.debug else logging.WARNING
+    quiet = {"log_to_driver": False, "logging_level": level}
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=False)
+        ray.init(address=cfg.ray.address, **quiet)
     elif os.environ.get("RAY_ADDRESS"):
         # Under `ray job submit` the job's driver joins its own cluster, named by RAY_ADDRESS.
-        ray.init(log_to_driver=False)
+        ray.init(**quiet)
     else:
         # "local": a private Ray, never a stray cluster that Ray's temp folder still names.
         kwargs = {"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, **kwargs)
+        ray.init(address="local", include_dashboard=False, **quiet, **kwargs)
+    quiet_ray_data_console()
 
 
 def connect_ray(cfg: Config) -> None:

@@ -7,7 +7,7 @@ from functools import partial
 
 import typer
 
-from emotr.cli import audit, cache, doctor, explain, jobs
+from emotr.cli import audit, cache, doctor, explain, jobs, serve
 from emotr.cli.options import GRAMMAR, PREDICT_OPTIONS_METAVAR, main_options
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ command(options_metavar=PREDICT_OPTIONS_METAVAR)(jobs.predict)
 command(options_metavar=PREDICT_OPTIONS_METAVAR)(explain.explain)
 command()(audit.audit)
 command()(doctor.doctor)
+command()(serve.serve)
 
 cache_app = typer.Typer(help="Inspect, verify and export the feature cache.", no_args_is_help=True)
 cache_command = partial(cache_app.command, epilog=GRAMMAR)

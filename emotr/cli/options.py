@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
-from emotr.cli.output import errors, fail, quiet_native_logs, settings
+from emotr.cli.output import errors, fail, quiet_native_logs, quiet_ray_auth_notice, settings
 from emotr.config import Config, ConfigError
 from emotr.config_io import load_config
 from emotr.redaction import RedactingFilter
@@ -98,9 +98,11 @@ def load_command_config(config: Path, overrides: list[str] | None) -> Config:
     handler.addFilter(RedactingFilter())  # on the handler: Ray's, MLflow's and Optuna's lines too
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
-        return load_config([config], overrides or [])
+        cfg = load_config([config], overrides or [])
     except ConfigError as error:
         raise fail(str(error) + _file_hint(overrides or []), code=2) from None
+    quiet_ray_auth_notice(cfg)
+    return cfg
 
 
 def load_inputs_config(

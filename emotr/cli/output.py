@@ -2,18 +2,20 @@
 
 Every command prints through `console` (results, stdout) and `errors` (errors and logs, stderr),
 which mask the password of any URI in the strings they print. Keras is imported inside
-`load_keras_quietly` alone: only the commands that build models on the driver need it.
+`load_keras_quietly` alone: only the commands that build models on the driver need it; Ray Data
+inside `quiet_ray_data_console`, which only commands that start Ray call.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import typer
 from rich.console import Console
@@ -29,9 +31,12 @@ class Settings:
     """The options shared by every command, set once by the app's callback."""
 
     debug: bool = False  # show tracebacks and native start-up lines
+    stderr_moved: bool = False  # sys.stderr writes to a copy of descriptor 2 (quiet_native_logs)
 
 
 settings = Settings()
+# While set, what native code writes to file descriptor 2 (hold_native_stderr).
+_held_native: IO[bytes] | None = None
 
 
 class _RedactingConsole(Console):
@@ -56,8 +61,8 @@ def guard(cfg: Config | None = None) -> Iterator[None]:
     """Turn errors a user can fix, raised in the block, into one clear line and exit code 1.
 
     Only emotr's own errors and OSErrors (named by path and by the key of `cfg` it came from) are
-    expected; anything else is a bug and keeps its traceback. --debug shows the traceback of
-    expected errors too.
+    expected; anything else is a bug and keeps its traceback, after the native lines held since
+    Ray started. --debug shows the traceback of expected errors too.
     """
     try:
         yield
@@ -69,13 +74,27 @@ def guard(cfg: Config | None = None) -> Iterator[None]:
         if settings.debug:
             raise
         raise fail(describe_os_error(error, cfg)) from None
+    except BaseException:
+        show_held_native_stderr()  # any other failure shows what native code said too
+        raise
 
 
 def quiet_native_logs() -> None:
-    """Keep TensorFlow's and gRPC's start-up lines off the console; set before either loads."""
+    """Keep TensorFlow's and gRPC's start-up lines off the console; set before either loads.
+
+    Python's own stderr (sys.stderr) moves to a copy of file descriptor 2, so that
+    `hold_native_stderr` can hold what native code writes there and nothing of Python's: done
+    here, before MLflow and the log handlers take hold of sys.stderr.
+    """
     if not settings.debug:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # CPU-feature and TensorRT notices
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+        if _on_descriptor_2(sys.stderr):
+            settings.stderr_moved = True
+            sys.stderr.flush()
+            sys.stderr = os.fdopen(
+                os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace"
+            )
     # MLflow's artifact download bars (registering and loading models) would cut into the output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -106,6 +125,67 @@ def native_stderr_held() -> Iterator[None]:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def _on_descriptor_2(stream: Any) -> bool:
+    """Whether `stream` writes to file descriptor 2 (False for a test runner's captured stream)."""
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
+
+
+def quiet_ray_auth_notice(cfg: Config) -> None:
+    """A private local Ray's token authentication, Ray's default, chosen explicitly: Ray warns
+    when it chooses it. Ray reads RAY_AUTH_MODE once, on import: set before that."""
+    if not settings.debug and not cfg.ray.address and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def hold_native_stderr() -> None:
+    """From now on, what native code writes to stderr goes to a file, shown if a `guard` block
+    fails (or --debug: straight to the console).
+
+    Ray's core worker in the driver logs its errors to stderr as well as to Ray's own log file
+    (python-core-driver-*.log), among them one that every Ray Data actor pool prints: Ray Data
+    passes the actors its own ObjectRefs (ray#57733). Ray's only knob, RAY_BACKEND_LOG_LEVEL,
+    would empty every Ray process's log files too. Python's lines (emotr's, Ray's, MLflow's)
+    still reach the console: `quiet_native_logs` moved sys.stderr off descriptor 2.
+    """
+    global _held_native
+    if settings.debug or _held_native is not None or not settings.stderr_moved:
+        return
+    sys.stderr.flush()
+    _held_native = tempfile.TemporaryFile()  # noqa: SIM115 - held until the process ends
+    os.dup2(_held_native.fileno(), 2)
+
+
+def show_held_native_stderr() -> None:
+    """Print what native code wrote while held, and send its later lines to the console."""
+    global _held_native
+    if _held_native is None:
+        return
+    os.dup2(sys.stderr.fileno(), 2)
+    _held_native.seek(0)
+    sys.stderr.write(_held_native.read().decode(errors="replace"))
+    sys.stderr.flush()
+    _held_native.close()
+    _held_native = None
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines (each dataset's start, plan and finish) to its log file only.
+
+    Importing ray.data configures its loggers: a "file" handler (ray-data.log in Ray's session
+    folder, every level) and a "console" handler (INFO), which this raises to WARNING.
+    """
+    if settings.debug:
+        return
+    import ray.data  # noqa: F401 - configures the "ray.data" loggers
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":
+            handler.setLevel(logging.WARNING)
 
 
 def load_keras_quietly() -> None:

@@ -20,10 +20,12 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from emotr.cache.store import FeatureCache
+from emotr.config import MlflowConfig
 from emotr.errors import EmotrError
-from emotr.track import Tracker
+from emotr.track import Tracker, tracking_uri
 
 # Where the validation images of a version are listed, on its run.
 VALIDATION_ARTIFACT = "data/validation.csv"
@@ -40,6 +42,21 @@ TAPS_FINGERPRINT_TAG = "taps_fingerprint"
 
 class RegistryError(EmotrError, RuntimeError):
     """A model name, version or alias that does not exist; the message says what to run instead."""
+
+
+@dataclass(frozen=True)
+class RegistryReader:
+    """The registry of one tracking store, read only: what a serving replica needs of a
+    Tracker (its `uri` and `client`), without creating an experiment."""
+
+    uri: str
+    client: MlflowClient
+
+
+def open_registry(cfg: MlflowConfig) -> RegistryReader:
+    """A RegistryReader of the tracking store `cfg` names (a local SQLite path made absolute)."""
+    uri = tracking_uri(cfg)
+    return RegistryReader(uri, MlflowClient(tracking_uri=uri))
 
 
 @dataclass(frozen=True)
@@ -68,7 +85,9 @@ def find_version_of_run(tracker: Tracker, name: str, run_id: str) -> ModelVersio
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
-def get_version(tracker: Tracker, name: str, version_or_alias: str) -> ModelVersion:
+def get_version(
+    tracker: Tracker | RegistryReader, name: str, version_or_alias: str
+) -> ModelVersion:
     """A model version by number or alias, with a clear error when it does not exist."""
     client = tracker.client
     try:
@@ -82,7 +101,7 @@ def get_version(tracker: Tracker, name: str, version_or_alias: str) -> ModelVers
         ) from None
 
 
-def find_version(tracker: Tracker, name: str, alias: str) -> ModelVersion | None:
+def find_version(tracker: Tracker | RegistryReader, name: str, alias: str) -> ModelVersion | None:
     """The version an alias points at, or None when the alias is not set."""
     try:
         return tracker.client.get_model_version_by_alias(name, alias)
@@ -101,13 +120,13 @@ def tag_version(tracker: Tracker, version: ModelVersion, tags: dict[str, str]) -
         tracker.client.set_model_version_tag(version.name, version.version, key, value)
 
 
-def load_model(tracker: Tracker, uri: str) -> Any:
+def load_model(tracker: Tracker | RegistryReader, uri: str) -> Any:
     """A pyfunc model by URI (models:/name@alias, models:/name/3, runs:/...) from this store."""
     with fluent_store(tracker):
         return mlflow.pyfunc.load_model(uri)
 
 
-def load_scorer(tracker: Tracker, version: ModelVersion) -> Any:
+def load_scorer(tracker: Tracker | RegistryReader, version: ModelVersion) -> Any:
     """A registered version's emotr.deploy.serving.ImageScorer (to score cached features too)."""
     scorer = scorer_of(load_model(tracker, f"models:/{version.name}/{version.version}"))
     if scorer is None:
@@ -160,7 +179,7 @@ def _load_images(tracker: Tracker, uri: str) -> pd.DataFrame:
 
 
 @contextmanager
-def fluent_store(tracker: Tracker) -> Iterator[None]:
+def fluent_store(tracker: Tracker | RegistryReader) -> Iterator[None]:
     """MLflow's fluent API (log_model, models:/ URIs) pointed at this store for the block."""
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracker.uri)

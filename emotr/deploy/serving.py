@@ -211,7 +211,7 @@ class ImageScorer:
             if row in known:
                 continue
             try:
-                pixels.append(self._decode(_input_bytes(image, path)))
+                pixels.append(self.decode(input_bytes(image, path)))
             except (DecodeError, OSError) as error:
                 errors[row] = failure_reason(error)
                 continue
@@ -224,7 +224,8 @@ class ImageScorer:
             probabilities[rows] = self.score_features(np.stack([known[row] for row in rows]))
         return prediction_frame(probabilities, errors, self.spec)
 
-    def _decode(self, data: bytes) -> np.ndarray:
+    def decode(self, data: bytes) -> np.ndarray:
+        """Image bytes -> uint8 pixels by the model's decode rules; DecodeError says why not."""
         decode = self.spec.decode
         return decode_image(
             data,
@@ -273,7 +274,7 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _input_bytes(image: Any, path: Any) -> bytes:
+def input_bytes(image: Any, path: Any = None) -> bytes:
     """A row's image bytes: the `image` value (bytes, or base64 text) else the file at `path`."""
     if not _missing(image):
         if isinstance(image, bytes | bytearray | memoryview):

@@ -21,6 +21,7 @@ DEFERRABLE = (*HEAVY, "pandas", "pyarrow", "numpy", "PIL")
 ORDER = [
     "compat",
     "cli",
+    "serve",
     "pipeline",
     "ops",
     "insight",

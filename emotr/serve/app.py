@@ -1,0 +1,265 @@
+"""The Ray Serve application of `emotr serve`: one deployment whose FastAPI ingress decodes
+uploads and whose batches share VGG passes across concurrent requests.
+
+- POST /predict: image files (multipart, the tutorial's endpoint, or one raw image body) -> rows
+  {file, label, p_<class>..., error} and the version that answered; a single bad file is a 422.
+- POST /invocations: MLflow's scoring protocol (base64 `image`), as `mlflow models serve` answers.
+- GET /healthz (200 once a version is loaded), GET /version (name, version, alias, classes,
+  lineage). `?model=challenger` sends a request to the challenger instead (serve.challenger).
+
+Every answer carries the version that computed it (the `model` field and the X-Emotr-Version
+header); emotr.serve.versions keeps each replica on the alias it follows. This module imports
+Ray Serve and FastAPI at the top: only `emotr serve` and Serve's replicas import it.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations as objects,
+# and Serve ships the class by value, without the module globals a string annotation names.
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import pandas as pd
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+from ray.serve import metrics
+from ray.serve.deployment import Application
+
+from emotr.config import Config, ExtractConfig, MlflowConfig, ServeConfig
+from emotr.data.imageio import DecodeError, failure_reason
+from emotr.deploy.registry import open_registry
+from emotr.deploy.serving import input_bytes, prediction_frame
+from emotr.extract.runtime import configure_tensorflow, use_environment, worker_environment
+from emotr.serve.uploads import Limits, invocation_images, read_body, read_uploads
+from emotr.serve.versions import FollowedVersion, ModelRef, ServedVersion
+
+log = logging.getLogger("ray.serve.emotr")  # Serve's replica logs hold "ray.serve"'s children
+
+VERSION_HEADER = "X-Emotr-Version"
+MAIN, CHALLENGER = "champion", "challenger"  # the names `?model=` takes
+Result = TypeVar("Result")
+
+api = FastAPI(title="emotr", docs_url=None, redoc_url=None)  # /docs loads scripts from a CDN
+
+
+class ServerSettings(BaseModel):
+    """What a replica needs: the serve section, the registry, the references it serves."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    serve: ServeConfig
+    extract: ExtractConfig  # the Keras backend and TensorFlow's quiet start-up
+    tracking_uri: str  # absolute: replicas run elsewhere
+    model_name: str
+    model_ref: str  # alias (followed) or version number
+    challenger_ref: str | None = None
+
+
+def server_settings(cfg: Config, main: ModelRef, challenger: ModelRef | None) -> ServerSettings:
+    """The settings of a replica serving `main` (and `challenger`) of cfg's registry."""
+    if challenger is not None and challenger.name != main.name:
+        raise ValueError("the challenger must be a version of the served model")
+    return ServerSettings(
+        serve=cfg.serve,
+        extract=cfg.extract,
+        tracking_uri=open_registry(cfg.mlflow).uri,
+        model_name=main.name,
+        model_ref=main.ref,
+        challenger_ref=challenger.ref if challenger else None,
+    )
+
+
+def batch_probabilities(items: Sequence[tuple[ServedVersion, np.ndarray]]) -> list[np.ndarray]:
+    """Class probabilities of each (version, pixels) item, one VGG pass per version in the
+    batch: a batch that holds images for two versions (an alias just moved) runs each apart."""
+    results: list[np.ndarray] = [np.empty(0)] * len(items)
+    by_version: dict[int, list[int]] = {}
+    for index, (version, _) in enumerate(items):
+        by_version.setdefault(id(version), []).append(index)
+    for indices in by_version.values():
+        scorer = items[indices[0]][0].scorer
+        pixels = np.stack([items[i][1] for i in indices])
+        probabilities = scorer.score_features(scorer.extractor(pixels))
+        for i, row in zip(indices, probabilities, strict=True):
+            results[i] = row
+    return results
+
+
+def _decode_all(scorer: Any, values: Sequence[Any]) -> list[np.ndarray | str]:
+    """Pixels of each value (bytes or base64 text), or the reason it is no image."""
+    decoded: list[np.ndarray | str] = []
+    for value in values:
+        try:
+            decoded.append(scorer.decode(input_bytes(value)))
+        except (DecodeError, OSError) as error:
+            decoded.append(failure_reason(error))
+    return decoded
+
+
+def _prepare_process(settings: ServerSettings) -> None:
+    """Keras' backend and quiet TensorFlow before Keras loads; as many threads as CPUs."""
+    use_environment(worker_environment(settings.extract), node="serve replica")
+    configure_tensorflow(max(1, round(settings.serve.cpus_per_replica)))
+
+
+# Helpers the class calls are defined above it: Serve pickles the class when it is decorated.
+@serve.deployment(name="EmotrServer", max_constructor_retry_count=3)
+@serve.ingress(api)
+class EmotrServer:
+    """One replica: the served version (and the challenger), batching, the endpoints."""
+
+    async def __init__(self, settings: ServerSettings):
+        _prepare_process(settings)
+        cfg = settings.serve
+        reader = open_registry(MlflowConfig(tracking_uri=settings.tracking_uri))
+        refs = {MAIN: settings.model_ref, CHALLENGER: settings.challenger_ref}
+        self.models = {
+            key: FollowedVersion(
+                reader, ModelRef(settings.model_name, ref), cfg.max_batch_size, cfg.follow_s
+            )
+            for key, ref in refs.items()
+            if ref is not None
+        }
+        self.limits = Limits(int(cfg.max_upload_mb * 2**20), cfg.max_files)
+        self.timeout_s = cfg.request_timeout_s
+        self._probabilities.set_max_batch_size(cfg.max_batch_size)
+        self._probabilities.set_batch_wait_timeout_s(cfg.batch_wait_s)
+        self.images = metrics.Counter(
+            "emotr_images", "Images answered, by version and outcome", ("version", "outcome")
+        )
+        self.batch_images = metrics.Histogram(
+            "emotr_batch_images", "Images per VGG pass", [1, 2, 4, 8, 16, 32, 64, 128, 256]
+        )
+        # Ready (Serve routes to it) only once the served version is loaded.
+        await self.models[MAIN].get()
+        self._followers = [asyncio.create_task(m.follow()) for m in self.models.values()]
+
+    def check_health(self) -> None:
+        """Serve's health check: the served version is loaded."""
+        if self.models[MAIN].current is None:
+            raise RuntimeError("no version loaded")
+
+    def _followed(self, model: str | None) -> FollowedVersion:
+        key = MAIN if model in (None, "", MAIN) else model
+        if key not in self.models:
+            known = ", ".join(sorted(self.models))
+            raise HTTPException(400, f"model={model!r}: this application serves {known}")
+        return self.models[key]
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 with the version once one is loaded; 503 before."""
+        served = self.models[MAIN].current
+        if served is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ready", "model": served.answer()})
+
+    @api.get("/version")
+    async def version(self, model: str | None = None) -> JSONResponse:
+        """name, version, alias, classes and lineage tags of the version that answers."""
+        served = await self._followed(model).get()
+        return JSONResponse(served.describe(), headers={VERSION_HEADER: served.version})
+
+    @api.post("/predict")
+    async def predict(self, request: Request, model: str | None = None) -> JSONResponse:
+        """Uploaded image files -> one row each; a request of one unreadable file is a 422."""
+        followed = self._followed(model)
+        uploads = await read_uploads(request, self.limits)
+        served = await followed.get()
+        frame = await self._within_timeout(self._score(served, [u.data for u in uploads]))
+        rows = [
+            {"file": upload.name, **row}
+            for upload, row in zip(uploads, frame.to_dict("records"), strict=True)
+        ]
+        status = 422 if len(rows) == 1 and rows[0]["error"] else 200
+        body = {"model": served.answer(), "rows": rows}
+        if status == 422:
+            body["detail"] = f"{rows[0]['file']}: {rows[0]['error']}"
+        return JSONResponse(body, status_code=status, headers={VERSION_HEADER: served.version})
+
+    @api.post("/invocations")
+    async def invocations(self, request: Request, model: str | None = None) -> JSONResponse:
+        """MLflow's scoring protocol: {"predictions": [rows]}, as `mlflow models serve` answers."""
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith("application/json"):
+            raise HTTPException(
+                415,
+                f"/invocations reads application/json in MLflow's format, not "
+                f"{content_type or 'a body without Content-Type'}; image files go to /predict",
+            )
+        followed = self._followed(model)
+        values = invocation_images(await read_body(request, self.limits))
+        if len(values) > self.limits.max_files:
+            raise HTTPException(
+                413, f"more than serve.max_files ({self.limits.max_files}) rows in one request"
+            )
+        served = await followed.get()
+        frame = await self._within_timeout(self._score(served, values))
+        return JSONResponse(
+            {"predictions": frame.to_dict("records")}, headers={VERSION_HEADER: served.version}
+        )
+
+    async def _within_timeout(self, work: Awaitable[Result]) -> Result:
+        try:
+            return await asyncio.wait_for(work, self.timeout_s)
+        except TimeoutError:
+            raise HTTPException(
+                504,
+                f"no answer within serve.request_timeout_s ({self.timeout_s:g} s): the replicas "
+                "are busy; retry, send fewer images per request, or add replicas",
+            ) from None
+
+    async def _score(self, served: ServedVersion, values: Sequence[Any]) -> pd.DataFrame:
+        """The output frame of `values` (bytes or base64 text), as the pyfunc model's score."""
+        decoded = await asyncio.to_thread(_decode_all, served.scorer, values)
+        good = [i for i, item in enumerate(decoded) if not isinstance(item, str)]
+        answers = await asyncio.gather(*(self._probabilities((served, decoded[i])) for i in good))
+        probabilities = np.full((len(values), len(served.classes)), np.nan)
+        if good:
+            probabilities[good] = np.stack(answers)
+        errors = [item if isinstance(item, str) else None for item in decoded]
+        for outcome, count in (("scored", len(good)), ("unreadable", len(values) - len(good))):
+            if count:  # Ray's counters refuse an increment of 0
+                self.images.inc(count, {"version": served.version, "outcome": outcome})
+        return prediction_frame(probabilities, errors, served.scorer.spec)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # both set from serve.* at start
+    async def _probabilities(
+        self, items: list[tuple[ServedVersion, np.ndarray]]
+    ) -> list[np.ndarray]:
+        self.batch_images.observe(len(items))
+        started = time.perf_counter()
+        # The VGG pass in a thread: the event loop goes on reading requests into the next batch.
+        results = await asyncio.to_thread(batch_probabilities, items)
+        log.debug("scored %d images in %.3f s", len(items), time.perf_counter() - started)
+        return results
+
+
+def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Ray Serve's options of the deployment from the serve section."""
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+    }
+    if cfg.autoscaling is not None:
+        options["autoscaling_config"] = cfg.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = cfg.replicas
+    return options
+
+
+def application(settings: ServerSettings) -> Application:
+    """The bound application: the EmotrServer deployment with serve.*'s options."""
+    return EmotrServer.options(**deployment_options(settings.serve)).bind(settings)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Ray Serve's application builder (`import_path: emotr.serve.app:build_app`, as `emotr
+    serve --build` writes it): args `settings`, a ServerSettings as JSON."""
+    return application(ServerSettings.model_validate(args["settings"]))
