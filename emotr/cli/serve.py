@@ -55,6 +55,8 @@ def serve(
         "/version)",
         highlight=False,
     )
+    if started.metrics:
+        console.print(f"metrics for Prometheus: {started.metrics}", highlight=False)
     if detach:
         console.print(
             f"stop it with: serve shutdown, or emotr's app only: serve delete {cfg.serve.app_name}"

@@ -33,6 +33,7 @@ class Started:
     served: ModelRef
     version: str  # the version the served reference named at start
     challenger: ModelRef | None
+    metrics: str | None  # this node's Prometheus endpoint (Ray's metrics export port)
 
 
 def served_refs(cfg: Config, model: str | None) -> tuple[ModelRef, ModelRef | None]:
@@ -90,7 +91,18 @@ def start_serving(cfg: Config, model: str | None) -> Started:
     url = local_url(cfg.serve)
     wait_until_ready(url, timeout_s=120.0)
     challenger = ModelRef(main.name, settings.challenger_ref) if settings.challenger_ref else None
-    return Started(url, main, version, challenger)
+    return Started(url, main, version, challenger, _metrics_url())
+
+
+def _metrics_url() -> str | None:
+    """Where this node's Ray exports metrics (Serve's and emotr's) for Prometheus."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id and node.get("MetricsExportPort"):
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    return None
 
 
 def stop_serving(cfg: ServeConfig) -> None:

@@ -4,6 +4,7 @@ start and stop (only their own: by pid, by process group, or pg_ctl on their own
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import subprocess
@@ -12,11 +13,13 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import numpy as np
 import psycopg
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import requests
+from PIL import Image
 
 from emotr.data.demo import generate_demo_dataset
 from tests.conftest import REPO
@@ -253,6 +256,57 @@ def test_a_submitted_job_runs_on_the_cluster_and_a_second_one_resumes(
     pipeline = by_name["pipeline"][0].info.run_id
     config_yaml = Path(client.download_artifacts(pipeline, "config.yaml", str(tmp_path / "cfg")))
     assert "storage: postgresql://emotr:***@127.0.0.1:" in config_yaml.read_text()  # redacted
+
+
+def jpeg_bytes(seed: int) -> bytes:
+    """A real JPEG file's bytes."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (48, 60, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_the_built_serve_config_deploys_with_serve_deploy_and_serves_the_champion(
+    services, bucket, postgres_server, tmp_path
+):
+    from mlflow.tracking import MlflowClient
+
+    cluster, mlflow_uri = services
+    client = MlflowClient(mlflow_uri)
+    storage = postgres_server.url(postgres_server.new_database())
+    overrides = job_overrides(bucket, mlflow_uri, storage, n_trials=2)
+    if not client.search_model_versions("name='emotr'"):  # this test alone: register one
+        submit(cluster, overrides, tmp_path)
+    champion = client.get_model_version_by_alias("emotr", "champion").version
+    port, serve_file = free_port(), tmp_path / "serve.yaml"
+    serve_overrides = [f"serve.port={port}", "serve.challenger=null", "serve.replicas=1"]
+
+    built = subprocess.run(
+        [sys.executable, "-m", "emotr.cli", "serve", "-c", str(CLUSTER), *overrides,
+         *serve_overrides, "--build", str(serve_file)],
+        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stdout + built.stderr
+    serve_cli = [str(BIN / "serve")]
+    deployed = subprocess.run(
+        [*serve_cli, "deploy", str(serve_file), "--address", cluster.dashboard],
+        env=cluster.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    try:
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        url = f"http://127.0.0.1:{port}"
+        wait_for("the served application", lambda: answers(f"{url}/healthz"), 240)
+        answer = requests.post(
+            f"{url}/predict", files={"file": ("a.jpg", jpeg_bytes(0), "image/jpeg")}, timeout=60
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"]["version"] == str(champion)
+        assert answer.json()["rows"][0]["label"] in ("negative", "positive")
+    finally:
+        subprocess.run(
+            [*serve_cli, "shutdown", "-y", "--address", cluster.dashboard],
+            env=cluster.env, capture_output=True, timeout=120,
+        )  # fmt: skip
 
 
 def doctor(cluster: RayCluster, *overrides: str) -> subprocess.CompletedProcess:

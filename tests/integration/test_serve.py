@@ -135,6 +135,20 @@ def test_healthz_and_version_describe_what_answers(served):
     assert version["tags"]["feature_fingerprint"] and version["run_id"]
 
 
+def test_request_counts_and_images_reach_rays_prometheus_endpoint(served):
+    post_files(served.started.url, [("a.jpg", jpeg(9)), ("b.jpg", b"no image")])
+    wanted = (
+        "ray_serve_num_http_requests_total",
+        "ray_emotr_images_total{",
+        'outcome="unreadable"',
+    )
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline and not all(name in text for name in wanted):
+        time.sleep(2)  # Ray exports what its processes recorded every few seconds
+        text = requests.get(served.started.metrics, timeout=10).text
+    assert all(name in text for name in wanted), text[-2000:]
+
+
 def test_each_bad_input_gets_its_status_and_reason_and_the_replica_goes_on(served):
     url, good = served.started.url, [("good.jpg", jpeg(5))]
     bomb = io.BytesIO()
