@@ -4,8 +4,10 @@ uploads and whose batches share VGG passes across concurrent requests.
 - POST /predict: image files (multipart, the tutorial's endpoint, or one raw image body) -> rows
   {file, label, p_<class>..., error} and the version that answered; a single bad file is a 422.
 - POST /invocations: MLflow's scoring protocol (base64 `image`), as `mlflow models serve` answers.
-- GET /healthz (200 once a version is loaded), GET /version (name, version, alias, classes,
-  lineage). `?model=challenger` sends a request to the challenger instead (serve.challenger).
+- POST /explain: /predict's rows, each with the heatmap of its predicted class (a PNG data: URI).
+- GET / (the page, emotr/serve/page.html), GET /healthz (200 once a version is loaded),
+  GET /version (name, version, alias, classes, lineage).
+`?model=challenger` sends a request to the challenger instead (serve.challenger).
 
 Every answer carries the version that computed it (the `model` field and the X-Emotr-Version
 header); emotr.serve.versions keeps each replica on the alias it follows. This module imports
@@ -24,17 +26,19 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import metrics
 from ray.serve.deployment import Application
 
 from emotr.config import Config, ExtractConfig, MlflowConfig, ServeConfig
-from emotr.data.imageio import DecodeError, failure_reason
 from emotr.deploy.registry import open_registry
-from emotr.deploy.serving import input_bytes, prediction_frame
+from emotr.deploy.serving import prediction_frame
 from emotr.extract.runtime import configure_tensorflow, use_environment, worker_environment
+from emotr.insight.cam import CamError
+from emotr.serve.batching import BatchItem, Explained, batch_outputs, decode_all, overlay_data_uri
+from emotr.serve.page import page_html
 from emotr.serve.uploads import Limits, invocation_images, read_body, read_uploads
 from emotr.serve.versions import FollowedVersion, ModelRef, ServedVersion
 
@@ -58,6 +62,7 @@ class ServerSettings(BaseModel):
     model_name: str
     model_ref: str  # alias (followed) or version number
     challenger_ref: str | None = None
+    explain_alpha: float = 0.5  # the heatmap's opacity in /explain's overlays (explain.alpha)
 
 
 def server_settings(cfg: Config, main: ModelRef, challenger: ModelRef | None) -> ServerSettings:
@@ -71,34 +76,8 @@ def server_settings(cfg: Config, main: ModelRef, challenger: ModelRef | None) ->
         model_name=main.name,
         model_ref=main.ref,
         challenger_ref=challenger.ref if challenger else None,
+        explain_alpha=cfg.explain.alpha,
     )
-
-
-def batch_probabilities(items: Sequence[tuple[ServedVersion, np.ndarray]]) -> list[np.ndarray]:
-    """Class probabilities of each (version, pixels) item, one VGG pass per version in the
-    batch: a batch that holds images for two versions (an alias just moved) runs each apart."""
-    results: list[np.ndarray] = [np.empty(0)] * len(items)
-    by_version: dict[int, list[int]] = {}
-    for index, (version, _) in enumerate(items):
-        by_version.setdefault(id(version), []).append(index)
-    for indices in by_version.values():
-        scorer = items[indices[0]][0].scorer
-        pixels = np.stack([items[i][1] for i in indices])
-        probabilities = scorer.score_features(scorer.extractor(pixels))
-        for i, row in zip(indices, probabilities, strict=True):
-            results[i] = row
-    return results
-
-
-def _decode_all(scorer: Any, values: Sequence[Any]) -> list[np.ndarray | str]:
-    """Pixels of each value (bytes or base64 text), or the reason it is no image."""
-    decoded: list[np.ndarray | str] = []
-    for value in values:
-        try:
-            decoded.append(scorer.decode(input_bytes(value)))
-        except (DecodeError, OSError) as error:
-            decoded.append(failure_reason(error))
-    return decoded
 
 
 def _prepare_process(settings: ServerSettings) -> None:
@@ -127,8 +106,9 @@ class EmotrServer:
         }
         self.limits = Limits(int(cfg.max_upload_mb * 2**20), cfg.max_files)
         self.timeout_s = cfg.request_timeout_s
-        self._probabilities.set_max_batch_size(cfg.max_batch_size)
-        self._probabilities.set_batch_wait_timeout_s(cfg.batch_wait_s)
+        self.alpha = settings.explain_alpha
+        self._outputs.set_max_batch_size(cfg.max_batch_size)
+        self._outputs.set_batch_wait_timeout_s(cfg.batch_wait_s)
         self.images = metrics.Counter(
             "emotr_images", "Images answered, by version and outcome", ("version", "outcome")
         )
@@ -172,15 +152,7 @@ class EmotrServer:
         uploads = await read_uploads(request, self.limits)
         served = await followed.get()
         frame = await self._within_timeout(self._score(served, [u.data for u in uploads]))
-        rows = [
-            {"file": upload.name, **row}
-            for upload, row in zip(uploads, frame.to_dict("records"), strict=True)
-        ]
-        status = 422 if len(rows) == 1 and rows[0]["error"] else 200
-        body = {"model": served.answer(), "rows": rows}
-        if status == 422:
-            body["detail"] = f"{rows[0]['file']}: {rows[0]['error']}"
-        return JSONResponse(body, status_code=status, headers={VERSION_HEADER: served.version})
+        return self._rows_answer(served, uploads, frame.to_dict("records"))
 
     @api.post("/invocations")
     async def invocations(self, request: Request, model: str | None = None) -> JSONResponse:
@@ -204,6 +176,29 @@ class EmotrServer:
             {"predictions": frame.to_dict("records")}, headers={VERSION_HEADER: served.version}
         )
 
+    @api.post("/explain")
+    async def explain(self, request: Request, model: str | None = None) -> JSONResponse:
+        """/predict's rows, each with the heatmap of its predicted class over the image."""
+        followed = self._followed(model)
+        uploads = await read_uploads(request, self.limits)
+        served = await followed.get()
+        rows = await self._within_timeout(self._explained_rows(served, [u.data for u in uploads]))
+        return self._rows_answer(served, uploads, rows)
+
+    @api.get("/", response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        """The page: drop images, see each one's emotion, its bars and its heatmap."""
+        return HTMLResponse(page_html())
+
+    def _rows_answer(self, served: ServedVersion, uploads: list, rows: list[dict]) -> JSONResponse:
+        """{"model", "rows"} with each row's file name; a request of one bad file is a 422."""
+        rows = [{"file": u.name, **row} for u, row in zip(uploads, rows, strict=True)]
+        status = 422 if len(rows) == 1 and rows[0]["error"] else 200
+        body: dict[str, Any] = {"model": served.answer(), "rows": rows}
+        if status == 422:
+            body["detail"] = f"{rows[0]['file']}: {rows[0]['error']}"
+        return JSONResponse(body, status_code=status, headers={VERSION_HEADER: served.version})
+
     async def _within_timeout(self, work: Awaitable[Result]) -> Result:
         try:
             return await asyncio.wait_for(work, self.timeout_s)
@@ -216,26 +211,58 @@ class EmotrServer:
 
     async def _score(self, served: ServedVersion, values: Sequence[Any]) -> pd.DataFrame:
         """The output frame of `values` (bytes or base64 text), as the pyfunc model's score."""
-        decoded = await asyncio.to_thread(_decode_all, served.scorer, values)
+        decoded = await asyncio.to_thread(decode_all, served.scorer, values)
         good = [i for i, item in enumerate(decoded) if not isinstance(item, str)]
-        answers = await asyncio.gather(*(self._probabilities((served, decoded[i])) for i in good))
-        probabilities = np.full((len(values), len(served.classes)), np.nan)
+        answers = await asyncio.gather(
+            *(self._outputs(BatchItem(served, decoded[i].pixels, False)) for i in good)
+        )
+        return self._frame(served, decoded, good, answers)
+
+    def _frame(self, served: ServedVersion, decoded: list, good: list[int], answers: list):
+        """prediction_frame of a request's answers; counts its images by outcome."""
+        probabilities = np.full((len(decoded), len(served.classes)), np.nan)
         if good:
-            probabilities[good] = np.stack(answers)
+            probabilities[good] = np.stack([getattr(a, "proba", a) for a in answers])
         errors = [item if isinstance(item, str) else None for item in decoded]
-        for outcome, count in (("scored", len(good)), ("unreadable", len(values) - len(good))):
+        for outcome, count in (("scored", len(good)), ("unreadable", len(decoded) - len(good))):
             if count:  # Ray's counters refuse an increment of 0
                 self.images.inc(count, {"version": served.version, "outcome": outcome})
         return prediction_frame(probabilities, errors, served.scorer.spec)
 
+    async def _explained_rows(self, served: ServedVersion, datas: list[bytes]) -> list[dict]:
+        """/predict's rows plus `overlay` (a PNG data: URI of the predicted class's map over
+        the image) and `overlay_error` (why there is none)."""
+        try:
+            await asyncio.to_thread(served.cam_model)
+            no_map = None
+        except CamError as error:  # an ensemble: its probabilities, no map
+            no_map = str(error)
+        decoded = await asyncio.to_thread(decode_all, served.scorer, datas)
+        good = [i for i, item in enumerate(decoded) if not isinstance(item, str)]
+        answers = await asyncio.gather(
+            *(self._outputs(BatchItem(served, decoded[i].pixels, no_map is None)) for i in good)
+        )
+        rows = self._frame(served, decoded, good, answers).to_dict("records")
+        for row in rows:
+            row["overlay"], row["overlay_error"] = None, row["error"] or no_map
+        for i, answer in zip(good, answers, strict=True):
+            if isinstance(answer, Explained):
+                rows[i]["overlay"] = await asyncio.to_thread(
+                    overlay_data_uri,
+                    datas[i],
+                    decoded[i],
+                    answer.raw_map,
+                    served.scorer.spec,
+                    self.alpha,
+                )
+        return rows
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # both set from serve.* at start
-    async def _probabilities(
-        self, items: list[tuple[ServedVersion, np.ndarray]]
-    ) -> list[np.ndarray]:
+    async def _outputs(self, items: list[BatchItem]) -> list[np.ndarray | Explained]:
         self.batch_images.observe(len(items))
         started = time.perf_counter()
         # The VGG pass in a thread: the event loop goes on reading requests into the next batch.
-        results = await asyncio.to_thread(batch_probabilities, items)
+        results = await asyncio.to_thread(batch_outputs, items)
         log.debug("scored %d images in %.3f s", len(items), time.perf_counter() - started)
         return results
 

@@ -24,6 +24,7 @@ from emotr.deploy.registry import (
     version_classes,
 )
 from emotr.errors import EmotrError
+from emotr.insight.cam import CamModel
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,14 @@ class ServedVersion:
     run_id: str
     tags: dict[str, str]
     scorer: Any = field(repr=False)  # emotr.deploy.serving.ImageScorer
+    _cam: list[CamModel] = field(default_factory=list, repr=False)  # built on first use
+
+    def cam_model(self) -> CamModel:
+        """The version's CamModel (the scorer's graphs, the head's gradient), built once;
+        CamError for a version without maps (an ensemble)."""
+        if not self._cam:
+            self._cam.append(CamModel(self.scorer, self.scorer.extractor.batch_size))
+        return self._cam[0]
 
     def describe(self) -> dict[str, Any]:
         """name, version, alias, classes and lineage tags: what GET /version answers."""

@@ -10,6 +10,8 @@ import io
 import itertools
 import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow.pyfunc
@@ -33,30 +35,40 @@ pytestmark = pytest.mark.slow
 MODEL = "emotr-serve"
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, ray_local, mlflow_server):
-    """A smoke `emotr run` (version 1: champion and challenger) served by `emotr serve`'s code."""
+@contextmanager
+def served_model(root: Path, mlflow_server: str, model: str, *overrides: str):
+    """A smoke `emotr run` of `model` (version 1: champion and challenger) served by `emotr
+    serve`'s code on the shared local Ray; Serve shut down after."""
     from ray import serve
 
-    root = tmp_path_factory.mktemp("serve")
     cfg = smoke_config(
         root,
         f"mlflow.tracking_uri={mlflow_server}",
-        "mlflow.experiment=serve",
-        f"registry.model_name={MODEL}",
+        f"mlflow.experiment={model}",
+        f"registry.model_name={model}",
         "data.demo_n=40",
         f"serve.port={free_port()}",
         "serve.follow_s=1",
-        "serve.max_upload_mb=1",
-        "serve.max_files=4",
         "serve.cpus_per_replica=0.5",
+        *overrides,
     )
     tracker = Tracker(cfg.mlflow)
     result = pipeline.run(cfg, tracker, pipeline.prepare_listing(cfg))
     started = start_serving(cfg, None)
-    yield SimpleNamespace(cfg=cfg, tracker=tracker, result=result, started=started)
-    stop_serving(cfg.serve)
-    serve.shutdown()
+    try:
+        yield SimpleNamespace(cfg=cfg, tracker=tracker, result=result, started=started)
+    finally:
+        stop_serving(cfg.serve)
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, ray_local, mlflow_server):
+    """MODEL served with small upload limits."""
+    root = tmp_path_factory.mktemp("serve")
+    limits = ("serve.max_upload_mb=1", "serve.max_files=4")
+    with served_model(root, mlflow_server, MODEL, *limits) as running:
+        yield running
 
 
 def jpeg(seed: int, size=(60, 48)) -> bytes:
@@ -67,9 +79,12 @@ def jpeg(seed: int, size=(60, 48)) -> bytes:
     return buffer.getvalue()
 
 
-def pyfunc_rows(tracker: Tracker, version: str, images: list[bytes]) -> pd.DataFrame:
+def pyfunc_rows(
+    tracker: Tracker, version: str, images: list[bytes], model_name: str = MODEL
+) -> pd.DataFrame:
+    """The registered version's answer through mlflow.pyfunc, as a user loads it."""
     with fluent_store(tracker):
-        model = mlflow.pyfunc.load_model(f"models:/{MODEL}/{version}")
+        model = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
     return model.predict(pd.DataFrame({"image": images}))
 
 

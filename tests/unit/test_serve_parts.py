@@ -15,7 +15,8 @@ from starlette.requests import Request
 
 from emotr.config import ConfigError
 from emotr.config_io import load_config
-from emotr.serve.app import ServerSettings, batch_probabilities, deployment_options
+from emotr.serve.app import ServerSettings, deployment_options
+from emotr.serve.batching import BatchItem, batch_outputs
 from emotr.serve.launch import serve_config, served_refs, write_build
 from emotr.serve.uploads import Limits, invocation_images, read_uploads
 from emotr.serve.versions import (
@@ -98,9 +99,12 @@ def served_version(factor: float) -> ServedVersion:
 def test_a_batch_runs_one_pass_per_version_and_keeps_each_request_with_its_version():
     old, new = served_version(1.0), served_version(10.0)
     pixels = [np.full((2, 2, 3), value, dtype=np.uint8) for value in (1, 2, 3, 4)]
-    items = [(old, pixels[0]), (new, pixels[1]), (old, pixels[2]), (new, pixels[3])]
+    items = [
+        BatchItem(version, image, explain=False)
+        for version, image in zip([old, new, old, new], pixels, strict=True)
+    ]
 
-    answers = batch_probabilities(items)
+    answers = batch_outputs(items)
 
     assert [a[0] for a in answers] == [12.0, 240.0, 36.0, 480.0]
     assert old.scorer.passes == [2] and new.scorer.passes == [2]
