@@ -148,11 +148,7 @@ class EmotrServer:
     @api.post("/predict")
     async def predict(self, request: Request, model: str | None = None) -> JSONResponse:
         """Uploaded image files -> one row each; a request of one unreadable file is a 422."""
-        followed = self._followed(model)
-        uploads = await read_uploads(request, self.limits)
-        served = await followed.get()
-        frame = await self._within_timeout(self._score(served, [u.data for u in uploads]))
-        return self._rows_answer(served, uploads, frame.to_dict("records"))
+        return await self._answer_uploads(request, model, explain=False)
 
     @api.post("/invocations")
     async def invocations(self, request: Request, model: str | None = None) -> JSONResponse:
@@ -179,19 +175,25 @@ class EmotrServer:
     @api.post("/explain")
     async def explain(self, request: Request, model: str | None = None) -> JSONResponse:
         """/predict's rows, each with the heatmap of its predicted class over the image."""
-        followed = self._followed(model)
-        uploads = await read_uploads(request, self.limits)
-        served = await followed.get()
-        rows = await self._within_timeout(self._explained_rows(served, [u.data for u in uploads]))
-        return self._rows_answer(served, uploads, rows)
+        return await self._answer_uploads(request, model, explain=True)
 
     @api.get("/", response_class=HTMLResponse)
     async def page(self) -> HTMLResponse:
         """The page: drop images, see each one's emotion, its bars and its heatmap."""
         return HTMLResponse(page_html())
 
-    def _rows_answer(self, served: ServedVersion, uploads: list, rows: list[dict]) -> JSONResponse:
-        """{"model", "rows"} with each row's file name; a request of one bad file is a 422."""
+    async def _answer_uploads(
+        self, request: Request, model: str | None, explain: bool
+    ) -> JSONResponse:
+        """{"model", "rows"}: a row per uploaded file (its name first); one bad file is a 422."""
+        followed = self._followed(model)
+        uploads = await read_uploads(request, self.limits)
+        served = await followed.get()
+        datas = [upload.data for upload in uploads]
+        if explain:
+            rows = await self._within_timeout(self._explained_rows(served, datas))
+        else:
+            rows = (await self._within_timeout(self._score(served, datas))).to_dict("records")
         rows = [{"file": u.name, **row} for u, row in zip(uploads, rows, strict=True)]
         status = 422 if len(rows) == 1 and rows[0]["error"] else 200
         body: dict[str, Any] = {"model": served.answer(), "rows": rows}
