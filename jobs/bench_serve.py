@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -26,14 +27,16 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import requests
 import yaml
-from benchlib import REPO, add_output_arguments, publish
+from benchlib import add_output_arguments, publish
 
 BIN = Path(sys.executable).parent  # `emotr`, and the uvicorn `mlflow models serve` starts
 MODEL = "emotr-bench"
@@ -44,12 +47,24 @@ LOAD_SCRIPT = Path(__file__).with_name("serve_load.py")
 def work_config(work: Path) -> Path:
     """The job's YAML: every store under `work`, the demo set, the real input size, one trial."""
     config = {
-        "data": {"root": str(work / "data"), "classes": ["negative", "positive"]},
+        "data": {
+            "root": str(work / "data"),
+            "classes": ["negative", "positive"],
+            "generate_demo": True,
+            "demo_n": 200,
+        },
         "backbone": {"weights": "hed-bsds500", "input_size": [224, 224]},
         "extract": {"taps": ["gap5"]},
         "cache": {"root": str(work / "cache")},
         # The tutorial's recipe alone: the benchmark times serving, not the search.
-        "tune": {"n_trials": 1, "cv_folds": 0, "peer": False, "ensemble_size": 0},
+        "tune": {
+            "n_trials": 1,
+            "cv_folds": 0,
+            "peer": False,
+            "ensemble_size": 0,
+            "search_space": {},
+            "storage": f"sqlite:///{work / 'optuna.db'}",
+        },
         "mlflow": {
             "tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
             "artifact_location": str(work / "artifacts"),
@@ -57,8 +72,6 @@ def work_config(work: Path) -> Path:
         "registry": {"model_name": MODEL},
         "ray": {"num_cpus": 2},
     }
-    config["data"].update({"generate_demo": True, "demo_n": 200})
-    config["tune"].update({"search_space": {}, "storage": f"sqlite:///{work / 'optuna.db'}"})
     path = work / "bench.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -74,7 +87,7 @@ def register_versions(config: Path) -> None:
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{config.parent / 'mlflow.db'}")
-    known = {v.version for v in client.search_model_versions(f"name = '{MODEL}'")}
+    known = {str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")}
     if "1" not in known:
         emotr(config, "run", "tune.study_name=bench-serve-1")
     if "2" not in known:
@@ -100,19 +113,27 @@ class Server:
     port: int
 
     def stop(self) -> None:
-        """SIGINT (emotr serve deletes its application and stops Ray), then SIGKILL whatever of
-        its process group and descendants lives on; return once the port is free."""
+        """Ctrl-C (emotr serve deletes its application and stops its Ray), then SIGTERM and
+        SIGKILL to whatever of the server lives on; return once its port is free."""
         family = psutil.Process(self.process.pid).children(recursive=True)
         self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
+        for group_signal in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                self.process.wait(timeout=60)
+                break
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, group_signal)
+        self.process.wait(timeout=30)
+        for process in family:  # uvicorn's workers, Ray's actors: outside the group or orphaned
+            try:
+                process.terminate()
+            except psutil.NoSuchProcess:
+                continue
         _, alive = psutil.wait_procs(family, timeout=30)
         for process in alive:
             process.kill()
-        while not port_is_free(self.port):
+        deadline = time.monotonic() + 60
+        while not port_is_free(self.port) and time.monotonic() < deadline:
             time.sleep(0.5)
 
 
@@ -122,12 +143,19 @@ def port_is_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+def _default_sigint() -> None:
+    # A shell's background job ignores SIGINT, and Python then never turns it into the
+    # KeyboardInterrupt on which `emotr serve` stops cleanly: give the server the default back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_server(command: list[str], port: int, ready: str, log: Path, env=None) -> Server:
     """Start a server (its own session, its output to `log`) and wait for `ready` to answer."""
     with log.open("w") as out:
         process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=_default_sigint,
+        )  # fmt: skip
     server = Server(process, f"http://127.0.0.1:{port}", port)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -214,31 +242,35 @@ def bare_scorer(config: Path, photos: Path, batch: int, seconds: float) -> float
     return n_images / (time.perf_counter() - started)
 
 
-def replica_processes(server: Server) -> list[psutil.Process]:
-    """The live replica processes of `emotr serve` (descendants of its process)."""
-    found = []
+def replica_titles(server: Server) -> list[str]:
+    """Process titles of `emotr serve`'s replicas (descendants of its process): Ray titles a
+    replica `ray::ServeReplica:APP:DEPLOYMENT`, with `.method` appended while its actor runs a
+    call such as its start-up."""
+    titles = []
     for process in psutil.Process(server.process.pid).children(recursive=True):
         try:
-            if any(REPLICA_TITLE in part for part in process.cmdline()):
-                found.append(process)
+            title = " ".join(" ".join(process.cmdline()).split())  # Ray pads it with spaces
         except psutil.NoSuchProcess:
             continue
-    return found
+        if REPLICA_TITLE in title:
+            titles.append(f"{process.pid} {title}")
+    return titles
 
 
 def version_changes(rows: list) -> int:
     """How often the answering version changes, answers in arrival order (errors skipped)."""
     versions = [version for _, status, version, _ in rows if status == 200]
-    return sum(1 for before, after in zip(versions, versions[1:], strict=False) if before != after)
+    return sum(1 for before, after in itertools.pairwise(versions) if before != after)
 
 
 def promotion_under_load(server: Server, config: Path, args) -> dict:
     """(d) 4 clients; `emotr promote --version 2` at --act-at s: failures, version changes."""
     records = config.parent / "promotion.json"
     load = start_load(server.url, "predict", 4, args, records)
+    timed_start = time.monotonic()
     time.sleep(args.act_at)
-    promoted_at = args.act_at
     emotr(config, "promote", "--version", "2")
+    promoted_at = time.monotonic() - timed_start  # when the command returned
     summary = finish_load(load)
     rows = json.loads(records.read_text())
     switched = [row[0] for row in rows if row[1] == 200 and row[2] == "2"]
@@ -253,29 +285,210 @@ def promotion_under_load(server: Server, config: Path, args) -> dict:
 
 
 def kill_under_load(server: Server, config: Path, args) -> dict:
-    """(e) 4 clients; one replica SIGKILLed at --act-at s: answered share, recovery."""
+    """(e) 4 clients; one replica SIGKILLed at --act-at s: answered share; /healthz and the
+    replica count until Serve has started a new replica (its title without a running call)."""
     records = config.parent / "kill.json"
+    before = replica_titles(server)
     load = start_load(server.url, "predict", 4, args, records)
     time.sleep(args.act_at)
-    replicas = replica_processes(server)
-    os.kill(replicas[0].pid, signal.SIGKILL)
+    os.kill(int(before[0].split()[0]), signal.SIGKILL)
     killed_at = time.monotonic()
+    recovered_s, titles, healthy = None, [], False
+    while time.monotonic() - killed_at < 150:
+        time.sleep(1)
+        titles = replica_titles(server)
+        ready = [t for t in titles if t.endswith(REPLICA_TITLE)]
+        healthy = requests.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        if healthy and len(ready) == 2 and recovered_s is None:
+            recovered_s = time.monotonic() - killed_at
+        if recovered_s is not None and load.poll() is not None:
+            break
     summary = finish_load(load)
     rows = json.loads(records.read_text())
-    healthy, n_replicas = False, 0
-    deadline = time.monotonic() + 120  # Serve restarts the replica: VGG loads again
-    while time.monotonic() < deadline and not (healthy and n_replicas == 2):
-        time.sleep(2)
-        healthy = requests.get(f"{server.url}/healthz", timeout=10).status_code == 200
-        n_replicas = len(replica_processes(server))
     summary.update(
-        replicas_before=len(replicas),
+        replicas_before=before,
+        replicas_after=titles,
         answered=sum(1 for row in rows if row[1] == 200) / max(1, len(rows)),
-        statuses=sorted({row[1] for row in rows}),
+        statuses=dict(Counter(str(row[1]) for row in rows)),
         healthy=healthy,
-        replicas_after=n_replicas,
-        recovered_s=time.monotonic() - killed_at,
+        recovered_s=recovered_s,
         load=os.getloadavg()[0],
     )
     print(f"kill: {summary}", flush=True)
     return summary
+
+
+def throughput_rows(points: list[tuple[str, str, dict]]) -> str:
+    """The table of the load points: server, endpoint, clients, req/s, latencies, failures."""
+    lines = [
+        "| server | endpoint | clients | requests/s | p50 ms | p95 ms | p99 ms | failed | load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for server, endpoint, point in points:
+        lines.append(
+            f"| {server} | /{endpoint} | {point['clients']} | {point['rps']:.1f} | "
+            f"{point['p50_ms']:.0f} | {point['p95_ms']:.0f} | {point['p99_ms']:.0f} | "
+            f"{point['failures']} of {point['requests']} | {point['load']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def target_rows(results: dict) -> list[str]:
+    """One row per issue-28 target that this run measured: measured value, met or not."""
+    rows = []
+    emotr_pts, mlflow_pts = results.get("emotr", {}), results.get("mlflow", {})
+    bare = results.get("bare")
+    if 16 in emotr_pts and bare:
+        ratio = emotr_pts[16]["rps"] / bare
+        rows.append(
+            f"| 16 clients: emotr serve >= 0.8x the bare scorer's images/s | "
+            f"{emotr_pts[16]['rps']:.1f} vs {bare:.1f}: **{ratio:.2f}x** | {_met(ratio >= 0.8)} |"
+        )
+    if 16 in emotr_pts and 16 in mlflow_pts:
+        ratio = emotr_pts[16]["rps"] / mlflow_pts[16]["rps"]
+        rows.append(
+            f"| 16 clients: emotr serve >= 3x the requests/s of mlflow models serve | "
+            f"{emotr_pts[16]['rps']:.1f} vs {mlflow_pts[16]['rps']:.1f}: **{ratio:.2f}x** | "
+            f"{_met(ratio >= 3)} |"
+        )
+    if 1 in emotr_pts and 1 in mlflow_pts:
+        ratio = emotr_pts[1]["p50_ms"] / mlflow_pts[1]["p50_ms"]
+        rows.append(
+            f"| 1 client: emotr serve's p50 <= 1.2x mlflow's | {emotr_pts[1]['p50_ms']:.0f} vs "
+            f"{mlflow_pts[1]['p50_ms']:.0f} ms: **{ratio:.2f}x** | {_met(ratio <= 1.2)} |"
+        )
+    if promotion := results.get("promotion"):
+        met = promotion["failures"] == 0 and promotion["changes"] == 1
+        rows.append(
+            f"| promotion under 4 clients, 2 replicas: 0 failed, the version switches once | "
+            f"{promotion['failures']} failed of {promotion['requests']}, "
+            f"{promotion['changes']} switch(es) | {_met(met)} |"
+        )
+    if kill := results.get("kill"):
+        met = kill["answered"] >= 0.99 and kill["healthy"] and kill["recovered_s"] is not None
+        rows.append(
+            f"| a replica SIGKILLed under 4 clients: >= 99 % answered, healthy again | "
+            f"{100 * kill['answered']:.1f} % of {kill['requests']}; healthy, 2 replicas after "
+            f"{kill['recovered_s'] or float('nan'):.0f} s | {_met(met)} |"
+        )
+    return rows
+
+
+def _met(value: bool) -> str:
+    return "yes" if value else "**no**"
+
+
+def fault_text(results: dict, args) -> str:
+    """The fault scenarios in words: when the version switched, what the kill cost."""
+    text = ""
+    if promotion := results.get("promotion"):
+        text += (
+            f"\n(d) promotion: `emotr promote --version 2` started {args.act_at:.0f} s and "
+            f"returned {promotion['promoted_at']:.1f} s into "
+            f"{promotion['seconds']:.0f} s of 4 clients; first answer of version 2 at "
+            f"{promotion['first_v2_at'] or float('nan'):.1f} s; {promotion['rps']:.1f} requests/s, "
+            f"p50/p95/p99 {promotion['p50_ms']:.0f}/{promotion['p95_ms']:.0f}/"
+            f"{promotion['p99_ms']:.0f} ms, load {promotion['load']:.1f}.\n"
+        )
+    if kill := results.get("kill"):
+        text += (
+            f"\n(e) SIGKILL of one replica {kill['killed_at']:.0f} s into {kill['seconds']:.0f} s "
+            f"of 4 clients: HTTP statuses {kill['statuses']}; {kill['rps']:.1f} requests/s, "
+            f"p50/p95/p99 {kill['p50_ms']:.0f}/{kill['p95_ms']:.0f}/{kill['p99_ms']:.0f} ms; "
+            f"replicas before `{'; '.join(kill['replicas_before'])}`, at the end "
+            f"`{'; '.join(kill['replicas_after'])}`; load {kill['load']:.1f}.\n"
+        )
+    return text
+
+
+def run_parts(args, config: Path) -> dict:
+    """The parts asked for, in turns: emotr serve, mlflow models serve, the bare scorer, faults."""
+    results: dict = {"points": []}
+    if "emotr" in args.parts:
+        server = start_emotr_serve(config, replicas=1, cpus=2, batch=args.batch)
+        try:
+            results["emotr"] = {n: measure(server, "predict", n, args) for n in args.clients}
+            results["points"] += [("emotr serve", "predict", p) for p in results["emotr"].values()]
+            same = measure(server, "invocations", max(args.clients), args)
+            results["points"].append(("emotr serve", "invocations", same))
+        finally:
+            server.stop()
+    if "mlflow" in args.parts:
+        server = start_mlflow_serve(config)
+        try:
+            results["mlflow"] = {n: measure(server, "invocations", n, args) for n in args.clients}
+            results["points"] += [("mlflow models serve", "invocations", p)
+                                  for p in results["mlflow"].values()]  # fmt: skip
+        finally:
+            server.stop()
+    if "bare" in args.parts:
+        results["bare"] = bare_scorer(config, args.photos, args.batch, args.bare_seconds)
+        results["bare_load"] = os.getloadavg()[0]
+        print(f"bare scorer: {results['bare']:.1f} images/s", flush=True)
+    if "faults" in args.parts:
+        server = start_emotr_serve(config, replicas=2, cpus=1, batch=args.batch)
+        try:
+            results["promotion"] = promotion_under_load(server, config, args)
+            results["kill"] = kill_under_load(server, config, args)
+            results["kill"]["killed_at"] = args.act_at
+        finally:
+            server.stop()
+            emotr(config, "promote", "--version", "1")  # the champion of a next run's start
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--photos", type=Path, required=True, help="a folder of real *.jpg")
+    parser.add_argument("--source", default="", help="where the photos came from (repo@commit)")
+    parser.add_argument("--work", type=Path, help="stores and logs (default: a new /tmp folder)")
+    parser.add_argument("--clients", type=lambda t: [int(n) for n in t.split(",")],
+                        default=[1, 4, 16], help="concurrent clients, e.g. 1,4,16")  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=45.0, help="timed seconds per point")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds before each")
+    parser.add_argument("--batch", type=int, default=8, help="serve.max_batch_size, bare batch")
+    parser.add_argument("--bare-seconds", type=float, default=30.0)
+    parser.add_argument("--fault-seconds", type=float, default=60.0, help="each fault load")
+    parser.add_argument("--act-at", type=float, default=20.0, help="promote / kill after this")
+    parser.add_argument("--parts", type=lambda t: t.split(","),
+                        default=["emotr", "mlflow", "bare", "faults"])  # fmt: skip
+    add_output_arguments(parser)
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    work.mkdir(parents=True, exist_ok=True)
+    config = work_config(work.resolve())
+    register_versions(config)
+    load_before, started = os.getloadavg(), time.perf_counter()
+    results = run_parts(args, config)
+    minutes, load_after = (time.perf_counter() - started) / 60, os.getloadavg()
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU, load average (1 min) "
+        f"{load_before[0]:.1f} before and {load_after[0]:.1f} after ({minutes:.0f} min)"
+    )
+    command = " ".join(["python jobs/bench_serve.py", *sys.argv[1:]])
+    bare = results.get("bare")
+    section = (
+        f"\n### Online serving: emotr serve, mlflow models serve, the bare scorer (issue 28, "
+        f"{datetime.date.today().isoformat()})\n\n`{command}` on {machine}. "
+        f"{len(list(args.photos.glob('*.jpg')))} real JPEGs ({args.source or args.photos}), one "
+        f"per request; version 1 of a demo-set model (hed-bsds500 VGG16, 224x224, gap5 + the "
+        f"tutorial's head); emotr serve: 1 replica of 2 CPUs, batches of {args.batch}; mlflow "
+        "models serve --env-manager local, its default workers; locust (jobs/serve_load.py), "
+        f"{args.warmup:.0f} s warm-up then {args.seconds:.0f} s per point, no think time.\n\n"
+        + throughput_rows(results["points"])
+        + (
+            f"\nBare scorer (VGG + head of version 1, this process, batches of {args.batch} "
+            f"decoded images): **{bare:.1f} images/s** (load {results['bare_load']:.1f}).\n"
+            if bare
+            else ""
+        )
+        + fault_text(results, args)
+        + "\n| target | measured | met? |\n| --- | --- | --- |\n"
+        + "\n".join(target_rows(results))
+        + "\n"
+    )
+    publish(args, section)
+
+
+if __name__ == "__main__":
+    main()

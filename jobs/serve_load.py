@@ -4,10 +4,11 @@
         --clients 4 --seconds 45 [--warmup 5] [--max-requests N] [--records FILE]
 
 Each request sends one JPEG of DIR, drawn at random: as a multipart `file` field to /predict
-(emotr serve), or base64 in MLflow's dataframe_split to /invocations (both servers). Prints one
-line `timed part begins`, then one JSON line: requests, failures, requests/s and p50/p95/p99 latency of the timed part (after the
-warm-up). --records writes each timed request as [seconds since the timed part began, at its
-end; HTTP status; X-Emotr-Version header] in the order the answers arrived.
+(emotr serve), or base64 in MLflow's dataframe_split to /invocations (both servers). Prints
+`timed part begins` once the warm-up is over, then one JSON line: requests, failures, requests/s,
+p50/p95/p99 latency of the timed part. --records writes each timed request as [seconds since the
+timed part began, at its end; HTTP status; X-Emotr-Version header; latency ms] in the order the
+answers arrived.
 
 A process of its own: locust patches the process it is imported in with gevent, and the patch
 must come before anything imports ssl or threading, so locust is the first import here.
@@ -33,7 +34,7 @@ VERSION_HEADER = "X-Emotr-Version"
 def multipart_body(name: str, data: bytes) -> bytes:
     """A multipart/form-data body of one `file` field (what `curl -F file=@photo.jpg` sends)."""
     head = (
-        f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
         "Content-Type: image/jpeg\r\n\r\n"
     ).encode()
     return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()

@@ -188,6 +188,17 @@ def quiet_ray_data_console() -> None:
             handler.setLevel(logging.WARNING)
 
 
+def quiet_serve_console() -> None:
+    """Ray Serve's INFO lines on the driver ("Started Serve", "Application ... is ready") off
+    the console; its replicas and controller log to Ray's files. Set once Serve is imported:
+    importing it configures its logger."""
+    if settings.debug:
+        return
+    import ray.serve  # noqa: F401 - configures the "ray.serve" logger
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
 def load_keras_quietly() -> None:
     """Import Keras (and so TensorFlow) and make a first tensor, its native start-up lines held.
 

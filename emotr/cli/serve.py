@@ -10,7 +10,7 @@ import typer
 
 from emotr.cli.doctor import connect_ray
 from emotr.cli.options import ConfigOption, ModelOption, Overrides, load_command_config
-from emotr.cli.output import console, fail, guard
+from emotr.cli.output import console, fail, guard, quiet_serve_console
 from emotr.config_io import DEFAULT_CONFIG
 
 
@@ -41,19 +41,23 @@ def serve(
             return
         if detach and cfg.ray.address is None:
             raise fail("--detach needs a cluster (ray.address): a private Ray ends with emotr", 2)
+        launch.check_served(cfg, model)  # before Ray starts: a wrong --model fails at once
         connect_ray(cfg)
+        quiet_serve_console()
         started = launch.start_serving(cfg, model)
     follows = " (followed when the alias moves)" if started.served.follows else ""
     console.print(
         f"serving {started.served.uri}: version {started.version}{follows} at {started.url}",
         highlight=False,
+        soft_wrap=True,
     )
     if started.challenger is not None:
         console.print(f"?model=challenger answers with {started.challenger.uri}", highlight=False)
     console.print(
-        f"  curl -F file=@photo.jpg {started.url}/predict     (also /invocations, /healthz, "
-        "/version)",
+        f"open {started.url}/ in a browser, or: curl -F file=@photo.jpg {started.url}/predict "
+        "(also /explain, /invocations, /healthz, /version)",
         highlight=False,
+        soft_wrap=True,
     )
     if started.metrics:
         console.print(f"metrics for Prometheus: {started.metrics}", highlight=False)
@@ -62,8 +66,8 @@ def serve(
             f"stop it with: serve shutdown, or emotr's app only: serve delete {cfg.serve.app_name}"
         )
         return
-    console.print("Ctrl-C stops it", style="dim")
-    try:
+    try:  # from the moment it says so, Ctrl-C stops the application cleanly
+        console.print("Ctrl-C stops it", style="dim")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -73,24 +73,26 @@ def local_url(cfg: ServeConfig) -> str:
     return f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
 
 
-def start_serving(cfg: Config, model: str | None) -> Started:
-    """Deploy the application on the connected Ray and wait until it answers /healthz.
+def check_served(cfg: Config, model: str | None) -> str:
+    """The version the served reference names now: a missing alias or version fails here in a
+    second, naming it, rather than after Ray started and Serve retried its replicas."""
+    main, _ = served_refs(cfg, model)
+    return resolve_version(open_registry(cfg.mlflow), main)
 
-    The served reference is resolved here first: a missing alias or version fails in a second,
-    naming it, rather than after Serve retried its replicas.
-    """
+
+def start_serving(cfg: Config, model: str | None) -> Started:
+    """Deploy the application on the connected Ray and wait until it answers /healthz."""
     from ray import serve
 
     from emotr.serve.app import application
 
+    version = check_served(cfg, model)
     settings = _settings(cfg, model)
-    main = ModelRef(settings.model_name, settings.model_ref)
-    version = resolve_version(open_registry(cfg.mlflow), main)
     serve.start(http_options=http_options(cfg.serve))
     serve.run(application(settings), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
     url = local_url(cfg.serve)
     wait_until_ready(url, timeout_s=120.0)
-    challenger = ModelRef(main.name, settings.challenger_ref) if settings.challenger_ref else None
+    main, challenger = served_refs(cfg, model)
     return Started(url, main, version, challenger, _metrics_url())
 
 
