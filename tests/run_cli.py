@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# Lines of Ray's that a healthy command keeps off its console (shown under --debug).
+RAY_NOISE = re.compile(
+    r"authentication token|Token authentication|Started a local Ray|Starting execution of "
+    r"Dataset|Execution plan of Dataset|execution finished in|core_worker\.cc",
+    re.IGNORECASE,
+)
 
 
 def emotr(

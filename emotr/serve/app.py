@@ -36,7 +36,7 @@ from emotr.config import Config, ExtractConfig, MlflowConfig, ServeConfig
 from emotr.deploy.registry import open_registry
 from emotr.deploy.serving import prediction_frame
 from emotr.extract.runtime import configure_tensorflow, use_environment, worker_environment
-from emotr.insight.cam import CamError
+from emotr.insight.cam import CamError, map_grid
 from emotr.serve.batching import BatchItem, Explained, batch_outputs, decode_all, overlay_data_uri
 from emotr.serve.page import page_html
 from emotr.serve.uploads import Limits, invocation_images, read_body, read_uploads
@@ -234,8 +234,8 @@ class EmotrServer:
     async def _explained_rows(self, served: ServedVersion, datas: list[bytes]) -> list[dict]:
         """/predict's rows plus `overlay` (a PNG data: URI of the predicted class's map over
         the image) and `overlay_error` (why there is none)."""
-        try:
-            await asyncio.to_thread(served.cam_model)
+        try:  # the CamModel itself is built in the batch's thread, beside the VGG passes
+            map_grid(served.scorer.spec)
             no_map = None
         except CamError as error:  # an ensemble: its probabilities, no map
             no_map = str(error)

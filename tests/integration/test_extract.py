@@ -35,6 +35,7 @@ from emotr.extract.dataset import _ProgressLog
 from emotr.extract.driver import TooManyFailures, extract_features
 from emotr.track import Tracker
 from tests.conftest import REPO, decoded, demo_config, smoke_config
+from tests.run_cli import RAY_NOISE
 
 pytestmark = pytest.mark.slow
 
@@ -412,13 +413,6 @@ def test_extract_command_logs_progress_and_no_tensorflow_or_keras_noise(extract_
 # Ray's lines on a healthy run's console: token authentication's warning and "Generated new
 # authentication token", "Started a local Ray instance", Ray Data's start, plan and finish of
 # each dataset, and the core worker's native line about actor constructor arguments (ray#57733).
-RAY_NOISE = re.compile(
-    r"authentication token|Token authentication|Started a local Ray|Starting execution of "
-    r"Dataset|Execution plan of Dataset|execution finished in|core_worker\.cc",
-    re.IGNORECASE,
-)
-
-
 def test_extract_command_prints_no_ray_start_up_data_plan_or_core_worker_lines(extract_console):
     noise = [line for line in extract_console.splitlines() if RAY_NOISE.search(line)]
     assert not noise, "\n".join(noise)

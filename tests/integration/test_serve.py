@@ -8,6 +8,9 @@ from __future__ import annotations
 import base64
 import io
 import itertools
+import signal
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -19,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+import yaml
 from PIL import Image
 
 from emotr import pipeline
@@ -28,6 +32,7 @@ from emotr.deploy.registry import fluent_store
 from emotr.serve.launch import start_serving, stop_serving
 from emotr.track import Tracker
 from tests.conftest import shuffled_label_candidate, smoke_config
+from tests.run_cli import RAY_NOISE, emotr
 from tests.services import free_port
 
 pytestmark = pytest.mark.slow
@@ -291,3 +296,36 @@ def test_a_promotion_is_followed_with_no_failed_or_mixed_request(served):
     rows = post_files(served.started.url, [("a.jpg", image)], model="challenger").json()["rows"]
     expected = pyfunc_rows(served.tracker, str(second), [image])
     assert rows[0]["p_positive"] == pytest.approx(float(expected["p_positive"][0]), abs=1e-6)
+
+
+def test_the_serve_command_says_where_it_serves_and_stops_on_ctrl_c(served, tmp_path):
+    config = tmp_path / "serve.yaml"
+    port = free_port()
+    cfg = served.cfg.model_copy(
+        update={"serve": served.cfg.serve.model_copy(update={"port": port})}
+    )
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+
+    wrong = emotr("serve", "-c", str(config), "--model", "99", timeout=120)
+    assert wrong.returncode == 1
+    assert f"model '{MODEL}' has no version or alias '99'" in wrong.stderr
+
+    command = [sys.executable, "-m", "emotr.cli", "serve", "-c", str(config)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in process.stdout:  # until it says that Ctrl-C stops it
+            lines.append(line)
+            if "Ctrl-C" in line:
+                break
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).ok
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    console = "".join(lines) + out + err
+    assert process.returncode == 0, console
+    assert f"version {served.result.model_version}" in lines[0]
+    assert f"http://127.0.0.1:{port}" in lines[0] and "stopped" in out
+    noise = [line for line in console.splitlines() if RAY_NOISE.search(line) or "INFO" in line]
+    assert not noise, console
