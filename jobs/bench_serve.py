@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import platform
+import shlex
 import signal
 import socket
 import subprocess
@@ -465,7 +466,7 @@ def main() -> None:
         f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU, load average (1 min) "
         f"{load_before[0]:.1f} before and {load_after[0]:.1f} after ({minutes:.0f} min)"
     )
-    command = " ".join(["python jobs/bench_serve.py", *sys.argv[1:]])
+    command = shlex.join(["python", "jobs/bench_serve.py", *sys.argv[1:]])
     bare = results.get("bare")
     section = (
         f"\n### Online serving: emotr serve, mlflow models serve, the bare scorer (issue 28, "
