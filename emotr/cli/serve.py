@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Annotated
@@ -42,6 +44,8 @@ def serve(
         if detach and cfg.ray.address is None:
             raise fail("--detach needs a cluster (ray.address): a private Ray ends with emotr", 2)
         launch.check_served(cfg, model)  # before Ray starts: a wrong --model fails at once
+        if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):  # a private Ray
+            launch.check_port_free(cfg.serve)
         connect_ray(cfg)
         quiet_serve_console()
         started = launch.start_serving(cfg, model)
@@ -66,8 +70,11 @@ def serve(
             f"stop it with: serve shutdown, or emotr's app only: serve delete {cfg.serve.app_name}"
         )
         return
+    # A process manager's SIGTERM stops it as Ctrl-C does (a shell's background job ignores
+    # SIGINT, and Ray's own SIGTERM handler would exit without deleting the application).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:  # from the moment it says so, Ctrl-C stops the application cleanly
-        console.print("Ctrl-C stops it", style="dim")
+        console.print("Ctrl-C (or SIGTERM) stops it", style="dim")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

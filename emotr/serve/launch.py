@@ -6,6 +6,7 @@ Ray Serve is imported inside the functions that start or stop it: `--build` need
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,8 @@ def start_serving(cfg: Config, model: str | None) -> Started:
 
     version = check_served(cfg, model)
     settings = _settings(cfg, model)
+    if not _serve_running():
+        check_port_free(cfg.serve)
     serve.start(http_options=http_options(cfg.serve))
     serve.run(application(settings), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
     url = local_url(cfg.serve)
@@ -105,6 +108,32 @@ def _metrics_url() -> str | None:
         if node.get("NodeID") == node_id and node.get("MetricsExportPort"):
             return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
     return None
+
+
+def _serve_running() -> bool:
+    """Whether the connected Ray runs Serve already (its proxy holds the port it was given)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def check_port_free(cfg: ServeConfig) -> None:
+    """Refuse a port something already listens on (ServeError): Serve's proxy binds with
+    SO_REUSEPORT, so a second server on the same port would start without an error and the
+    kernel would split the requests between the two."""
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    with socket.socket() as probe:
+        probe.settimeout(1.0)
+        if probe.connect_ex((host, cfg.port)) == 0:
+            raise ServeError(
+                f"serve.port {cfg.port}: something already listens on {host}:{cfg.port} (another "
+                "emotr serve?); stop it, or choose another port (serve.port=8001)"
+            )
 
 
 def stop_serving(cfg: ServeConfig) -> None:

@@ -9,6 +9,7 @@ import base64
 import io
 import itertools
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -298,7 +299,7 @@ def test_a_promotion_is_followed_with_no_failed_or_mixed_request(served):
     assert rows[0]["p_positive"] == pytest.approx(float(expected["p_positive"][0]), abs=1e-6)
 
 
-def test_the_serve_command_says_where_it_serves_and_stops_on_ctrl_c(served, tmp_path):
+def test_the_serve_command_refuses_a_busy_port_says_where_it_serves_and_stops(served, tmp_path):
     config = tmp_path / "serve.yaml"
     port = free_port()
     cfg = served.cfg.model_copy(
@@ -310,6 +311,15 @@ def test_the_serve_command_says_where_it_serves_and_stops_on_ctrl_c(served, tmp_
     assert wrong.returncode == 1
     assert f"model '{MODEL}' has no version or alias '99'" in wrong.stderr
 
+    with socket.socket() as taken:  # a port another server holds: refused, named
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        refused = emotr("serve", "-c", str(config), f"serve.port={busy}", timeout=120)
+    assert refused.returncode == 1 and f"something already listens on 127.0.0.1:{busy}" in (
+        refused.stderr
+    )
+
     command = [sys.executable, "-m", "emotr.cli", "serve", "-c", str(config)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -319,7 +329,7 @@ def test_the_serve_command_says_where_it_serves_and_stops_on_ctrl_c(served, tmp_
             if "Ctrl-C" in line:
                 break
         assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).ok
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)  # as a process manager stops it; Ctrl-C alike
         out, err = process.communicate(timeout=120)
     finally:
         process.kill()
