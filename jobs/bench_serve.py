@@ -2,6 +2,7 @@
 scorer, and `emotr serve` through a promotion and a killed replica.
 
     python jobs/bench_serve.py --photos DIR [--work DIR] [--seconds 45] [--docs]
+        [--parts emotr,mlflow,bare,faults,explain]
 
 One registered version (the demo set, hed-bsds500 VGG16 at 224x224, gap5 + the tutorial's head;
 `emotr run` registers it in --work, with every store there) is served in turns on this machine:
@@ -12,7 +13,8 @@ locust load of single-image requests (the JPEGs of --photos, 127.0.0.1 only) on 
 this process on batches of decoded images, its images/s the limit. Then (d) with 2 replicas of 1
 CPU, 4 clients for --fault-seconds: `emotr promote --version 2` at --act-at s (failed requests,
 changes of the answering version in arrival order), and (e) one replica SIGKILLed at --act-at s
-(share answered 200; /healthz 200 and 2 replicas alive again at the end).
+(share answered 200; /healthz 200 and 2 replicas alive again at the end). `--parts explain`:
+(f) /explain against /predict of one emotr serve at 4 clients, in turns twice (issue 29).
 """
 
 from __future__ import annotations
@@ -358,6 +360,16 @@ def target_rows(results: dict) -> list[str]:
             f"| 1 client: emotr serve's p50 <= 1.2x mlflow's | {emotr_pts[1]['p50_ms']:.0f} vs "
             f"{mlflow_pts[1]['p50_ms']:.0f} ms: **{ratio:.2f}x** | {_met(ratio <= 1.2)} |"
         )
+    if explain := results.get("explain"):
+        low = min(explain["ratios"])
+        shown = " and ".join(
+            f"{r['explain']['rps']:.2f} vs {r['predict']['rps']:.2f}" for r in explain["rounds"]
+        )
+        rows.append(
+            f"| /explain requests/s >= 0.8x /predict's at {explain['clients']} clients (issue 29) "
+            f"| {shown} requests/s: **{', '.join(f'{x:.2f}x' for x in explain['ratios'])}** | "
+            f"{_met(low >= 0.8)} |"
+        )
     if promotion := results.get("promotion"):
         met = promotion["failures"] == 0 and promotion["changes"] == 1
         rows.append(
@@ -402,6 +414,24 @@ def fault_text(results: dict, args) -> str:
     return text
 
 
+def explain_against_predict(config: Path, args, clients: int = 4) -> dict:
+    """/explain and /predict of one emotr serve at `clients`, in turns twice (issue 29)."""
+    server = start_emotr_serve(config, replicas=1, cpus=2, batch=args.batch)
+    try:
+        rounds = [
+            {
+                endpoint: measure(server, endpoint, clients, args)
+                for endpoint in ("predict", "explain")
+            }
+            for _ in range(2)
+        ]
+    finally:
+        server.stop()
+    ratios = [r["explain"]["rps"] / r["predict"]["rps"] for r in rounds]
+    print(f"/explain vs /predict at {clients} clients: {ratios}", flush=True)
+    return {"clients": clients, "rounds": rounds, "ratios": ratios}
+
+
 def run_parts(args, config: Path) -> dict:
     """The parts asked for, in turns: emotr serve, mlflow models serve, the bare scorer, faults."""
     results: dict = {"points": []}
@@ -426,6 +456,13 @@ def run_parts(args, config: Path) -> dict:
         results["bare"] = bare_scorer(config, args.photos, args.batch, args.bare_seconds)
         results["bare_load"] = os.getloadavg()[0]
         print(f"bare scorer: {results['bare']:.1f} images/s", flush=True)
+    if "explain" in args.parts:
+        results["explain"] = explain_against_predict(config, args)
+        results["points"] += [
+            ("emotr serve", endpoint, point)
+            for turn in results["explain"]["rounds"]
+            for endpoint, point in turn.items()
+        ]
     if "faults" in args.parts:
         server = start_emotr_serve(config, replicas=2, cpus=1, batch=args.batch)
         try:

@@ -51,7 +51,7 @@ def request_bodies(photos: Path, endpoint: str) -> tuple[list[bytes], str]:
     files = sorted(photos.glob("*.jpg"))
     if not files:
         raise SystemExit(f"no *.jpg in {photos}")
-    if endpoint == "predict":
+    if endpoint in ("predict", "explain"):  # the same uploads: /explain adds the overlays
         bodies = [multipart_body(f.name, f.read_bytes()) for f in files]
         return bodies, f"multipart/form-data; boundary={BOUNDARY}"
     return [invocation_body(f.read_bytes()) for f in files], "application/json"
@@ -127,7 +127,9 @@ def main() -> None:
     """Parse the arguments, run the load, print the summary as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True, help="http://127.0.0.1:PORT (this machine only)")
-    parser.add_argument("--endpoint", choices=["predict", "invocations"], default="predict")
+    parser.add_argument(
+        "--endpoint", choices=["predict", "explain", "invocations"], default="predict"
+    )
     parser.add_argument("--photos", type=Path, required=True, help="a folder of *.jpg")
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=45.0, help="timed part")

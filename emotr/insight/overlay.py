@@ -59,10 +59,11 @@ def overlay(pixels: np.ndarray, raw: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
-    """An (h, w, 3) uint8 image as PNG bytes."""
+def png_bytes(pixels: np.ndarray, compress_level: int = 6) -> bytes:
+    """An (h, w, 3) uint8 image as PNG bytes (zlib level 1..9: faster .. smaller, the same
+    pixels)."""
     buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 

@@ -87,5 +87,7 @@ def overlay_data_uri(
 ) -> str:
     """The heatmap over the image as `emotr explain` draws it, as a PNG data: URI."""
     pixels = display_pixels(data, original.height, original.width, spec.decode)
-    encoded = base64.b64encode(png_bytes(overlay(pixels, raw_map, alpha))).decode()
+    # zlib level 1: a quarter of the default's time (7 against 25 ms at 384 px here), 15 % more
+    # bytes, the same pixels: /explain answers many images, each once.
+    encoded = base64.b64encode(png_bytes(overlay(pixels, raw_map, alpha), 1)).decode()
     return f"data:image/png;base64,{encoded}"
