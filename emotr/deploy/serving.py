@@ -24,7 +24,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from emotr.config import BackboneConfig, DecodeConfig
-from emotr.data.imageio import DecodeError, decode_image, failure_reason
+from emotr.data.imageio import DecodedImage, DecodeError, decode_image_with_size, failure_reason
 from emotr.hyperparams import HeadParams
 from emotr.storage import read_bytes
 from emotr.taps import combine_features, parse_tap, taps_of
@@ -226,8 +226,12 @@ class ImageScorer:
 
     def decode(self, data: bytes) -> np.ndarray:
         """Image bytes -> uint8 pixels by the model's decode rules; DecodeError says why not."""
+        return self.decode_with_size(data).pixels
+
+    def decode_with_size(self, data: bytes) -> DecodedImage:
+        """decode, with the upright original's size (where an overlay of the image is drawn)."""
         decode = self.spec.decode
-        return decode_image(
+        return decode_image_with_size(
             data,
             tuple(self.spec.backbone.input_size),
             max_pixels=decode.max_pixels,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from emotr.data.imageio import DecodedImage, DecodeError, decode_image_with_size, failure_reason
+from emotr.data.imageio import DecodedImage, DecodeError, failure_reason
 from emotr.deploy.serving import input_bytes
 from emotr.insight.explain import display_pixels
 from emotr.insight.overlay import overlay, png_bytes
@@ -64,19 +64,10 @@ def batch_outputs(items: Sequence[BatchItem]) -> list[np.ndarray | Explained]:
 def decode_all(scorer: Any, values: Sequence[Any]) -> list[DecodedImage | str]:
     """Each value (bytes or base64 text) decoded by the version's rules at its input size, with
     its original size; or the reason it is no image."""
-    spec, decoded = scorer.spec, []
+    decoded: list[DecodedImage | str] = []
     for value in values:
         try:
-            data = input_bytes(value)
-            decoded.append(
-                decode_image_with_size(
-                    data,
-                    tuple(spec.backbone.input_size),
-                    max_pixels=spec.decode.max_pixels,
-                    background=tuple(spec.decode.background),
-                    resize=spec.decode.resize,
-                )
-            )
+            decoded.append(scorer.decode_with_size(input_bytes(value)))
         except (DecodeError, OSError) as error:
             decoded.append(failure_reason(error))
     return decoded

@@ -53,12 +53,6 @@ def served_refs(cfg: Config, model: str | None) -> tuple[ModelRef, ModelRef | No
     return main, (None if challenger == main else challenger)
 
 
-def _settings(cfg: Config, model: str | None) -> Any:
-    from emotr.serve.app import server_settings
-
-    return server_settings(cfg, *served_refs(cfg, model))
-
-
 def http_options(cfg: ServeConfig) -> dict[str, Any]:
     """Serve's HTTP proxy options: where it listens, how long it waits for a replica."""
     return {
@@ -85,17 +79,17 @@ def start_serving(cfg: Config, model: str | None) -> Started:
     """Deploy the application on the connected Ray and wait until it answers /healthz."""
     from ray import serve
 
-    from emotr.serve.app import application
+    from emotr.serve.app import application, server_settings
 
-    version = check_served(cfg, model)
-    settings = _settings(cfg, model)
+    main, challenger = served_refs(cfg, model)
+    version = resolve_version(open_registry(cfg.mlflow), main)
+    settings = server_settings(cfg, main, challenger)
     if not _serve_running():
         check_port_free(cfg.serve)
     serve.start(http_options=http_options(cfg.serve))
     serve.run(application(settings), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
     url = local_url(cfg.serve)
     wait_until_ready(url, timeout_s=120.0)
-    main, challenger = served_refs(cfg, model)
     return Started(url, main, version, challenger, _metrics_url())
 
 
@@ -161,9 +155,9 @@ def wait_until_ready(url: str, timeout_s: float) -> None:
 def serve_config(cfg: Config, model: str | None) -> dict[str, Any]:
     """The Serve config file (`serve deploy FILE`) of this application: self-contained, the
     whole of what a replica reads is in the builder's args."""
-    from emotr.serve.app import deployment_options
+    from emotr.serve.app import deployment_options, server_settings
 
-    settings = _settings(cfg, model)
+    settings = server_settings(cfg, *served_refs(cfg, model))
     return {
         "proxy_location": "EveryNode",
         "http_options": http_options(cfg.serve),

@@ -32,7 +32,17 @@ ORDER = [
     "data",
     "leaves",
 ]
-LEAVES = {"config", "config_io", "hyperparams", "errors", "storage", "redaction", "track", "taps"}
+LEAVES = {
+    "config",
+    "serve_config",
+    "config_io",
+    "hyperparams",
+    "errors",
+    "storage",
+    "redaction",
+    "track",
+    "taps",
+}
 # Modules that `emotr --help`, `emotr cache ls` and a warm `emotr extract` load (with what
 # they import at the top): none may import a heavy library at its top.
 LIGHT_ROOTS = [
