@@ -174,12 +174,17 @@ def start_server(command: list[str], port: int, ready: str, log: Path, env=None)
     raise SystemExit(f"{server.url}{ready} did not answer 200 in 300 s: see {log}")
 
 
-def start_emotr_serve(config: Path, replicas: int, cpus: int, batch: int) -> Server:
-    """`emotr serve` of the champion: `replicas` replicas of `cpus` CPUs, batches of `batch`."""
+def start_emotr_serve(
+    config: Path, replicas: int, cpus: int, batch: int, wait: float | None = None
+) -> Server:
+    """`emotr serve` of the champion: `replicas` replicas of `cpus` CPUs, batches of `batch`
+    (waiting `wait` s for company; None: serve.batch_wait_s's default)."""
     port = free_port()
     command = [str(BIN / "emotr"), "serve", "-c", str(config), f"serve.port={port}"]
     command += [f"serve.replicas={replicas}", f"serve.cpus_per_replica={cpus}"]
     command += [f"serve.max_batch_size={batch}"]
+    if wait is not None:
+        command += [f"serve.batch_wait_s={wait}"]
     return start_server(command, port, "/healthz", config.parent / f"serve-{replicas}.log")
 
 
@@ -436,7 +441,7 @@ def run_parts(args, config: Path) -> dict:
     """The parts asked for, in turns: emotr serve, mlflow models serve, the bare scorer, faults."""
     results: dict = {"points": []}
     if "emotr" in args.parts:
-        server = start_emotr_serve(config, replicas=1, cpus=2, batch=args.batch)
+        server = start_emotr_serve(config, 1, 2, args.batch, args.batch_wait)
         try:
             results["emotr"] = {n: measure(server, "predict", n, args) for n in args.clients}
             results["points"] += [("emotr serve", "predict", p) for p in results["emotr"].values()]
@@ -485,6 +490,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=45.0, help="timed seconds per point")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds before each")
     parser.add_argument("--batch", type=int, default=8, help="serve.max_batch_size, bare batch")
+    parser.add_argument("--batch-wait", type=float, help="serve.batch_wait_s (default: its default)")
     parser.add_argument("--bare-seconds", type=float, default=30.0)
     parser.add_argument("--fault-seconds", type=float, default=60.0, help="each fault load")
     parser.add_argument("--act-at", type=float, default=20.0, help="promote / kill after this")

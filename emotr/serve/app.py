@@ -108,7 +108,8 @@ class EmotrServer:
         self.timeout_s = cfg.request_timeout_s
         self.alpha = settings.explain_alpha
         self._outputs.set_max_batch_size(cfg.max_batch_size)
-        self._outputs.set_batch_wait_timeout_s(cfg.batch_wait_s)
+        self.batch_wait_s = cfg.batch_wait_s
+        self.scoring = 0  # requests between their decode and their answer
         self.images = metrics.Counter(
             "emotr_images", "Images answered, by version and outcome", ("version", "outcome")
         )
@@ -213,12 +214,23 @@ class EmotrServer:
 
     async def _score(self, served: ServedVersion, values: Sequence[Any]) -> pd.DataFrame:
         """The output frame of `values` (bytes or base64 text), as the pyfunc model's score."""
-        decoded = await asyncio.to_thread(decode_all, served.scorer, values)
-        good = [i for i, item in enumerate(decoded) if not isinstance(item, str)]
-        answers = await asyncio.gather(
-            *(self._outputs(BatchItem(served, decoded[i].pixels, False)) for i in good)
-        )
+        self.scoring += 1
+        try:
+            decoded = await asyncio.to_thread(decode_all, served.scorer, values)
+            good = [i for i, item in enumerate(decoded) if not isinstance(item, str)]
+            answers = await self._batched(
+                [BatchItem(served, decoded[i].pixels, False) for i in good]
+            )
+        finally:
+            self.scoring -= 1
         return self._frame(served, decoded, good, answers)
+
+    async def _batched(self, items: list[BatchItem]) -> list[np.ndarray | Explained]:
+        """The items' outputs from the shared batches. A lone image of the only request in
+        flight starts its pass at once: nothing would join it in serve.batch_wait_s."""
+        alone = len(items) == 1 and self.scoring == 1
+        self._outputs.set_batch_wait_timeout_s(0.0 if alone else self.batch_wait_s)
+        return list(await asyncio.gather(*(self._outputs(item) for item in items)))
 
     def _frame(self, served: ServedVersion, decoded: list, good: list[int], answers: list):
         """prediction_frame of a request's answers; counts its images by outcome."""
@@ -239,11 +251,15 @@ class EmotrServer:
             no_map = None
         except CamError as error:  # an ensemble: its probabilities, no map
             no_map = str(error)
-        decoded = await asyncio.to_thread(decode_all, served.scorer, datas)
-        good = [i for i, item in enumerate(decoded) if not isinstance(item, str)]
-        answers = await asyncio.gather(
-            *(self._outputs(BatchItem(served, decoded[i].pixels, no_map is None)) for i in good)
-        )
+        self.scoring += 1
+        try:
+            decoded = await asyncio.to_thread(decode_all, served.scorer, datas)
+            good = [i for i, item in enumerate(decoded) if not isinstance(item, str)]
+            answers = await self._batched(
+                [BatchItem(served, decoded[i].pixels, no_map is None) for i in good]
+            )
+        finally:
+            self.scoring -= 1
         rows = self._frame(served, decoded, good, answers).to_dict("records")
         for row in rows:
             row["overlay"], row["overlay_error"] = None, row["error"] or no_map

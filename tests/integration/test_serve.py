@@ -228,25 +228,28 @@ def test_each_bad_input_gets_its_status_and_reason_and_the_replica_goes_on(serve
         assert after.status_code == 200, f"after {name}: {after.text}"
 
 
-def test_a_request_that_times_out_is_answered_504(served):
-    # A second application behind the same proxy whose batches wait 5 s for a full batch, with
-    # a 1 s timeout: a lone request cannot be answered in time.
+def test_a_lone_image_runs_at_once_and_a_request_that_times_out_is_answered_504(served):
+    # A second application behind the same proxy whose batches wait 60 s for a full batch, with
+    # a 5 s timeout: one image of the only request in flight does not wait for company; two
+    # images wait for the batch and cannot be answered in time.
     slow = served.cfg.serve.model_copy(
         update={
             "app_name": "emotr-slow",
             "route_prefix": "/slow",
             "max_batch_size": 64,
-            "batch_wait_s": 5.0,
-            "request_timeout_s": 1.0,
+            "batch_wait_s": 60.0,
+            "request_timeout_s": 5.0,
             "challenger": None,
         }
     )
     slow_cfg = served.cfg.model_copy(update={"serve": slow})
     slow_url = start_serving(slow_cfg, None).url
     try:
-        answer = post_files(slow_url, [("a.jpg", jpeg(6))])
-        assert answer.status_code == 504, answer.text
-        assert "serve.request_timeout_s (1 s)" in answer.text
+        lone = post_files(slow_url, [("a.jpg", jpeg(6))])
+        assert lone.status_code == 200, lone.text
+        pair = post_files(slow_url, [("a.jpg", jpeg(6)), ("b.jpg", jpeg(9))])
+        assert pair.status_code == 504, pair.text
+        assert "serve.request_timeout_s (5 s)" in pair.text
         assert post_files(served.started.url, [("a.jpg", jpeg(6))]).status_code == 200
     finally:
         stop_serving(slow)
