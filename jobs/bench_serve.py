@@ -490,7 +490,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=45.0, help="timed seconds per point")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds before each")
     parser.add_argument("--batch", type=int, default=8, help="serve.max_batch_size, bare batch")
-    parser.add_argument("--batch-wait", type=float, help="serve.batch_wait_s (default: its default)")
+    parser.add_argument("--batch-wait", type=float, help="serve.batch_wait_s")
     parser.add_argument("--bare-seconds", type=float, default=30.0)
     parser.add_argument("--fault-seconds", type=float, default=60.0, help="each fault load")
     parser.add_argument("--act-at", type=float, default=20.0, help="promote / kill after this")
