@@ -130,6 +130,22 @@ def test_a_chosen_tap_extractor_gives_what_the_taps_give(caplog):
     np.testing.assert_array_equal(chosen, combine_features("gap4+gap5_flipavg", outputs))
 
 
+def test_the_mirror_pass_runs_only_up_to_the_deepest_flipped_tap():
+    cfg = load_config([], ["backbone.weights=none", "backbone.input_size=[32,32]"]).backbone
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    tapped = FeatureExtractor(cfg, batch_size=4, outputs=("gap5", "gap4", "gap4_flip"))
+    mirror = tapped.model.get_layer("mirror_blocks")
+    assert mirror.layers[-1].name == "block4_pool"
+    assert not any(layer.name.startswith("block5") for layer in mirror.layers)
+    outputs = tapped.extract_outputs(pixels)
+    flipped = np.ascontiguousarray(pixels[:, :, ::-1])
+    expected = FeatureExtractor(cfg, batch_size=4, outputs=("gap5", "gap4")).extract_outputs(
+        flipped
+    )
+    scale = np.abs(expected["gap4"]).max()
+    assert np.abs(outputs["gap4_flip"] - expected["gap4"]).max() <= 1e-5 * scale
+
+
 def activation_cache(tmp_path) -> ActivationCache:
     inputs = {"backbone": "vgg16", "input_size": "64x48"}
     return ActivationCache.of(str(tmp_path / "cache"), "base", inputs, "block4_pool", (4, 3, 512))
