@@ -173,8 +173,19 @@ def show_held_native_stderr() -> None:
     _held_native = None
 
 
+# Ray Data's issue detectors warn on the console of a healthy run: "uses 2.5GiB of memory per
+# worker ... consider setting memory=" for every extraction (VGG's actor holds that much, as it
+# should), with a paragraph on how to tune the detector.
+RAY_DATA_ISSUE_LOGGERS = "ray.data._internal.issue_detection"
+
+
+def _not_an_issue_detector(record: logging.LogRecord) -> bool:
+    return not record.name.startswith(RAY_DATA_ISSUE_LOGGERS)
+
+
 def quiet_ray_data_console() -> None:
-    """Ray Data's INFO lines (each dataset's start, plan and finish) to its log file only.
+    """Ray Data's INFO lines (each dataset's start, plan and finish) and its issue detectors'
+    warnings to its log file only.
 
     Importing ray.data configures its loggers: a "file" handler (ray-data.log in Ray's session
     folder, every level) and a "console" handler (INFO), which this raises to WARNING.
@@ -186,6 +197,8 @@ def quiet_ray_data_console() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if handler.name == "console":
             handler.setLevel(logging.WARNING)
+            if _not_an_issue_detector not in handler.filters:
+                handler.addFilter(_not_an_issue_detector)
 
 
 def quiet_serve_console() -> None:

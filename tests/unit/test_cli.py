@@ -178,3 +178,22 @@ def test_top_trials_fit_an_80_column_log_as_a_table_when_they_can():
     header = next(line for line in text.splitlines() if "val AUC" in line)
     assert header.split() == ["trial", "val", "AUC", "units"]
     assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_ray_datas_issue_detectors_stay_off_the_console_its_warnings_do_not():
+    import logging
+
+    from emotr.cli.output import quiet_ray_data_console
+
+    quiet_ray_data_console()
+    (console,) = [h for h in logging.getLogger("ray.data").handlers if h.name == "console"]
+    n_filters = len(console.filters)
+    quiet_ray_data_console()  # a second command in the same process adds no second filter
+
+    def record(name: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, "uses 2.5GiB", None, None)
+
+    detector = "ray.data._internal.issue_detection.issue_detector_manager"
+    assert not console.filter(record(detector))
+    assert console.filter(record("ray.data._internal.execution.streaming_executor"))
+    assert len(console.filters) == n_filters
