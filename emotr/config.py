@@ -162,7 +162,7 @@ class TuneConfig(StrictModel):
     study_name: str = "emotr"
     storage: str = "sqlite:///.emotr/optuna.db"
     sampler: Literal["tpe", "random"] = "tpe"
-    pruner: Literal["none", "median"] = "none"
+    pruner: Literal["none", "median"] = "median"
     # MedianPruner compares only after this many complete trials and epochs.
     pruner_startup_trials: int = Field(5, ge=0)
     pruner_warmup_epochs: int = Field(10, ge=0)
@@ -181,7 +181,7 @@ class TuneConfig(StrictModel):
     allow_partial_cache: bool = False
     # > 1: a trial's value is its mean AUC over this many folds of train + val (by group or
     # content hash), and its head is refitted on all of them; 0: the one validation split.
-    cv_folds: int = Field(5, ge=0, le=20)
+    cv_folds: int = Field(4, ge=0, le=20)
     # The plain peer as a fixed trial: standardised gap5, scikit-learn's LogisticRegressionCV.
     peer: bool = True
     # Greedy ensemble of up to this many of the best trials' heads, registered when its
