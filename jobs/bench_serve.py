@@ -441,7 +441,9 @@ def run_parts(args, config: Path) -> dict:
     """The parts asked for, in turns: emotr serve, mlflow models serve, the bare scorer, faults."""
     results: dict = {"points": []}
     if "emotr" in args.parts:
-        server = start_emotr_serve(config, 1, 2, args.batch, args.batch_wait)
+        server = start_emotr_serve(
+            config, replicas=1, cpus=2, batch=args.batch, wait=args.batch_wait
+        )
         try:
             results["emotr"] = {n: measure(server, "predict", n, args) for n in args.clients}
             results["points"] += [("emotr serve", "predict", p) for p in results["emotr"].values()]

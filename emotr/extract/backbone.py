@@ -91,6 +91,15 @@ def preprocess(pixels, mode: str):
     raise ValueError(f"backbone.preprocess must be caffe or rescale, got {mode!r}")
 
 
+def _blocks(conv_base, layers: Sequence[str], name: str) -> keras.Model:
+    """The conv base up to the deepest of `layers`, with their outputs."""
+    import keras
+
+    return keras.Model(
+        conv_base.input, [conv_base.get_layer(layer).output for layer in layers], name=name
+    )
+
+
 def _tapped_model(conv_base, pixels, inputs, outputs: Sequence[str], name: str) -> keras.Model:
     """One output per tap or activation name, from the conv base's block outputs."""
     import keras
@@ -100,20 +109,13 @@ def _tapped_model(conv_base, pixels, inputs, outputs: Sequence[str], name: str) 
         raise ValueError(f"outputs must name distinct taps or activations, got {list(outputs)}")
     taps = {output: parse_tap(output) for output in outputs if output not in ACTIVATIONS}
     layers = sorted({tap.layer for tap in taps.values()} | (set(outputs) & set(ACTIVATIONS)))
-    blocks = keras.Model(
-        conv_base.input, [conv_base.get_layer(layer).output for layer in layers], name="blocks"
-    )
-    maps = dict(zip(layers, blocks(inputs), strict=True))
+    maps = dict(zip(layers, _blocks(conv_base, layers, "blocks")(inputs), strict=True))
     flipped = sorted({tap.layer for tap in taps.values() if tap.flip})
     if flipped:
         # The mirror image through the same layers: what a flipped file would give, no decode.
         # Only up to the deepest flipped tap: block 5 of the mirror of `gap4_flip` is 9 % of a
         # pass at 224x224, computed for nothing.
-        mirror_blocks = keras.Model(
-            conv_base.input,
-            [conv_base.get_layer(layer).output for layer in flipped],
-            name="mirror_blocks",
-        )
+        mirror_blocks = _blocks(conv_base, flipped, "mirror_blocks")
         mirrored = dict(zip(flipped, mirror_blocks(ops.flip(inputs, axis=2)), strict=True))
     result = {}
     for output in outputs:

@@ -214,23 +214,27 @@ class EmotrServer:
 
     async def _score(self, served: ServedVersion, values: Sequence[Any]) -> pd.DataFrame:
         """The output frame of `values` (bytes or base64 text), as the pyfunc model's score."""
+        decoded, good, answers = await self._decoded_outputs(served, values, explain=False)
+        return self._frame(served, decoded, good, answers)
+
+    async def _decoded_outputs(
+        self, served: ServedVersion, values: Sequence[Any], explain: bool
+    ) -> tuple[list, list[int], list[np.ndarray | Explained]]:
+        """The values decoded, the indices of the images among them, and their outputs from
+        the shared batches. A lone image of the only request in flight starts its pass at once:
+        nothing would join it in serve.batch_wait_s."""
         self.scoring += 1
         try:
             decoded = await asyncio.to_thread(decode_all, served.scorer, values)
             good = [i for i, item in enumerate(decoded) if not isinstance(item, str)]
-            answers = await self._batched(
-                [BatchItem(served, decoded[i].pixels, False) for i in good]
+            alone = len(good) == 1 and self.scoring == 1
+            self._outputs.set_batch_wait_timeout_s(0.0 if alone else self.batch_wait_s)
+            answers = await asyncio.gather(
+                *(self._outputs(BatchItem(served, decoded[i].pixels, explain)) for i in good)
             )
         finally:
             self.scoring -= 1
-        return self._frame(served, decoded, good, answers)
-
-    async def _batched(self, items: list[BatchItem]) -> list[np.ndarray | Explained]:
-        """The items' outputs from the shared batches. A lone image of the only request in
-        flight starts its pass at once: nothing would join it in serve.batch_wait_s."""
-        alone = len(items) == 1 and self.scoring == 1
-        self._outputs.set_batch_wait_timeout_s(0.0 if alone else self.batch_wait_s)
-        return list(await asyncio.gather(*(self._outputs(item) for item in items)))
+        return decoded, good, list(answers)
 
     def _frame(self, served: ServedVersion, decoded: list, good: list[int], answers: list):
         """prediction_frame of a request's answers; counts its images by outcome."""
@@ -251,15 +255,7 @@ class EmotrServer:
             no_map = None
         except CamError as error:  # an ensemble: its probabilities, no map
             no_map = str(error)
-        self.scoring += 1
-        try:
-            decoded = await asyncio.to_thread(decode_all, served.scorer, datas)
-            good = [i for i, item in enumerate(decoded) if not isinstance(item, str)]
-            answers = await self._batched(
-                [BatchItem(served, decoded[i].pixels, no_map is None) for i in good]
-            )
-        finally:
-            self.scoring -= 1
+        decoded, good, answers = await self._decoded_outputs(served, datas, no_map is None)
         rows = self._frame(served, decoded, good, answers).to_dict("records")
         for row in rows:
             row["overlay"], row["overlay_error"] = None, row["error"] or no_map
