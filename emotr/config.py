@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from emotr.errors import EmotrError
+from emotr.hardware import resolve_precision
 from emotr.hyperparams import (
     MAX_HEAD_LAYERS,
     CategoricalSpace,
@@ -80,9 +81,16 @@ class BackboneConfig(StrictModel):
     weights: str = "imagenet"
     input_size: tuple[int, int] = (224, 224)
     pooling: Literal["avg"] = "avg"
-    precision: Literal["float32", "bfloat16"] = "float32"
+    # auto: bfloat16 where the machine that validates the config computes it natively (the
+    # driver: every actor and the cache fingerprint then agree), float32 elsewhere
+    precision: Literal["auto", "float32", "bfloat16"] = Field("auto", validate_default=True)
     # caffe: VGG's preprocess_input (BGR, ImageNet means); rescale: x / 255 (the tutorial's)
     preprocess: Literal["caffe", "rescale"] = "caffe"
+
+    @field_validator("precision")
+    @classmethod
+    def _resolved(cls, value: str) -> str:
+        return resolve_precision(value)
 
     @field_validator("input_size")
     @classmethod

@@ -33,7 +33,7 @@ from emotr.config_io import load_config
 # The defaults before issue 27, as overrides (the search space without `features` comes from a
 # file the job writes: an override cannot remove a key).
 PREVIOUS = ["extract.taps=[gap5]", "tune.cv_folds=0", "tune.peer=false", "tune.ensemble_size=0"]
-PREVIOUS += ["tune.n_trials=30", "tune.pruner=none"]
+PREVIOUS += ["tune.n_trials=30", "tune.pruner=none", "backbone.precision=float32"]
 COLUMNS = (
     "| set | defaults | registered | test AUC [95 %] | accuracy | peer test AUC | recipe test AUC "
     "| test - peer | val (CV +- sd) | val - test | emotr run s | load |"

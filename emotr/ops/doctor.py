@@ -23,6 +23,7 @@ from emotr.config import (
     configured_paths,
 )
 from emotr.errors import EmotrError
+from emotr.hardware import describe_precision
 from emotr.ops import findings
 from emotr.redaction import redact
 from emotr.storage import is_relative_path
@@ -163,7 +164,10 @@ def check_weights(backbone: BackboneConfig) -> Check:
         "weights",
         f"backbone.weights={backbone.weights}",
         fix,
-        lambda: findings.describe_weights(backbone),
+        lambda: (
+            f"{findings.describe_weights(backbone)}; backbone.precision="
+            f"{describe_precision(backbone.precision)}"
+        ),
     )
 
 

@@ -20,7 +20,7 @@ from emotr.search.head import fit_head
 
 pytestmark = pytest.mark.slow
 
-BACKBONE = BackboneConfig(weights="hed-bsds500", input_size=(224, 224))
+BACKBONE = BackboneConfig(weights="hed-bsds500", input_size=(224, 224), precision="float32")
 DEMO_SIZE = (240, 300)  # (height, width): not square, so a swapped axis would show
 N_TRAIN, N_TEST = 200, 100
 

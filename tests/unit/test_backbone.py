@@ -26,8 +26,11 @@ keras = pytest.importorskip("keras")
 SMALL = (32, 32)
 
 
-def backbone(weights: str, size: tuple[int, int] = SMALL, **kwargs) -> BackboneConfig:
-    return BackboneConfig(weights=weights, input_size=size, **kwargs)
+def backbone(
+    weights: str, size: tuple[int, int] = SMALL, precision: str = "float32", **kwargs
+) -> BackboneConfig:
+    # float32 unless a test asks: the default, auto, gives bfloat16 on some machines
+    return BackboneConfig(weights=weights, input_size=size, precision=precision, **kwargs)
 
 
 def random_pixels(n: int, size: tuple[int, int] = SMALL, seed: int = 0) -> np.ndarray:

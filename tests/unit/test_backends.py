@@ -19,7 +19,7 @@ import sys, numpy as np
 from emotr.extract.backbone import FeatureExtractor
 from emotr.config import BackboneConfig
 pixels = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
-cfg = BackboneConfig(weights="hed-bsds500", input_size=(64, 64))
+cfg = BackboneConfig(weights="hed-bsds500", input_size=(64, 64), precision="float32")
 np.save(sys.argv[1], FeatureExtractor(cfg)(pixels))
 """
 
@@ -32,5 +32,7 @@ def test_other_backend_matches_tensorflow(backend, tmp_path):
     env = {**os.environ, "KERAS_BACKEND": backend}
     subprocess.run([sys.executable, "-c", SCRIPT, str(out)], env=env, check=True, timeout=300)
     pixels = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
-    expected = FeatureExtractor(BackboneConfig(weights="hed-bsds500", input_size=(64, 64)))(pixels)
+    expected = FeatureExtractor(
+        BackboneConfig(weights="hed-bsds500", input_size=(64, 64), precision="float32")
+    )(pixels)
     np.testing.assert_allclose(np.load(out), expected, atol=1e-3, rtol=1e-5)

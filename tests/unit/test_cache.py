@@ -183,7 +183,7 @@ def test_fingerprint_changes_with_anything_that_changes_features(changed, tmp_pa
         "weights": str(weights_file),
         "precision": "bfloat16",
     }[changed]
-    base = BackboneConfig(weights="none", input_size=(32, 32))
+    base = BackboneConfig(weights="none", input_size=(32, 32), precision="float32")
     fingerprint, inputs = compute_fingerprint(base, DecodeConfig())
     assert compute_fingerprint(base, DecodeConfig()) == (fingerprint, inputs)
     assert len(fingerprint) == 16 and inputs["cache_format"] == "1"
@@ -192,7 +192,7 @@ def test_fingerprint_changes_with_anything_that_changes_features(changed, tmp_pa
 
 
 def test_fingerprint_changes_with_decode_background_only_for_pixels():
-    backbone = BackboneConfig(weights="none", input_size=(32, 32))
+    backbone = BackboneConfig(weights="none", input_size=(32, 32), precision="float32")
     base, _ = compute_fingerprint(backbone, DecodeConfig())
     assert compute_fingerprint(backbone, DecodeConfig(background=(0, 0, 0)))[0] != base
 
@@ -200,11 +200,14 @@ def test_fingerprint_changes_with_decode_background_only_for_pixels():
 def test_the_default_fingerprints_are_those_of_the_caches_made_before_vgg19():
     """Pinned values computed before backbone.name=vgg19, backbone.preprocess and decode.resize
     existed: vgg16 + caffe + bilinear must find the caches users already have."""
-    small = BackboneConfig(weights="none", input_size=(32, 32))
+    small = BackboneConfig(weights="none", input_size=(32, 32), precision="float32")
     fingerprint, inputs = compute_fingerprint(small, DecodeConfig())
     assert fingerprint == "c4be3950a8aa4df6"
     assert fingerprint_of(tap_inputs(inputs, "gmp5")) == "2a0a0a752e3f6d20"
-    assert compute_fingerprint(BackboneConfig(), DecodeConfig())[0] == "d518ccf8e260daf4"
+    assert (
+        compute_fingerprint(BackboneConfig(precision="float32"), DecodeConfig())[0]
+        == "d518ccf8e260daf4"
+    )
     other = BackboneConfig(weights="none", input_size=(400, 500), precision="bfloat16")
     assert compute_fingerprint(other, DecodeConfig(background=(0, 0, 0)))[0] == "f84607b52df23fe9"
 
@@ -220,7 +223,7 @@ TUTORIAL_CHANGES = [
 
 @pytest.mark.parametrize(("section", "change"), TUTORIAL_CHANGES)
 def test_backbone_preprocess_and_resize_get_caches_of_their_own(section, change, tmp_path):
-    backbone = BackboneConfig(weights="none", input_size=(32, 32))
+    backbone = BackboneConfig(weights="none", input_size=(32, 32), precision="float32")
     decode = DecodeConfig()
     root = str(tmp_path / "cache")
     base, base_inputs = compute_fingerprint(backbone, decode)
@@ -242,7 +245,7 @@ def test_backbone_preprocess_and_resize_get_caches_of_their_own(section, change,
 
 
 def test_each_tutorial_setting_names_its_own_fingerprint():
-    backbone = BackboneConfig(weights="none", input_size=(32, 32))
+    backbone = BackboneConfig(weights="none", input_size=(32, 32), precision="float32")
     fingerprints = {compute_fingerprint(backbone, DecodeConfig())[0]}
     for section, change in TUTORIAL_CHANGES:
         changed_backbone = backbone.model_copy(update=change) if section == "backbone" else backbone

@@ -21,7 +21,7 @@ from emotr.search.finetune_model import build_finetune_model
 from emotr.search.head import build_head
 from emotr.taps import activation_shape, features_dim
 
-BACKBONE = BackboneConfig(weights="none", input_size=(64, 64))
+BACKBONE = BackboneConfig(weights="none", input_size=(64, 64), precision="float32")
 TOLERANCE = 1e-5  # of the map's largest magnitude
 
 

@@ -21,7 +21,7 @@ from emotr.insight.cam import CamError, map_grid
 from emotr.search.head import build_head
 from emotr.taps import combine_features
 
-BACKBONE = BackboneConfig(weights="none", input_size=(32, 32))
+BACKBONE = BackboneConfig(weights="none", input_size=(32, 32), precision="float32")
 CLASSES = ("no", "yes")
 # Two trials' heads: the cache's gap5 and a combination whose gap4 only the second reads.
 GAP5 = HeadParams(standardize=True, n_layers=1, units=8, features="gap5")

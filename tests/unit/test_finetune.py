@@ -143,7 +143,9 @@ def test_serving_input_is_the_activation_as_cached():
 
 # The tutorial's backbone and input handling: VGG19 (block 5 has four convolutions), x / 255,
 # nearest-neighbour resizing.
-VGG19 = BackboneConfig(name="vgg19", weights="none", input_size=(32, 32), preprocess="rescale")
+VGG19 = BackboneConfig(
+    name="vgg19", weights="none", input_size=(32, 32), preprocess="rescale", precision="float32"
+)
 NEAREST = DecodeConfig(resize="nearest")
 
 

@@ -42,6 +42,7 @@ LEAVES = {
     "redaction",
     "track",
     "taps",
+    "hardware",
 }
 # Modules that `emotr --help`, `emotr cache ls` and a warm `emotr extract` load (with what
 # they import at the top): none may import a heavy library at its top.

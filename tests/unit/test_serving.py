@@ -18,7 +18,7 @@ from emotr.extract.backbone import FeatureExtractor, save_conv_base_weights
 from emotr.hyperparams import HeadParams
 from emotr.search.head import build_head, predict_proba
 
-BACKBONE = BackboneConfig(weights="none", input_size=(32, 32))
+BACKBONE = BackboneConfig(weights="none", input_size=(32, 32), precision="float32")
 
 
 @pytest.fixture(scope="module")

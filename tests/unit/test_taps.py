@@ -75,8 +75,11 @@ def test_config_checks_taps_and_the_choices_that_read_them():
     ("overrides", "before"),
     [
         # Computed by emotr at 08a914a, before taps existed: the default cache keeps its name.
-        (["backbone.weights=none"], "189289d665612801"),
-        (["backbone.weights=none", "backbone.input_size=[32,32]"], "c4be3950a8aa4df6"),
+        (["backbone.weights=none", "backbone.precision=float32"], "189289d665612801"),
+        (
+            ["backbone.weights=none", "backbone.input_size=[32,32]", "backbone.precision=float32"],
+            "c4be3950a8aa4df6",
+        ),
         (["backbone.weights=none", "backbone.precision=bfloat16"], "44e00ca86194d115"),
     ],
 )

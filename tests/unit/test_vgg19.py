@@ -25,7 +25,9 @@ OUTPUTS = ("gap5", "gap4", "gmp5", "gap5_flip", "block4_pool")
 
 
 def vgg19(preprocess: str = "caffe", weights: str = "none") -> BackboneConfig:
-    return BackboneConfig(name="vgg19", weights=weights, input_size=SIZE, preprocess=preprocess)
+    return BackboneConfig(
+        name="vgg19", weights=weights, input_size=SIZE, preprocess=preprocess, precision="float32"
+    )
 
 
 def photo(width: int = 90, height: int = 70) -> bytes:
@@ -120,7 +122,9 @@ def test_vgg19_weights_file_round_trips_and_a_vgg16_file_is_refused(extractors, 
     expected = extractors["caffe"].extract_outputs(pixels)["gap5"]
     np.testing.assert_allclose(loaded(pixels), expected, atol=1e-5)
     vgg16_file = tmp_path / "vgg16_notop.weights.h5"
-    build_conv_base(BackboneConfig(weights="none", input_size=SIZE)).save_weights(vgg16_file)
+    build_conv_base(
+        BackboneConfig(weights="none", input_size=SIZE, precision="float32")
+    ).save_weights(vgg16_file)
     with pytest.raises(WeightsUnavailable, match=r"VGG19.*backbone\.name=vgg19"):
         build_extractor(vgg19(weights=str(vgg16_file)))
 
@@ -142,7 +146,7 @@ def test_vgg19_has_its_own_weight_identity():
     assert weights_identity(vgg19(weights="imagenet")) == (
         "imagenet:vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
     )
-    assert weights_identity(BackboneConfig(weights="imagenet")) == (
+    assert weights_identity(BackboneConfig(weights="imagenet", precision="float32")) == (
         "imagenet:vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
     )
 
