@@ -189,7 +189,7 @@ class TuneConfig(StrictModel):
     allow_partial_cache: bool = False
     # > 1: a trial's value is its mean AUC over this many folds of train + val (by group or
     # content hash), and its head is refitted on all of them; 0: the one validation split.
-    cv_folds: int = Field(4, ge=0, le=20)
+    cv_folds: int = Field(6, ge=0, le=20)
     # The plain peer as a fixed trial: standardised gap5, scikit-learn's LogisticRegressionCV.
     peer: bool = True
     # Greedy ensemble of up to this many of the best trials' heads, registered when its

@@ -143,7 +143,11 @@ def _register_new(cfg: Config, tracker: Tracker, candidate: Candidate) -> ModelV
                 pip_requirements=pinned_requirements() + pinned(("mlflow", "pillow", "pandas")),
             )
         tags = _version_tags(cfg, candidate, spec, weights_sha256)
-        version = mlflow.register_model(info.model_uri, cfg.registry.model_name, tags=tags)
+        # What mlflow.register_model does for a models:/ URI, without its console lines
+        # ("Registered model ... already exists. Creating a new version of this model...").
+        version = tracker.client.create_model_version(
+            cfg.registry.model_name, info.model_uri, tags=tags, model_id=info.model_id
+        )
     tracker.client.update_model_version(
         cfg.registry.model_name,
         version.version,
