@@ -6,8 +6,9 @@ scorer, and `emotr serve` through a promotion and a killed replica.
 
 One registered version (the demo set, hed-bsds500 VGG16 at 224x224, gap5 + the tutorial's head;
 `emotr run` registers it in --work, with every store there) is served in turns on this machine:
-(a) `emotr serve` (1 replica of serve.cpus_per_replica=2 CPUs, batches of --batch), (b) `mlflow
-models serve --env-manager local` (its default workers: one per CPU). jobs/serve_load.py puts a
+(a) `emotr serve` (--replicas of --cpus-per-replica CPUs, 1 of 2 by default; batches of
+--batch), (b) `mlflow models serve --env-manager local` (its default workers: one per CPU).
+jobs/serve_load.py puts a
 locust load of single-image requests (the JPEGs of --photos, 127.0.0.1 only) on each at 1, 4 and
 16 clients: requests/s, p50/p95/p99, failures. (c) The bare scorer: that version's VGG and head in
 this process on batches of decoded images, its images/s the limit. Then (d) with 2 replicas of 1
@@ -442,7 +443,7 @@ def run_parts(args, config: Path) -> dict:
     results: dict = {"points": []}
     if "emotr" in args.parts:
         server = start_emotr_serve(
-            config, replicas=1, cpus=2, batch=args.batch, wait=args.batch_wait
+            config, args.replicas, args.cpus_per_replica, args.batch, args.batch_wait
         )
         try:
             results["emotr"] = {n: measure(server, "predict", n, args) for n in args.clients}
@@ -493,6 +494,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds before each")
     parser.add_argument("--batch", type=int, default=8, help="serve.max_batch_size, bare batch")
     parser.add_argument("--batch-wait", type=float, help="serve.batch_wait_s")
+    parser.add_argument("--replicas", type=int, default=1, help="(a)'s serve.replicas")
+    parser.add_argument("--cpus-per-replica", type=int, default=2, help="(a)'s replica CPUs")
     parser.add_argument("--bare-seconds", type=float, default=30.0)
     parser.add_argument("--fault-seconds", type=float, default=60.0, help="each fault load")
     parser.add_argument("--act-at", type=float, default=20.0, help="promote / kill after this")
