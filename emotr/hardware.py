@@ -80,8 +80,8 @@ def _gpu_capabilities() -> list[tuple[int, int]]:
     except (OSError, subprocess.SubprocessError):  # a driver that does not answer: no GPU to use
         return []
     capabilities = []
-    for line in result.stdout.split():
-        major, _, minor = line.strip().partition(".")
+    for value in result.stdout.split():  # one "8.0" per GPU
+        major, _, minor = value.partition(".")
         if major.isdigit() and minor.isdigit():
             capabilities.append((int(major), int(minor)))
     return capabilities

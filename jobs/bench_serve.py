@@ -5,17 +5,16 @@ scorer, and `emotr serve` through a promotion and a killed replica.
         [--parts emotr,mlflow,bare,faults,explain]
 
 One registered version (the demo set, hed-bsds500 VGG16 at 224x224, gap5 + the tutorial's head;
-`emotr run` registers it in --work, with every store there) is served in turns on this machine:
-(a) `emotr serve` (--replicas of --cpus-per-replica CPUs, 1 of 2 by default; batches of
---batch), (b) `mlflow models serve --env-manager local` (its default workers: one per CPU).
-jobs/serve_load.py puts a
-locust load of single-image requests (the JPEGs of --photos, 127.0.0.1 only) on each at 1, 4 and
-16 clients: requests/s, p50/p95/p99, failures. (c) The bare scorer: that version's VGG and head in
-this process on batches of decoded images, its images/s the limit. Then (d) with 2 replicas of 1
+`emotr run` registers it in --work, with every store there) is served in turns on this machine: (a)
+`emotr serve` (--replicas of --cpus-per-replica CPUs, 1 of 2 by default; batches of --batch), (b)
+`mlflow models serve --env-manager local` (its default workers: one per CPU). jobs/serve_load.py
+puts a locust load of single-image requests (the JPEGs of --photos, 127.0.0.1 only) on each at 1, 4
+and 16 clients: requests/s, p50/p95/p99, failures. (c) The bare scorer: that version's VGG and head
+in this process on batches of decoded images, its images/s the limit. Then (d) with 2 replicas of 1
 CPU, 4 clients for --fault-seconds: `emotr promote --version 2` at --act-at s (failed requests,
 changes of the answering version in arrival order), and (e) one replica SIGKILLed at --act-at s
-(share answered 200; /healthz 200 and 2 replicas alive again at the end). `--parts explain`:
-(f) /explain against /predict of one emotr serve at 4 clients, in turns twice (issue 29).
+(share answered 200; /healthz 200 and 2 replicas alive again at the end). `--parts explain`: (f)
+/explain against /predict of one emotr serve at 4 clients, in turns twice (issue 29).
 """
 
 from __future__ import annotations
