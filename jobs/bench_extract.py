@@ -32,7 +32,7 @@ from emotr.config_io import load_config
 from emotr.data.demo import generate_demo_dataset
 from emotr.data.imageio import decode_image
 from emotr.data.index import scan_images
-from emotr.data.listing import list_images
+from emotr.data.listing import list_images, resolve_classes
 from emotr.extract.backbone import FeatureExtractor, build_extractor
 from emotr.extract.driver import extract_features
 from emotr.extract.fingerprint import compute_fingerprint
@@ -170,6 +170,7 @@ def run(args: argparse.Namespace, work: Path) -> list[list[str]]:
                 f"cache.root={work / f'cache-{size}-{precision}'}",
             ]
             cfg = load_config([], [*overrides, f"data.root={base_root}"])
+            cfg = cfg.model_copy(update={"data": resolve_classes(cfg.data)})
             base = list_images(cfg.data)
             bare = bench_bare(cfg, base.images["path"].tolist(), args.batch_size)
             tutorial = bench_tutorial(cfg, base_root, args.batch_size)
