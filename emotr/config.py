@@ -195,6 +195,10 @@ class TuneConfig(StrictModel):
     # Greedy ensemble of up to this many of the best trials' heads, registered when its
     # cross-validated AUC beats the best single head's (needs cv_folds > 1); 0 or 1 = off.
     ensemble_size: int = Field(5, ge=0, le=20)
+    # Where the Ray cluster has GPUs, `emotr run` also searches fine-tuning block 5 (emotr.search.
+    # gpus); trials that fine-tune ask Ray for this many GPUs each.
+    finetune_on_gpus: bool = True
+    gpus_per_finetune_trial: float = Field(1.0, gt=0)
     # The tutorial's recipe, run as trial 0; trials take what the search space does not name.
     baseline: HeadParams = HeadParams()
     search_space: SearchSpace = Field(
@@ -292,6 +296,7 @@ class RayConfig(StrictModel):
     # null = start Ray in-process; "auto" = the cluster this machine belongs to; or ray://host:port.
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
+    num_gpus: int | None = Field(None, ge=0)  # GPUs of an in-process Ray; None = Ray detects them
 
 
 class Config(StrictModel):

@@ -85,6 +85,8 @@ def init_ray(cfg: Config) -> None:
     else:
         # "local": a private Ray, never a stray cluster that Ray's temp folder still names.
         kwargs = {"num_cpus": cfg.ray.num_cpus} if cfg.ray.num_cpus else {}
+        if cfg.ray.num_gpus is not None:
+            kwargs["num_gpus"] = cfg.ray.num_gpus
         ray.init(address="local", include_dashboard=False, **quiet, **kwargs)
     quiet_ray_data_console()
 

@@ -127,6 +127,7 @@ def run(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> N
     cfg = load_command_config(config, overrides)
     with guard(cfg):
         scan = _start_job(cfg, pipeline.prepare_scan)
+        cfg = _finetune_where_gpus(cfg)
         load_keras_quietly()  # registration and the gate build Keras models on the driver
         result = pipeline.run(cfg, _tracker(cfg), scan)
     console.print(f"\n{validation_line(cfg, result)}", highlight=False, soft_wrap=True)
@@ -145,6 +146,24 @@ def run(config: ConfigOption = DEFAULT_CONFIG, overrides: Overrides = None) -> N
     from emotr.track import ui_command
 
     console.print(f"open the MLflow UI: make ui   (or: {ui_command(cfg.mlflow)})")
+
+
+def _finetune_where_gpus(cfg: Config) -> Config:
+    """cfg as the connected cluster allows: the search also fine-tunes where it has GPUs."""
+    import ray
+
+    from emotr.search.gpus import with_gpu_finetuning
+
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    resolved = with_gpu_finetuning(cfg, gpus)
+    if resolved is not cfg:
+        console.print(
+            f"the Ray cluster has {gpus:g} GPU(s): the search also fine-tunes block 5, "
+            f"{cfg.tune.gpus_per_finetune_trial:g} GPU per trial (block4_pool activations "
+            "cached for it; tune.finetune_on_gpus=false: frozen features only)",
+            highlight=False,
+        )
+    return resolved
 
 
 def _start_job(cfg: Config, prepare: Callable[[Config], Prepared]) -> Prepared:

@@ -32,6 +32,7 @@ from emotr.hyperparams import HeadParams
 from emotr.search import metrics
 from emotr.search.finetune_model import build_finetune_model
 from emotr.search.finetune_set import FineTuneSet
+from emotr.search.gpus import EPOCH_SECONDS
 from emotr.search.head import HeadResult, fit_head, head_result, sample_weights
 from emotr.search.training_set import FeatureError
 
@@ -100,13 +101,18 @@ def fit_finetune(
         model.get_layer(name).set_weights(weights)
     model.get_layer("head").set_weights(fitted.model.get_weights())
     n_head_epochs = len(fitted.history["val_auc"])
+    joint_started = time.perf_counter()
     joint, stopped = _train_jointly(model, params, data, fitted.metrics["val_auc"], n_head_epochs,
                                     seed, on_epoch_end)  # fmt: skip
+    n_joint = len(joint.get("val_auc", []))
+    joint_seconds = time.perf_counter() - joint_started
     history = {key: fitted.history[key] + joint[key] for key in fitted.history}
     proba = metrics.as_probabilities(predict_batched(model, data.a_val))
     seconds = time.perf_counter() - started
     result = head_result(model, history, data.y_val, proba, seconds, stopped, classes)
     result.metrics["finetune_from_epoch"] = float(n_head_epochs + 1)
+    if n_joint:  # what an epoch of the blocks and the head cost, validation pass included
+        result.metrics[EPOCH_SECONDS] = joint_seconds / n_joint
     return result
 
 

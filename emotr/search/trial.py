@@ -55,11 +55,12 @@ class TrialJob:
 
 
 def submit_trial(
-    features_ref: ray.ObjectRef, job: TrialJob, number: int, cpus: float
+    features_ref: ray.ObjectRef, job: TrialJob, number: int, cpus: float, gpus: float = 0.0
 ) -> ray.ObjectRef:
-    """Start trial `number` as the Ray task `trial-<number>`; it returns a TrialOutcome."""
+    """Start trial `number` as the Ray task `trial-<number>` on `cpus` CPUs and `gpus` GPUs;
+    it returns a TrialOutcome."""
     task = _train_trial_task.options(
-        num_cpus=cpus, runtime_env=_worker_env(cpus), name=f"trial-{number}"
+        num_cpus=cpus, num_gpus=gpus, runtime_env=_worker_env(cpus), name=f"trial-{number}"
     )
     return task.remote(features_ref, job)
 
@@ -136,7 +137,7 @@ def train_trial(features: FeatureSet, job: TrialJob) -> TrialOutcome:
     model = None if result.stopped_by_callback else keras_model_bytes(result.model, example)
     return TrialOutcome(
         history=result.history,
-        metrics={**result.metrics, "train_seconds": result.train_seconds},
+        metrics={**result.metrics, "train_seconds": result.train_seconds, "gpus": _gpus_held()},
         pruned=result.stopped_by_callback,
         plots={name: plots.to_png(figure) for name, figure in pngs.items()},
         model=model,
@@ -146,6 +147,13 @@ def train_trial(features: FeatureSet, job: TrialJob) -> TrialOutcome:
         oof_proba=None if crossed is None else crossed.oof_proba,
         folds=None if crossed is None else crossed.folds,
     )
+
+
+def _gpus_held() -> float:
+    """GPUs Ray gave this trial's task (0 outside a task)."""
+    if not ray.is_initialized():
+        return 0.0
+    return float(len(ray.get_runtime_context().get_accelerator_ids().get("GPU", [])))
 
 
 def _fit(features: FeatureSet, job: TrialJob) -> tuple[Any, Any]:

@@ -30,6 +30,7 @@ from rich.live import Live
 from emotr.config import Config
 from emotr.errors import EmotrError
 from emotr.search.ensemble import OOF_ARTIFACT
+from emotr.search.gpus import EPOCH_SECONDS, finetune_cost_line, trial_gpus
 from emotr.search.report import (
     SearchResult,
     search_failure,
@@ -118,6 +119,9 @@ def run_search(
     result.oof = search.oof
     if progress:
         console.print(top_table(result))
+        cost = finetune_cost_line(result.trials, len(features.y_train))
+        if cost:
+            console.print(cost, highlight=False)
     if failure:
         raise SearchError(failure)
     return result
@@ -182,6 +186,7 @@ class _Search:
         self.running: dict[ray.ObjectRef, _Running] = {}
         self.next_beat = time.time() + self.tune.trial_heartbeat_s
         self.timings: dict[int, dict[str, float]] = {}
+        self.cluster_gpus = ray.cluster_resources().get("GPU", 0.0)  # fine-tuning trials use them
         # Out-of-fold probabilities and folds of the cross-validated trials this driver ran.
         self.oof: dict[int, tuple[Any, Any]] = {}
         self.live: Live | None = None
@@ -273,7 +278,8 @@ class _Search:
             pruner_warmup_epochs=self.tune.pruner_warmup_epochs,
             cv_folds=0 if params.finetune else self.tune.cv_folds,
         )
-        ref = submit_trial(self.features_ref, job, trial.number, self.tune.cpus_per_trial)
+        gpus = trial_gpus(self.tune, params.finetune, self.cluster_gpus)
+        ref = submit_trial(self.features_ref, job, trial.number, self.tune.cpus_per_trial, gpus)
         self.running[ref] = _Running(trial, run_id)
 
     def _log_dataset(self, run_id: str) -> None:
@@ -338,7 +344,10 @@ class _Search:
             "tell_s": time.time() - logged,
             "total_s": time.time() - running.dispatched,
             "cpu_s": outcome.cpu_seconds,
+            "gpus": outcome.metrics.get("gpus", 0.0),
         }
+        if EPOCH_SECONDS in outcome.metrics:
+            self.timings[trial.number][EPOCH_SECONDS] = outcome.metrics[EPOCH_SECONDS]
 
     def _log(self, run_id: str, outcome: TrialOutcome, state: str) -> None:
         self.tracker.log_history(run_id, outcome.history)

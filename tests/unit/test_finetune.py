@@ -25,6 +25,7 @@ from emotr.search.finetune_model import (
     trained_blocks,
 )
 from emotr.search.finetune_set import FineTuneSet
+from emotr.search.gpus import EPOCH_SECONDS
 from emotr.search.head import fit_head
 from tests.conftest import SMOKE
 
@@ -61,6 +62,7 @@ def test_finetuning_continues_the_fitted_head_and_never_ends_worse():
     result = fit_finetune(params, data, epochs=4, patience=4)
     first_joint = int(result.metrics["finetune_from_epoch"])
     assert first_joint == 5  # 4 head epochs (patience 4 never stops 4 epochs early)
+    assert 0 < result.metrics[EPOCH_SECONDS] < result.train_seconds  # one joint epoch's cost
     assert all(len(curve) == first_joint - 1 + 3 for curve in result.history.values())
     head_only = max(result.history["val_auc"][: first_joint - 1])
     assert result.metrics["val_auc"] == pytest.approx(max(result.history["val_auc"]))
