@@ -150,10 +150,10 @@ def train_trial(features: FeatureSet, job: TrialJob) -> TrialOutcome:
 
 
 def _gpus_held() -> float:
-    """GPUs Ray gave this trial's task (0 outside a task)."""
+    """GPUs (or the share of one) Ray gave this trial's task; 0 outside a task."""
     if not ray.is_initialized():
         return 0.0
-    return float(len(ray.get_runtime_context().get_accelerator_ids().get("GPU", [])))
+    return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
 
 
 def _fit(features: FeatureSet, job: TrialJob) -> tuple[Any, Any]:

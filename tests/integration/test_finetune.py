@@ -20,7 +20,7 @@ from emotr.search.gpus import EPOCH_SECONDS
 from emotr.search.training_set import load_feature_set
 from emotr.track import Tracker
 from tests.conftest import SMOKE, smoke_config, store_overrides
-from tests.run_cli import emotr
+from tests.run_cli import RAY_NOISE, emotr
 
 pytestmark = pytest.mark.slow
 
@@ -93,19 +93,22 @@ def test_a_finetuned_trial_registers_a_model_serving_its_probabilities(
 def test_run_on_a_ray_with_a_gpu_also_searches_finetuning_there(tmp_path: Path):
     """`emotr run` on a private Ray that declares one GPU (Ray schedules by the count; here
     TensorFlow runs on the CPU): the search space gains finetune, block4_pool is cached for it,
-    the trials that fine-tune hold the GPU and the frozen ones none, and the console gives what
-    an epoch of fine-tuning cost."""
+    the trials that fine-tune hold tune.gpus_per_finetune_trial of it and the frozen ones none,
+    and the console gives what an epoch of fine-tuning cost."""
     paths = [f"data.root={tmp_path / 'data'}", *store_overrides(tmp_path)]
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
 
     done = emotr(
         "run", "-c", str(SMOKE), *paths, "ray.num_gpus=1", "data.demo_n=40",
-        "tune.n_trials=5", "tune.baseline.finetune_epochs=2", "registry.auto_promote=false",
+        "tune.n_trials=5", "tune.baseline.finetune_epochs=2", "tune.gpus_per_finetune_trial=0.5",
+        "registry.auto_promote=false",
         env=env, timeout=900,
     )  # fmt: skip
 
     assert done.returncode == 0, done.stderr
     assert "the Ray cluster has 1 GPU(s): the search also fine-tunes block 5" in done.stdout
+    assert "extracted gap5+block4_pool of 40 images" in done.stdout + done.stderr
+    assert not RAY_NOISE.search(done.stdout + done.stderr)
     cost = re.search(r"fine-tuning block 5: (\d+) trial\(s\), ([\d.]+) s per epoch", done.stdout)
     assert cost, done.stdout
     cfg = load_config([SMOKE], paths)
@@ -117,7 +120,7 @@ def test_run_on_a_ray_with_a_gpu_also_searches_finetuning_there(tmp_path: Path):
     finetuned = [run for run in trials if run.data.params["finetune"] == "True"]
     frozen = [run for run in trials if run.data.params["finetune"] == "False"]
     assert len(finetuned) == int(cost.group(1)) and frozen
-    assert all(run.data.metrics["gpus"] == 1 for run in finetuned)
+    assert all(run.data.metrics["gpus"] == 0.5 for run in finetuned)
     assert all(run.data.metrics["gpus"] == 0 for run in frozen)
     seconds = [run.data.metrics[EPOCH_SECONDS] for run in finetuned]
     assert float(cost.group(2)) == pytest.approx(float(np.median(seconds)), abs=0.06)
