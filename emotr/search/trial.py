@@ -152,9 +152,12 @@ def train_trial(features: FeatureSet, job: TrialJob) -> TrialOutcome:
 def _gpus_held() -> float:
     """GPUs (or the share of one) Ray gave this trial's task; 0 outside a task (a driver, a
     test calling train_trial itself)."""
-    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+    if not ray.is_initialized():
         return 0.0
-    return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:
+        return 0.0
+    return float(context.get_assigned_resources().get("GPU", 0.0))
 
 
 def _fit(features: FeatureSet, job: TrialJob) -> tuple[Any, Any]:

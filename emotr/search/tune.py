@@ -119,8 +119,7 @@ def run_search(
     result.oof = search.oof
     if progress:
         console.print(top_table(result))
-        cost = finetune_cost_line(result.trials, len(features.y_train))
-        if cost:
+        if cost := finetune_cost_line(result.trials, len(features.y_train)):
             console.print(cost, highlight=False)
     if failure:
         raise SearchError(failure)
@@ -345,9 +344,8 @@ class _Search:
             "total_s": time.time() - running.dispatched,
             "cpu_s": outcome.cpu_seconds,
             "gpus": outcome.metrics.get("gpus", 0.0),
+            EPOCH_SECONDS: outcome.metrics.get(EPOCH_SECONDS, float("nan")),  # fine-tuning only
         }
-        if EPOCH_SECONDS in outcome.metrics:
-            self.timings[trial.number][EPOCH_SECONDS] = outcome.metrics[EPOCH_SECONDS]
 
     def _log(self, run_id: str, outcome: TrialOutcome, state: str) -> None:
         self.tracker.log_history(run_id, outcome.history)
