@@ -2,7 +2,7 @@
 `features` choice combines them. A leaf module (no Keras): config validation uses it too.
 
 A tap is `<pool><block>[_flip]`: pool `gap` (global average) or `gmp` (global max) of the output
-of VGG16's or VGG19's block 3, 4 or 5 (its `block{b}_pool` layer), of the image or (`_flip`) of
+of VGG16's or VGG19's block 1 to 5 (its `block{b}_pool` layer), of the image or (`_flip`) of
 the image mirrored left-right. `gap5` is the tutorial's 512 features and the cache's default.
 
 A `features` choice joins terms with `+` (concatenated, in that order); a term is a tap, or
@@ -29,16 +29,16 @@ DEFAULT_FEATURES = DEFAULT_TAP
 FLIP_SUFFIX = "_flip"
 FLIPAVG_SUFFIX = "_flipavg"
 POOLS = ("gap", "gmp")
-BLOCKS = (3, 4, 5)
+BLOCKS = (1, 2, 3, 4, 5)
 TAPS = tuple(
     f"{pool}{block}{flip}" for flip in ("", FLIP_SUFFIX) for block in BLOCKS for pool in POOLS
 )
 # Channels of the block outputs, the same in VGG16 and VGG19.
-_BLOCK_CHANNELS = {3: 256, 4: 512, 5: 512}
+_BLOCK_CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
 ACTIVATIONS = ("block3_pool", "block4_pool")
 # Halvings of the input by the max pools up to and including that block.
 _ACTIVATION_HALVINGS = {"block3_pool": 3, "block4_pool": 4}
-_TAP = re.compile(r"^(gap|gmp)([345])(_flip)?$")
+_TAP = re.compile(r"^(gap|gmp)([1-5])(_flip)?$")
 _VIEW = re.compile(r"^(.+)_view([1-9][0-9]*)$")
 MAX_VIEWS = 64
 
@@ -49,7 +49,7 @@ class Tap:
 
     name: str
     pool: str  # gap | gmp
-    block: int  # 3, 4 or 5
+    block: int  # 1 to 5
     flip: bool
 
     @property

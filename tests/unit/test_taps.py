@@ -12,7 +12,7 @@ from emotr.cache.maintenance import export_npy, gc_cache, list_caches, verify_ca
 from emotr.cache.store import open_tap
 from emotr.config import ConfigError
 from emotr.config_io import load_config
-from emotr.extract.backbone import FeatureExtractor, features_extractor
+from emotr.extract.backbone import FeatureExtractor, features_extractor, preprocess
 from emotr.extract.fingerprint import compute_fingerprint, features_fingerprint
 from emotr.pipeline import load_activations
 from emotr.search.training_set import FeatureError, FeatureSet
@@ -25,6 +25,7 @@ def test_features_choices_parse_into_the_taps_they_read():
     assert taps_of("gap5") == ("gap5",)
     assert taps_of("gap4+gap5_flipavg") == ("gap4", "gap5", "gap5_flip")
     assert features_dim("gap3+gap4+gmp5") == 256 + 512 + 512
+    assert features_dim("gap1+gmp2_flipavg") == 64 + 128
     for bad, why in [
         ("gap6", "unknown feature tap 'gap6'"),
         ("gap5+gap5", "repeats a term"),
@@ -131,6 +132,22 @@ def test_a_chosen_tap_extractor_gives_what_the_taps_give(caplog):
     assert np.abs(outputs["gap5_flip"] - mirrored).max() <= 1e-5 * np.abs(plain).max()
     chosen = features_extractor(cfg, "gap4+gap5_flipavg", batch_size=4)(pixels)
     np.testing.assert_array_equal(chosen, combine_features("gap4+gap5_flipavg", outputs))
+
+
+def test_blocks_1_and_2_pool_the_maps_of_the_same_pass():
+    overrides = [
+        "backbone.weights=none",
+        "backbone.input_size=[32,32]",
+        "backbone.precision=float32",
+    ]
+    cfg = load_config([], overrides).backbone
+    pixels = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    tapped = FeatureExtractor(cfg, batch_size=4, outputs=("gap5", "gap1", "gmp2"))
+    outputs = tapped.extract_outputs(pixels)
+    assert outputs["gap1"].shape == (3, 64) and outputs["gmp2"].shape == (3, 128)
+    block1, block2, _ = tapped.model.get_layer("blocks")(preprocess(pixels, cfg.preprocess))
+    np.testing.assert_allclose(outputs["gap1"], np.asarray(block1).mean(axis=(1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(outputs["gmp2"], np.asarray(block2).max(axis=(1, 2)), rtol=1e-5)
 
 
 def test_the_mirror_pass_runs_only_up_to_the_deepest_flipped_tap():
