@@ -15,7 +15,14 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
-from emotr.cli.output import errors, fail, quiet_native_logs, quiet_ray_auth_notice, settings
+from emotr.cli.output import (
+    errors,
+    fail,
+    quiet_native_logs,
+    quiet_ray_auth_notice,
+    quiet_store_creation,
+    settings,
+)
 from emotr.config import Config, ConfigError
 from emotr.config_io import load_config
 from emotr.redaction import RedactingFilter
@@ -97,6 +104,7 @@ def load_command_config(config: Path, overrides: list[str] | None) -> Config:
     handler = _log_handler()
     handler.addFilter(RedactingFilter())  # on the handler: Ray's, MLflow's and Optuna's lines too
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    quiet_store_creation()
     try:
         cfg = load_config([config], overrides or [])
     except ConfigError as error:

@@ -212,6 +212,20 @@ def quiet_serve_console() -> None:
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
 
+# MLflow announces the tables it creates in a new SQL store ("Creating initial MLflow database
+# tables...", "Updating database tables") at INFO, and alembic each migration: a first run's
+# console is emotr's lines. They stay in --debug.
+STORE_CREATION_LOGGERS = ("mlflow.store.db.utils", "alembic")
+
+
+def quiet_store_creation() -> None:
+    """MLflow's and alembic's lines about creating a new store's tables off the console."""
+    if settings.debug:
+        return
+    for name in STORE_CREATION_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def load_keras_quietly() -> None:
     """Import Keras (and so TensorFlow) and make a first tensor, its native start-up lines held.
 

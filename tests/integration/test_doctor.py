@@ -43,6 +43,7 @@ def test_doctor_is_all_green_on_a_working_local_setup(tmp_path: Path):
     assert all(line.startswith("✓") for line in lines.values())
     assert "1 node(s), 2 CPUs" in lines["ray"] and "tensorflow import" in lines["ray"]
     assert "all 8 checks passed" in result.stdout
+    assert "database tables" not in result.stdout + result.stderr  # a new store, created quietly
     assert not (tmp_path / "cache" / ".emotr-probe").exists()
 
 
