@@ -113,9 +113,12 @@ def validation_line(cfg: Config, result: RunResult) -> str:
         objective = f"{cfg.tune.cv_folds}-fold cross-validated AUC over train + val"
     else:
         objective = "validation AUC (the split the best was chosen on: optimistic)"
+    # A fine-tuning trial is scored on the one validation split (no folds, so no spread).
+    one_split = cfg.tune.cv_folds > 1 and result.best_val_auc_std is None
+    where = ", fine-tuned: on the one validation split, optimistic" if one_split else ""
     line = (
         f"[bold]{objective}: best {result.best_val_auc:.4f}{spread}[/] (trial "
-        f"{result.best_trial_number}); the tutorial's recipe {result.baseline}"
+        f"{result.best_trial_number}{where}); the tutorial's recipe {result.baseline}"
     )
     return line + (f"; the plain peer {result.peer}" if result.peer else "")
 

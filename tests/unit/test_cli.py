@@ -9,8 +9,11 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
+from emotr.cli.jobs import validation_line
 from emotr.cli.options import GRAMMAR, split_overrides
+from emotr.config_io import load_config
 from emotr.hyperparams import HeadParams
+from emotr.pipeline import RunResult
 from emotr.search.report import SearchResult
 from emotr.search.top_trials import top_table
 from tests.run_cli import emotr
@@ -197,3 +200,31 @@ def test_ray_datas_issue_detectors_stay_off_the_console_its_warnings_do_not():
     assert not console.filter(record(detector))
     assert console.filter(record("ray.data._internal.execution.streaming_executor"))
     assert len(console.filters) == n_filters
+
+
+def _run_result(best_val_auc_std: float | None) -> RunResult:
+    return RunResult(
+        pipeline_run_id="r",
+        best_val_auc=0.81,
+        baseline="0.7500",
+        best_trial_number=7,
+        model_name="emotr",
+        model_version="1",
+        n_images=10,
+        n_failed=0,
+        peer="0.7800",
+        best_val_auc_std=best_val_auc_std,
+    )
+
+
+def test_the_closing_line_names_the_number_each_best_trial_was_scored_by():
+    folds = load_config([], ["tune.cv_folds=6"])
+    line = validation_line(folds, _run_result(0.01))
+    assert "6-fold cross-validated AUC over train + val: best 0.8100 +- 0.0100" in line
+    assert "one validation split" not in line
+    # A fine-tuning trial has no folds: its number is the one split's, and the line says so.
+    tuned = validation_line(folds, _run_result(None))
+    assert "(trial 7, fine-tuned: on the one validation split, optimistic)" in tuned
+    single = validation_line(load_config([], ["tune.cv_folds=0"]), _run_result(None))
+    assert single.startswith("[bold]validation AUC (the split the best was chosen on")
+    assert "fine-tuned" not in single and "the plain peer 0.7800" in single
