@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from benchlib import add_output_arguments, publish
+from benchlib import add_output_arguments, machine_description, publish
 from PIL import Image
 
 from emotr import pipeline
@@ -90,7 +89,7 @@ def phases(cfg, listing) -> list[tuple[str, float]]:
 
 
 def markdown(args, n_audited: int, cold: float, warm: list[float], parts, metrics) -> str:
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    machine = machine_description()
     rows = "".join(f"| {name} | {seconds:.2f} |\n" for name, seconds in parts)
     best = min(warm)
     verdict = "met" if best < 60 else "not met"

@@ -19,14 +19,13 @@ import argparse
 import datetime
 import multiprocessing
 import os
-import platform
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from benchlib import add_output_arguments, publish
+from benchlib import add_output_arguments, machine_description, publish
 
 from emotr.config import BackboneConfig, DecodeConfig
 
@@ -177,7 +176,7 @@ def accelerator(backend: str) -> str:
 
 
 def markdown(args, backend: str, decode_rate: float, rows: list[tuple[str, str, float]]) -> str:
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    machine = machine_description()
     body = "".join(f"| {precision} | {name} | {rate:.0f} |\n" for precision, name, rate in rows)
     return (
         f"\n### Extraction core, {datetime.date.today().isoformat()}\n\n"

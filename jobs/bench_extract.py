@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from benchlib import add_output_arguments, publish
+from benchlib import add_output_arguments, machine_description, publish
 
 from emotr.cache.store import FeatureCache
 from emotr.config_io import load_config
@@ -204,7 +203,7 @@ def run(args: argparse.Namespace, work: Path) -> list[list[str]]:
 def markdown(args: argparse.Namespace, rows: list[list[str]]) -> str:
     header = f"| {' | '.join(COLUMNS)} |\n|{'---|' * len(COLUMNS)}\n"
     body = "".join(f"| {' | '.join(row)} |\n" for row in rows)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    machine = machine_description()
     # Other jobs on a shared machine change every rate: the section says how busy it was.
     machine += f" (load average at the end {', '.join(f'{v:.1f}' for v in os.getloadavg())})"
     return (

@@ -16,15 +16,12 @@ split's luck; the test columns are one fit per split seed (data.seed), as `emotr
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import sys
 import time
 import warnings
 
 import numpy as np
-from benchlib import add_output_arguments, publish
+from benchlib import add_output_arguments, publish, section_heading
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import RepeatedStratifiedKFold, cross_val_score
@@ -110,8 +107,6 @@ def main() -> None:
             f" | {time.perf_counter() - start:.0f} |"
         )
         print(rows[-1], flush=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-    command = " ".join(["python jobs/bench_features.py", *sys.argv[1:]])
     header = (
         f"| features | dim | {args.folds}-fold x {args.repeats} CV AUC +- se | "
         + " | ".join(f"test seed {seed}" for seed in seeds)
@@ -119,9 +114,8 @@ def main() -> None:
         + "---|" * (len(seeds) + 5)
     )
     section = (
-        f"\n### {args.name}: the plain peer on features choices, "
-        f"{datetime.date.today().isoformat()}\n\n`{command}` on {machine}, "
-        f"{len(keys)} images, cache {fingerprint}, load {os.getloadavg()[0]:.1f}.\n\n"
+        section_heading(f"{args.name}: the plain peer on features choices")
+        + f", {len(keys)} images, cache {fingerprint}, load {os.getloadavg()[0]:.1f}.\n\n"
         f"{header}\n" + "\n".join(rows) + "\n"
     )
     publish(args, section)

@@ -22,7 +22,6 @@ import contextlib
 import datetime
 import functools
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 import yaml
-from benchlib import REPO, add_output_arguments, publish
+from benchlib import REPO, add_output_arguments, machine_description, publish
 
 from emotr.cache.store import FeatureCache
 from emotr.config_io import load_config
@@ -244,7 +243,7 @@ def markdown(
     listing: list[list[str]],
     extract: tuple[list[float], list[float], str],
 ) -> str:
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    machine = machine_description()
     table = "| files | listing | seconds | / today |\n|---|---|---|---|\n"
     table += "".join(f"| {' | '.join(row)} |\n" for row in listing)
     option = f" --before {args.before}" if args.before else ""

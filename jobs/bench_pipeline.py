@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import multiprocessing
-import os
-import platform
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import ray
 from bench_core import make_jpegs
 from bench_extract import bench_bare, bench_pipeline
-from benchlib import add_output_arguments, publish
+from benchlib import add_output_arguments, machine_description, publish
 
 from emotr.config_io import load_config
 from emotr.data.listing import list_images
@@ -81,7 +79,7 @@ def main() -> None:
         f"{steady:.0f} | {cold / bare:.2f} | {cold_s:.1f} | {warm_s / cold_s:.4f} | "
         f"{added_s / cold_s:.2f} |\n"
     )
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, GPUs: {gpus}"
+    machine = f"{machine_description()}, GPUs: {gpus}"
     section = (
         f"\n### Pipeline vs bare core, {datetime.date.today().isoformat()}\n\n"
         f"`python jobs/bench_pipeline.py --n {args.n} --size {args.size} --precision "

@@ -25,14 +25,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import ray
-from benchlib import REPO, add_output_arguments, publish
+from benchlib import REPO, add_output_arguments, machine_description, publish
 from sklearn.metrics import roc_auc_score
 
 from emotr import pipeline
@@ -388,7 +387,7 @@ def markdown(args: argparse.Namespace, rows: dict, info: dict, cost: dict | None
         load = f"{row['load']:.0f}" if row.get("load") is not None else "-"
         note = row["note"].split(":")[0] + describe_params(row.get("params"))
         body += f"| {' | '.join([*cells, wall, load, note])} |\n"
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    machine = machine_description()
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     height, width = args.size
     return (

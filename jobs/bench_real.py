@@ -15,9 +15,7 @@ the recipe (trial 0) on the same test images. `--previous` also runs the default
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,7 +24,7 @@ from pathlib import Path
 
 import mlflow
 import yaml
-from benchlib import REPO, add_output_arguments, publish
+from benchlib import REPO, add_output_arguments, publish, section_heading
 
 from emotr.config_io import load_config
 
@@ -129,11 +127,9 @@ def main() -> None:
             metrics, tags = pipeline_metrics(files, overrides)
             rows.append(row(args.name, label, metrics, tags, wall_s))
             print(rows[-1], flush=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-    command = " ".join(["python jobs/bench_real.py", *sys.argv[1:]])
     section = (
-        f"\n### {args.name}: emotr vs the plain peer, {datetime.date.today().isoformat()}\n\n"
-        f"`{command}` on {machine}; data: {args.source or 'see the config'}.\n\n"
+        section_heading(f"{args.name}: emotr vs the plain peer")
+        + f"; data: {args.source or 'see the config'}.\n\n"
         f"{COLUMNS}\n|{'---|' * 12}\n" + "\n".join(rows) + "\n"
     )
     publish(args, section)

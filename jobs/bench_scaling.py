@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import ray
-from benchlib import add_output_arguments, publish
+from benchlib import add_output_arguments, machine_description, publish
 from ray.cluster_utils import Cluster
 
 from emotr.config_io import load_config
@@ -105,7 +104,7 @@ def main() -> None:
         f"| {n} | {e2e:.1f} | {steady:.1f} | {start:.1f} | {steady / (n * base):.2f} |\n"
         for n, e2e, steady, start in rows
     )
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    machine = machine_description()
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     command = (
         f"python jobs/bench_scaling.py --n {args.n} --seconds-per-batch "

@@ -21,13 +21,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import ray
-from benchlib import add_output_arguments, publish
+from benchlib import add_output_arguments, machine_description, publish
 
 from emotr.config_io import load_config
 from emotr.data.demo import generate_demo_dataset
@@ -131,7 +130,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list, list]:
 
 
 def markdown(args: argparse.Namespace, runs: list, init_seconds: float) -> str:
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    machine = machine_description()
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     table = "| run | seconds from the run's start | event |\n|---|---|---|\n"
     for name, timeline in zip(("first (fresh Ray)", "re-run (same Ray)"), runs, strict=True):

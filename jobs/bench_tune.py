@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import ray
-from benchlib import add_output_arguments, publish
+from benchlib import add_output_arguments, machine_description, publish
 
 from emotr.config_io import load_config
 from emotr.search.head import fit_head
@@ -191,7 +190,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[tuple[float, float, float
 def markdown(args: argparse.Namespace, fit: tuple[float, float, float], rows: list) -> str:
     header = f"| {' | '.join(COLUMNS)} |\n|{'---|' * len(COLUMNS)}\n"
     body = "".join(f"| {' | '.join(row)} |\n" for row in rows)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    machine = machine_description()
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     store = args.tracking_uri or "local SQLite"
     k_flag = f" --k-classes {args.k_classes}" if args.k_classes else ""

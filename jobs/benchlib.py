@@ -7,6 +7,8 @@ clean; `--docs` also appends it to docs/benchmarks.md, for a measurement worth k
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -14,6 +16,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "docs" / "benchmarks.md"
 RESULTS_DIR = REPO / ".emotr" / "bench"
+
+
+def machine_description() -> str:
+    """The machine a section's numbers come from: its processor and CPU count."""
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+
+
+def command_line() -> str:
+    """The command that ran this job, as a reader would type it again."""
+    return " ".join([f"python jobs/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
+def section_heading(title: str) -> str:
+    """A dated section's heading and its first words: the command and the machine it ran on."""
+    today = time.strftime("%Y-%m-%d")
+    return f"\n### {title}, {today}\n\n`{command_line()}` on {machine_description()}"
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
