@@ -46,6 +46,16 @@ def resolve_precision(precision: str) -> str:
     return "bfloat16" if machine_bfloat16() else "float32"
 
 
+def run_precision(trained: str, native: str | None) -> str:
+    """The precision a registered model's backbone runs at on a machine (`native`:
+    machine_bfloat16's answer there): as trained, but float32 for a bfloat16 model where
+    bfloat16 is not native, which emulates it slower than float32 computes features within
+    cosine 1e-5 of the bfloat16 ones (docs/benchmarks.md)."""
+    if trained == "bfloat16" and native is None:
+        return "float32"
+    return trained
+
+
 def describe_precision(precision: str) -> str:
     """A phrase for `emotr doctor`: what bfloat16 costs or gains on this machine."""
     native = machine_bfloat16()

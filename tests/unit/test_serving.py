@@ -15,6 +15,7 @@ from emotr.config import BackboneConfig, DecodeConfig
 from emotr.data.imageio import decode_image
 from emotr.deploy.serving import ImageScorer, ServingSpec
 from emotr.extract.backbone import FeatureExtractor, save_conv_base_weights
+from emotr.hardware import machine_bfloat16, run_precision
 from emotr.hyperparams import HeadParams
 from emotr.search.head import build_head, predict_proba
 
@@ -35,6 +36,23 @@ def scorer(tmp_path_factory):
     )
     built = ImageScorer(spec, folder / "backbone.weights.h5", folder / "head.weights.h5")
     return built, head
+
+
+def test_a_bfloat16_model_runs_in_what_this_machine_computes_natively(tmp_path):
+    files = tmp_path / "backbone.weights.h5", tmp_path / "head.weights.h5"
+    save_conv_base_weights(BACKBONE, files[0])
+    params = HeadParams(n_layers=0)
+    build_head(params, 512).save_weights(str(files[1]))
+    trained = BACKBONE.model_copy(update={"precision": "bfloat16"})
+    spec = ServingSpec(
+        backbone=trained, decode=DecodeConfig(), head=params, n_features=512, classes=("a", "b")
+    )
+    built = ImageScorer(spec, *files)
+    here = "bfloat16" if machine_bfloat16() else "float32"
+    assert built.precision == here and built.extractor.cfg.precision == here
+    assert run_precision("bfloat16", None) == "float32"  # no native bfloat16: float32
+    assert run_precision("bfloat16", "CPU with AVX-512 BF16") == "bfloat16"
+    assert run_precision("float32", "CPU with AMX-BF16") == "float32"  # as trained
 
 
 def _jpeg(color: tuple[int, int, int]) -> bytes:
