@@ -48,9 +48,9 @@ def resolve_precision(precision: str) -> str:
 
 def run_precision(trained: str, native: str | None) -> str:
     """The precision a registered model's backbone runs at on a machine (`native`:
-    machine_bfloat16's answer there): as trained, but float32 for a bfloat16 model where
-    bfloat16 is not native, which emulates it slower than float32 computes features within
-    cosine 1e-5 of the bfloat16 ones (docs/benchmarks.md)."""
+    machine_bfloat16's answer there): the one it was trained at, except a bfloat16 model where
+    bfloat16 is not native, which runs in float32. Emulated bfloat16 was 3.4x slower there,
+    and float32's features are within cosine 1e-5 of bfloat16's (docs/benchmarks.md)."""
     if trained == "bfloat16" and native is None:
         return "float32"
     return trained
