@@ -29,16 +29,16 @@ DEFAULT_FEATURES = DEFAULT_TAP
 FLIP_SUFFIX = "_flip"
 FLIPAVG_SUFFIX = "_flipavg"
 POOLS = ("gap", "gmp")
-BLOCKS = (1, 2, 3, 4, 5)
+# Channels of the block outputs, the same in VGG16 and VGG19: the blocks a tap may pool.
+_BLOCK_CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
+BLOCKS = tuple(_BLOCK_CHANNELS)
 TAPS = tuple(
     f"{pool}{block}{flip}" for flip in ("", FLIP_SUFFIX) for block in BLOCKS for pool in POOLS
 )
-# Channels of the block outputs, the same in VGG16 and VGG19.
-_BLOCK_CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
 ACTIVATIONS = ("block3_pool", "block4_pool")
 # Halvings of the input by the max pools up to and including that block.
 _ACTIVATION_HALVINGS = {"block3_pool": 3, "block4_pool": 4}
-_TAP = re.compile(r"^(gap|gmp)([1-5])(_flip)?$")
+_TAP = re.compile(rf"^({'|'.join(POOLS)})([{''.join(map(str, BLOCKS))}])({FLIP_SUFFIX})?$")
 _VIEW = re.compile(r"^(.+)_view([1-9][0-9]*)$")
 MAX_VIEWS = 64
 

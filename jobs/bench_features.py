@@ -1,6 +1,7 @@
-"""Which cached features carry a set's signal: the plain peer (StandardScaler + scikit-learn's
-LogisticRegressionCV) on each features choice, by repeated cross-validation over every listed
-image, and fitted on train + val of several splits, scored on their test images.
+"""Which cached features carry a set's signal: the plain peer of emotr's search (tune.peer:
+standardised features, emotr.search.logreg's regression) on each features choice, by repeated
+cross-validation over every listed image, and fitted on train + val of several splits, scored on
+their test images.
 
     python jobs/bench_features.py -c my-set.yaml --name "Emotion6 valence" \\
         --choices gap5 gap4_flipavg gap4_flipavg+gap1_flipavg gap4_flipavg@sqrt [--docs]
@@ -18,19 +19,19 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import warnings
 
 import numpy as np
 from benchlib import add_output_arguments, publish, section_heading
-from sklearn.linear_model import LogisticRegressionCV
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import RepeatedStratifiedKFold, cross_val_score
-from sklearn.pipeline import make_pipeline
+from sklearn.model_selection import RepeatedStratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from emotr.config_io import load_config
 from emotr.data.listing import list_images, resolve_classes
 from emotr.extract.fingerprint import compute_fingerprint
+from emotr.hyperparams import HeadParams
+from emotr.search.logreg import fit_regression
+from emotr.search.study import peer_params
 from emotr.search.training_set import tap_caches
 from emotr.taps import combine_features, taps_of
 
@@ -43,14 +44,15 @@ TRANSFORMS = {
 TRANSFORMS["sqrtl2"] = lambda x: TRANSFORMS["l2"](TRANSFORMS["sqrt"](x))
 
 
-def peer(inner_folds: int):
-    """The plain peer: standardised features, L2 strength chosen by inner CV on AUC."""
-    return make_pipeline(
-        StandardScaler(),
-        LogisticRegressionCV(
-            Cs=np.logspace(-4, 0, 6), cv=inner_folds, scoring="roc_auc", max_iter=2000
-        ),
-    )
+def peer_probabilities(
+    params: HeadParams, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray
+) -> np.ndarray:
+    """The search's plain peer fitted on the training rows (standardised on them), its class
+    probabilities of the test rows."""
+    scaler = StandardScaler().fit(x_train)
+    n_classes = len(np.unique(y_train))
+    regression = fit_regression(params, scaler.transform(x_train), y_train, 0, n_classes)
+    return regression.predict_proba(scaler.transform(x_test))
 
 
 def auc(y: np.ndarray, probabilities: np.ndarray) -> float:
@@ -71,7 +73,6 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="a.b=value")
     add_output_arguments(parser)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")  # lbfgs' convergence chatter at the weakest L2
     seeds = [int(seed) for seed in args.seeds.split(",")]
     choices = [choice.partition("@") for choice in args.choices]
     for _, _, how in choices:
@@ -83,6 +84,7 @@ def main() -> None:
         images = list_images(resolve_classes(cfg.data)).images
         listings[seed] = images.drop_duplicates("sha256").set_index("sha256")
     fingerprint, _ = compute_fingerprint(cfg.backbone, cfg.decode)
+    params = peer_params(cfg.tune)
     taps = {tap for features, _, _ in choices for tap in taps_of(features)}
     caches = tap_caches(cfg.cache.root, fingerprint, sorted(taps))
     keys = listings[seeds[0]].index.tolist()
@@ -93,13 +95,16 @@ def main() -> None:
     for features, _, how in choices:
         start = time.perf_counter()
         x = TRANSFORMS[how](combine_features(features, matrices))
-        scoring = "roc_auc" if len(np.unique(y)) == 2 else "roc_auc_ovr"
-        scores = cross_val_score(peer(4), x, y, cv=folds, scoring=scoring, n_jobs=-1)
+        scores = np.array(
+            [
+                auc(y[held], peer_probabilities(params, x[fit], y[fit], x[held]))
+                for fit, held in folds.split(x, y)
+            ]
+        )
         tests = []
         for seed in seeds:
-            split = listings[seed].loc[keys, "split"].to_numpy()
-            model = peer(4).fit(x[split != "test"], y[split != "test"])
-            tests.append(auc(y[split == "test"], model.predict_proba(x[split == "test"])))
+            test = listings[seed].loc[keys, "split"].to_numpy() == "test"
+            tests.append(auc(y[test], peer_probabilities(params, x[~test], y[~test], x[test])))
         spread = scores.std() / np.sqrt(len(scores))
         rows.append(
             f"| {features}{'@' + how if how else ''} | {x.shape[1]} | {scores.mean():.3f} +- "

@@ -54,7 +54,7 @@ def fit_logreg_cv(
     y_val = np.asarray(y_val).astype(np.int64)
     linear = params.model_copy(update={"n_layers": 0})
     model = build_head(linear, x_train.shape[1], x_train, len(classes))
-    regression = _fit(params, _head_inputs(model, x_train), y_train, seed, len(classes))
+    regression = fit_regression(params, _head_inputs(model, x_train), y_train, seed, len(classes))
     score = model.get_layer("score")
     score.set_weights(
         [regression.coef_.T.astype(np.float32), regression.intercept_.astype(np.float32)]
@@ -86,9 +86,11 @@ def _head_inputs(model, x: np.ndarray) -> np.ndarray:
     return np.asarray(normalize(x), dtype=np.float64)
 
 
-def _fit(
+def fit_regression(
     params: HeadParams, x: np.ndarray, y: np.ndarray, seed: int, n_classes: int
 ) -> LogisticRegression:
+    """The peer's regression on rows `x` as given (standardise them first): L2 chosen by
+    LogisticRegressionCV over C_GRID on AUC, then refitted at that C to full tolerance."""
     # The inner folds need each class at least INNER_FOLDS times; fewer falls back to 2 folds.
     n_folds = max(2, min(INNER_FOLDS, int(np.bincount(y).min())))
     regression = LogisticRegressionCV(
