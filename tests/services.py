@@ -249,14 +249,23 @@ class RayCluster:
             return 0
         return sum(node["raylet"]["state"] == "ALIVE" for node in summary)
 
-    def stop(self) -> None:
-        """Stop this cluster's processes only (`ray stop` would stop every Ray on the machine)."""
-        roots = [psutil.Process(p.pid) for p in self.processes if p.poll() is None]
-        stop_processes(roots, marker=str(self.temp))
-        left = [
+    def _processes_left(self) -> list[int]:
+        """Processes whose command line names this cluster's temp dir."""
+        return [
             p.pid
             for p in psutil.process_iter(["cmdline"])
             if str(self.temp) in " ".join(p.info["cmdline"] or [])
         ]
+
+    def stop(self) -> None:
+        """Stop this cluster's processes only (`ray stop` would stop every Ray on the machine)."""
+        roots = [psutil.Process(p.pid) for p in self.processes if p.poll() is None]
+        stop_processes(roots, marker=str(self.temp))
+        left = self._processes_left()
+        for _ in range(3):  # a raylet not yet dead may have started a worker during the sweep
+            if not left:
+                break
+            stop_processes([], marker=str(self.temp))
+            left = self._processes_left()
         shutil.rmtree(self.temp, ignore_errors=True)
         assert left == [], f"Ray processes left behind: {left}"
