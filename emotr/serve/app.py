@@ -37,7 +37,14 @@ from emotr.deploy.registry import open_registry
 from emotr.deploy.serving import prediction_frame
 from emotr.extract.runtime import configure_tensorflow, use_environment, worker_environment
 from emotr.insight.cam import CamError, map_grid
-from emotr.serve.batching import BatchItem, Explained, batch_outputs, decode_all, overlay_data_uri
+from emotr.serve.batching import (
+    BatchItem,
+    Explained,
+    PassQueue,
+    batch_outputs,
+    decode_all,
+    overlay_data_uri,
+)
 from emotr.serve.page import page_html
 from emotr.serve.uploads import Limits, invocation_images, read_body, read_uploads
 from emotr.serve.versions import FollowedVersion, ModelRef, ServedVersion
@@ -107,7 +114,7 @@ class EmotrServer:
         self.limits = Limits(int(cfg.max_upload_mb * 2**20), cfg.max_files)
         self.timeout_s = cfg.request_timeout_s
         self.alpha = settings.explain_alpha
-        self._outputs.set_max_batch_size(cfg.max_batch_size)
+        self.passes = PassQueue(self._run_pass, cfg.max_batch_size)
         self.batch_wait_s = cfg.batch_wait_s
         self.scoring = 0  # requests between their decode and their answer
         self.images = metrics.Counter(
@@ -228,13 +235,11 @@ class EmotrServer:
             decoded = await asyncio.to_thread(decode_all, served.scorer, values)
             good = [i for i, item in enumerate(decoded) if not isinstance(item, str)]
             alone = len(good) == 1 and self.scoring == 1
-            self._outputs.set_batch_wait_timeout_s(0.0 if alone else self.batch_wait_s)
-            answers = await asyncio.gather(
-                *(self._outputs(BatchItem(served, decoded[i].pixels, explain)) for i in good)
-            )
+            items = [BatchItem(served, decoded[i].pixels, explain) for i in good]
+            answers = await self.passes.submit(items, 0.0 if alone else self.batch_wait_s)
         finally:
             self.scoring -= 1
-        return decoded, good, list(answers)
+        return decoded, good, answers
 
     def _frame(self, served: ServedVersion, decoded: list, good: list[int], answers: list):
         """prediction_frame of a request's answers; counts its images by outcome."""
@@ -271,8 +276,7 @@ class EmotrServer:
                 )
         return rows
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # both set from serve.* at start
-    async def _outputs(self, items: list[BatchItem]) -> list[np.ndarray | Explained]:
+    async def _run_pass(self, items: list[BatchItem]) -> list[np.ndarray | Explained]:
         self.batch_images.observe(len(items))
         started = time.perf_counter()
         # The VGG pass in a thread: the event loop goes on reading requests into the next batch.

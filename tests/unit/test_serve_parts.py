@@ -16,7 +16,7 @@ from starlette.requests import Request
 from emotr.config import ConfigError
 from emotr.config_io import load_config
 from emotr.serve.app import ServerSettings, deployment_options
-from emotr.serve.batching import BatchItem, batch_outputs
+from emotr.serve.batching import BatchItem, PassQueue, batch_outputs
 from emotr.serve.launch import serve_config, served_refs, write_build
 from emotr.serve.uploads import Limits, invocation_images, read_uploads
 from emotr.serve.versions import (
@@ -108,6 +108,76 @@ def test_a_batch_runs_one_pass_per_version_and_keeps_each_request_with_its_versi
 
     assert [a[0] for a in answers] == [12.0, 240.0, 36.0, 480.0]
     assert old.scorer.passes == [2] and new.scorer.passes == [2]
+
+
+class Passes:
+    """A pass that records its items and holds until released: requests arrive meanwhile."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+
+    async def run(self, items: list[int]) -> list[int]:
+        self.batches.append(items)
+        await self.release.wait()
+        if -1 in items:
+            raise ValueError("a broken pass")
+        return [10 * item for item in items]
+
+
+def test_a_pass_takes_every_item_that_waited_for_the_pass_before():
+    async def scenario():
+        passes = Passes()
+        queue = PassQueue(passes.run, max_batch_size=4)
+        first = asyncio.create_task(queue.submit([1], 0.0))
+        await asyncio.sleep(0.05)  # the first pass runs; five requests arrive one by one
+        later = []
+        for item in range(2, 7):
+            later.append(asyncio.create_task(queue.submit([item], 0.0)))
+            await asyncio.sleep(0.02)
+        passes.release.set()
+        return passes.batches, await first, await asyncio.gather(*later)
+
+    batches, first, later = asyncio.run(scenario())
+
+    assert batches == [[1], [2, 3, 4, 5], [6]]
+    assert first == [10] and later == [[20], [30], [40], [50], [60]]
+
+
+def test_a_failed_pass_answers_its_requests_and_a_timed_out_request_leaves_the_queue():
+    async def scenario():
+        passes = Passes()
+        queue = PassQueue(passes.run, max_batch_size=8)
+        broken = asyncio.create_task(queue.submit([-1, 2], 0.0))
+        await asyncio.sleep(0.05)
+        gone = asyncio.create_task(asyncio.wait_for(queue.submit([3], 0.0), 0.05))
+        kept = asyncio.create_task(queue.submit([4], 0.0))
+        with pytest.raises(TimeoutError):
+            await gone
+        passes.release.set()
+        with pytest.raises(ValueError, match="a broken pass"):
+            await broken
+        return passes.batches, await kept
+
+    batches, kept = asyncio.run(scenario())
+
+    assert batches == [[-1, 2], [4]] and kept == [40]
+
+
+def test_a_pass_waits_for_company_only_as_long_as_its_first_item_says():
+    async def scenario():
+        passes = Passes()
+        passes.release.set()
+        queue = PassQueue(passes.run, max_batch_size=8)
+        lone = await queue.submit([1], 0.0)
+        first = asyncio.create_task(queue.submit([2], 0.5))
+        await asyncio.sleep(0.05)
+        second = await queue.submit([3], 0.0)
+        return passes.batches, lone, await first, second
+
+    batches, lone, first, second = asyncio.run(scenario())
+
+    assert batches == [[1], [2, 3]] and (lone, first, second) == ([10], [20], [30])
 
 
 def test_mlflows_scoring_formats_give_the_image_values():
