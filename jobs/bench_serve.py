@@ -20,12 +20,9 @@ changes of the answering version in arrival order), and (e) one replica SIGKILLe
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import os
-import platform
-import shlex
 import signal
 import socket
 import subprocess
@@ -39,7 +36,7 @@ from pathlib import Path
 import psutil
 import requests
 import yaml
-from benchlib import add_output_arguments, publish
+from benchlib import add_output_arguments, publish, section_heading
 
 BIN = Path(sys.executable).parent  # `emotr`, and the uvicorn `mlflow models serve` starts
 MODEL = "emotr-bench"
@@ -509,20 +506,19 @@ def main() -> None:
     load_before, started = os.getloadavg(), time.perf_counter()
     results = run_parts(args, config)
     minutes, load_after = (time.perf_counter() - started) / 60, os.getloadavg()
-    machine = (
-        f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU, load average (1 min) "
-        f"{load_before[0]:.1f} before and {load_after[0]:.1f} after ({minutes:.0f} min)"
-    )
-    command = shlex.join(["python", "jobs/bench_serve.py", *sys.argv[1:]])
     bare = results.get("bare")
     section = (
-        f"\n### Online serving: emotr serve, mlflow models serve, the bare scorer (issue 28, "
-        f"{datetime.date.today().isoformat()})\n\n`{command}` on {machine}. "
-        f"{len(list(args.photos.glob('*.jpg')))} real JPEGs ({args.source or args.photos}), one "
-        f"per request; version 1 of a demo-set model (hed-bsds500 VGG16, 224x224, gap5 + the "
-        f"tutorial's head); emotr serve: 1 replica of 2 CPUs, batches of {args.batch}; mlflow "
-        "models serve --env-manager local, its default workers; locust (jobs/serve_load.py), "
-        f"{args.warmup:.0f} s warm-up then {args.seconds:.0f} s per point, no think time.\n\n"
+        section_heading(
+            "Online serving: emotr serve, mlflow models serve, the bare scorer (issue 28)"
+        )
+        + f", no GPU, load average (1 min) {load_before[0]:.1f} before and {load_after[0]:.1f} "
+        f"after ({minutes:.0f} min). {len(list(args.photos.glob('*.jpg')))} real JPEGs "
+        f"({args.source or args.photos}), one per request; version 1 of a demo-set model "
+        "(hed-bsds500 VGG16, 224x224, gap5 + the tutorial's head); emotr serve: "
+        f"{args.replicas} replica(s) of {args.cpus_per_replica} CPU(s), batches of {args.batch}; "
+        "mlflow models serve --env-manager local, its default workers; locust "
+        f"(jobs/serve_load.py), {args.warmup:.0f} s warm-up then {args.seconds:.0f} s per point, "
+        "no think time.\n\n"
         + throughput_rows(results["points"])
         + (
             f"\nBare scorer (VGG + head of version 1, this process, batches of {args.batch} "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -20,12 +21,24 @@ RESULTS_DIR = REPO / ".emotr" / "bench"
 
 def machine_description() -> str:
     """The machine a section's numbers come from: its processor and CPU count."""
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    return f"{processor_name()}, {os.cpu_count()} CPUs"
+
+
+def processor_name() -> str:
+    """The processor's model (Linux names it in /proc/cpuinfo; Python only says x86_64): the
+    same job runs at other speeds on this workplace's Xeon and AMD EPYC machines."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def command_line() -> str:
     """The command that ran this job, as a reader would type it again."""
-    return " ".join([f"python jobs/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    return shlex.join(["python", f"jobs/{Path(sys.argv[0]).name}", *sys.argv[1:]])
 
 
 def section_heading(title: str) -> str:
