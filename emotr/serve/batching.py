@@ -101,6 +101,8 @@ class PassQueue(Generic[Item, Result]):
             futures = [future for _, _, future in batch]
             try:
                 results = await self.run([item for item, _, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"a pass of {len(batch)} gave {len(results)} results")
             except Exception as error:  # each request of the pass answers it; the queue goes on
                 for future in futures:
                     if not future.done():
