@@ -43,8 +43,9 @@ class ServeConfig(StrictModel):
     autoscaling: AutoscalingConfig | None = None
     cpus_per_replica: float = Field(1.0, gt=0)  # also its TensorFlow threads (at least 1)
     gpus_per_replica: float = Field(0.0, ge=0)
-    # Concurrent requests share VGG passes: a batch runs when it holds max_batch_size images or
-    # batch_wait_s after its first arrived; a lone request runs alone at once, never padded.
+    # Concurrent requests share VGG passes: when a pass ends, the next takes every image waiting,
+    # up to max_batch_size, and waits at most batch_wait_s for more; a lone request runs alone at
+    # once, never padded.
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_s: float = Field(0.01, ge=0, le=10)
     max_ongoing_requests: int = Field(32, ge=1)  # per replica; more wait in Serve's queue
