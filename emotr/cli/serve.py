@@ -44,9 +44,14 @@ def serve(
         if detach and cfg.ray.address is None:
             raise fail("--detach needs a cluster (ray.address): a private Ray ends with emotr", 2)
         launch.check_served(cfg, model)  # before Ray starts: a wrong --model fails at once
-        if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):  # a private Ray
+        private = cfg.ray.address is None and not os.environ.get("RAY_ADDRESS")
+        if private:
             launch.check_port_free(cfg.serve)
         connect_ray(cfg)
+        if private:  # a cluster's autoscaler may still add the node a replica needs
+            import ray
+
+            launch.check_replica_fits(cfg.serve, ray.nodes())
         quiet_serve_console()
         started = launch.start_serving(cfg, model)
     follows = " (followed when the alias moves)" if started.served.follows else ""

@@ -130,6 +130,22 @@ def check_port_free(cfg: ServeConfig) -> None:
             )
 
 
+def check_replica_fits(cfg: ServeConfig, nodes: list[dict[str, Any]]) -> None:
+    """Refuse a replica that asks more CPUs or GPUs than any alive node of the Ray has
+    (ServeError): on a private Ray no bigger node ever comes, and Serve would wait for one
+    without a word. `nodes` as `ray.nodes()` gives them."""
+    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive")]
+    asked = {"CPU": cfg.cpus_per_replica, "GPU": cfg.gpus_per_replica}
+    for resource, key in (("CPU", "cpus_per_replica"), ("GPU", "gpus_per_replica")):
+        most = max((float(found.get(resource, 0.0)) for found in alive), default=0.0)
+        if asked[resource] > most:
+            raise ServeError(
+                f"serve.{key}={asked[resource]:g}: a replica would need {asked[resource]:g} "
+                f"{resource}s and this Ray's largest node has {most:g}; ask at most that "
+                f"(serve.{key}={most:g}), or serve on a cluster with bigger nodes (ray.address)"
+            )
+
+
 def stop_serving(cfg: ServeConfig) -> None:
     """Delete the application (its replicas stop; Serve's proxy stays for other applications)."""
     from ray import serve

@@ -17,7 +17,7 @@ from emotr.config import ConfigError
 from emotr.config_io import load_config
 from emotr.serve.app import ServerSettings, deployment_options
 from emotr.serve.batching import BatchItem, PassQueue, batch_outputs
-from emotr.serve.launch import serve_config, served_refs, write_build
+from emotr.serve.launch import check_replica_fits, serve_config, served_refs, write_build
 from emotr.serve.uploads import Limits, invocation_images, read_uploads
 from emotr.serve.versions import (
     ModelRef,
@@ -178,6 +178,21 @@ def test_a_pass_waits_for_company_only_as_long_as_its_first_item_says():
     batches, lone, first, second = asyncio.run(scenario())
 
     assert batches == [[1], [2, 3]] and (lone, first, second) == ([10], [20], [30])
+
+
+def test_a_replica_bigger_than_every_node_is_refused_with_the_most_it_can_ask():
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 2.0, "memory": 1e9}},
+        {"Alive": False, "Resources": {"CPU": 16.0, "GPU": 1.0}},  # a dead node counts for none
+    ]
+    cfg = load_config(None).serve
+
+    check_replica_fits(cfg.model_copy(update={"cpus_per_replica": 2.0}), nodes)
+    with pytest.raises(ServeError, match=r"serve.cpus_per_replica=4: .* largest node has 2; .*"
+                       r"serve.cpus_per_replica=2"):  # fmt: skip
+        check_replica_fits(cfg.model_copy(update={"cpus_per_replica": 4.0}), nodes)
+    with pytest.raises(ServeError, match=r"serve.gpus_per_replica=1: .* has 0"):
+        check_replica_fits(cfg.model_copy(update={"gpus_per_replica": 1.0}), nodes)
 
 
 def test_mlflows_scoring_formats_give_the_image_values():
